@@ -1,0 +1,61 @@
+"""Project settings: where the data and the runs live, class names, defaults.
+
+Every CLI takes ``--data DIR``; without it the ``CXR_DATA_DIR`` environment variable is used,
+and without that the git-ignored ``data/`` folder of the repository. Runs are written under
+``--runs DIR`` / ``CXR_RUNS_DIR`` / ``runs/``. The model shipped in ``assets/model`` is the
+default run wherever a run can be named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = REPO_ROOT / "assets"
+DEFAULT_RUN = ASSETS_DIR / "model"
+
+# Class order is fixed so that index 0 is always COVID-19: P(covid) == probs[..., 0].
+TASKS = {
+    "binary": ("covid", "other"),
+    "multiclass": ("covid", "normal", "pneumonia"),
+}
+COVID_INDEX = 0
+
+DEFAULT_SIZE = 224  # pixels; the decoder resizes every image to SIZE x SIZE grey
+SEED = 1337
+
+
+def data_dir(arg: str | os.PathLike | None = None) -> Path:
+    """The data root: ``arg`` if given, else ``$CXR_DATA_DIR``, else ``<repo>/data``."""
+    if arg:
+        return Path(arg).expanduser().resolve()
+    env = os.environ.get("CXR_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return REPO_ROOT / "data"
+
+
+def runs_dir(arg: str | os.PathLike | None = None) -> Path:
+    """The runs root: ``arg`` if given, else ``$CXR_RUNS_DIR``, else ``<repo>/runs``."""
+    if arg:
+        return Path(arg).expanduser().resolve()
+    env = os.environ.get("CXR_RUNS_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return REPO_ROOT / "runs"
+
+
+def classes(task: str) -> tuple[str, ...]:
+    """Class names of a task, COVID-19 first."""
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}") from None
+
+
+def label_to_class(label: str, task: str) -> str:
+    """Map a dataset label (covid/normal/pneumonia) to the task's class name."""
+    if task == "binary":
+        return "covid" if label == "covid" else "other"
+    return label
