@@ -185,9 +185,10 @@ def read_ieee8023(folder: str | os.PathLike, base: str | os.PathLike | None = No
             continue
         seen.add(fname)
         age = pd.to_numeric(rec.get("age", ""), errors="coerce")
+        pid = rec["patientid"].strip()
         rows.append({
             "path": _rel(path, base), "label": label, "source": "ieee8023",
-            "patient_id": merged_id(rec["patientid"].strip()), "view": view,
+            "patient_id": merged_id(pid) if pid else f"ieee8023:file:{fname}", "view": view,
             "age": age, "age_group": _age_group(age), "finding": finding,
         })
     return _finish(rows, dropped)

@@ -31,3 +31,33 @@ def cxr_root() -> Path:
     if CXR is None:
         pytest.skip("real chest X-ray data not found: set CXR_DATA_DIR or place it at ../shared/cxr")
     return CXR
+
+
+# Settings of the tiny training run shared by tests (model, train, predict, evaluate, explain...).
+TINY_RUN = dict(size=64, limit=5, epochs=2, batch_size=16, name="tiny", seed=7, patience=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cxr_root, tmp_path_factory) -> Path:
+    """A complete run folder of a tiny model (64 px, ~90 real images, 2 epochs; ~15-30 s).
+
+    Trained once per test session in a temporary runs folder by ``core.train.train``; it has
+    model.keras, config.json, split.csv, history.csv, predictions.csv, env.json and, when
+    core.evaluate is available, metrics.json. Its metrics are meaningless (tiny data).
+    """
+    from core import train
+
+    runs_root = tmp_path_factory.mktemp("runs")
+    return train.train(data=str(cxr_root), runs=str(runs_root), verbose=0, **TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def cxr_prepared(cxr_root):
+    """The real pool as training sees it: ``core.splits.prepare(cxr_root)`` (default seed).
+
+    Fingerprints are cached on disk (``$CXR_CACHE_DIR`` or ``runs/.cache``): the first call
+    decodes every image once (~8 s CPU), later ones take about a second.
+    """
+    from core import splits
+
+    return splits.prepare(cxr_root)
