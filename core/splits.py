@@ -257,7 +257,7 @@ def make_split(
     """Add a ``split`` (train|val|test) and a ``group`` column: patient-level, label-stratified.
 
     Whole groups (default: :func:`split_groups`, i.e. patients merged through ``duplicates``) are
-    assigned greedily, largest first (ties in seeded random order), to the split that brings the
+    assigned greedily, in seeded random order, to the split that brings the
     per-(source, label) counts closest to ``fractions``. Deterministic for a given seed.
     """
     fr = np.asarray(fractions, dtype=float)
@@ -281,8 +281,9 @@ def make_split(
     target = fr[:, None] * total[None, :]  # (3, strata)
     weight = 1.0 / np.maximum(total, 1.0)  # small strata matter as much as large ones
     rng = np.random.default_rng(seed)
+    # Random order, not largest first: largest-first packing sends every multi-image patient to
+    # train (the split with most room) and leaves val/test with single-film patients only.
     order = rng.permutation(len(gnames))
-    order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
     have = np.zeros_like(target)
     assign = np.empty(len(gnames), dtype=int)
     for g in order:

@@ -1,0 +1,247 @@
+"""core.evaluate on synthetic run folders (known answers) and, when available, a real tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import evaluate, metrics, runs
+
+HEADLINE_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece",
+                 "brier", "threshold")
+
+
+def _rows(rng, source, label, n_patients, split, score, per_patient=1):
+    rows = []
+    for i in range(n_patients):
+        pid = f"{source}:{label}{split}{i}"
+        for k in range(per_patient):
+            p = float(np.clip(score(rng), 0.001, 0.999))
+            rows.append({"path": f"{source}/{label}/{split}{i}_{k}.png", "source": source, "patient_id": pid,
+                         "label": label, "class": "covid" if label == "covid" else "other", "split": split,
+                         "p_covid": p, "p_other": 1 - p})
+    return rows
+
+
+def shortcut_predictions(seed=0, external=False) -> pd.DataFrame:
+    """A 'model' that learned the source: every ieee8023 image scores high, whatever its label."""
+    rng = np.random.default_rng(seed)
+    high = lambda r: r.uniform(0.6, 1.0)  # noqa: E731
+    low = lambda r: r.uniform(0.0, 0.4)  # noqa: E731
+    rows = []
+    for split, n in (("val", 10), ("test", 20)):
+        rows += _rows(rng, "ieee8023", "covid", n, split, high, per_patient=2)
+        rows += _rows(rng, "ieee8023", "pneumonia", n // 2, split, high)
+        rows += _rows(rng, "kermany", "normal", n, split, low)
+        rows += _rows(rng, "nih", "normal", n, split, low)
+    if external:  # a held-out normal collection the shortcut does not recognise: scores spread out
+        rows += _rows(rng, "padchest", "normal", 30, "external", lambda r: r.uniform(0.0, 1.0))
+    return pd.DataFrame(rows)
+
+
+def make_run(tmp_path, pred: pd.DataFrame, task="binary", name="run"):
+    run = tmp_path / name
+    run.mkdir()
+    classes = ["covid", "other"] if task == "binary" else ["covid", "normal", "pneumonia"]
+    runs.write_json(run / "config.json", {"task": task, "classes": classes, "size": 64, "seed": 1,
+                                          "data_root": str(tmp_path / "nodata")})
+    runs.write_csv(run / "predictions.csv", pred)
+    return run
+
+
+def test_metrics_json_keys_and_shortcut_detection(tmp_path):
+    run = make_run(tmp_path, shortcut_predictions())
+    r = evaluate.evaluate_run(run, n_boot=300)
+    saved = json.loads((run / "metrics.json").read_text())  # strict JSON: NaN written as null
+    for k in HEADLINE_KEYS:
+        assert set(saved[k]) >= {"value", "ci_low", "ci_high"}, k
+        assert saved[k]["ci_low"] <= saved[k]["value"] <= saved[k]["ci_high"], k
+    for k in ("confusion", "calibration", "per_source", "within_source", "n_test", "n_patients", "task", "classes"):
+        assert k in saved, k
+    assert saved["task"] == "binary" and saved["classes"] == ["covid", "other"]
+    test = shortcut_predictions()
+    test = test[test["split"] == "test"]
+    assert saved["n_test"] == len(test) == 90
+    assert saved["n_patients"] == test["patient_id"].nunique() == 70
+    assert np.array(saved["confusion"]).sum() == 90
+    # Internal AUC is high, within ieee8023 the scores say nothing: the shortcut is flagged.
+    assert r["roc_auc"]["value"] > 0.85
+    assert list(saved["within_source"]) == ["ieee8023"]
+    w = saved["within_source"]["ieee8023"]
+    assert w["n"] == 50 and w["n_covid"] == 40
+    assert w["roc_auc"]["ci_low"] < 0.5 + 0.25 and abs(w["roc_auc"]["value"] - 0.5) < 0.25
+    assert any("collection" in m for m in saved["warnings"])
+    # Single-class sources get per-source numbers but NaN AUC with a reason, saved as null.
+    assert saved["per_source"]["kermany"]["roc_auc"]["value"] is None
+    assert "both classes" in saved["per_source"]["kermany"]["roc_auc"]["reason"]
+    assert saved["per_source"]["kermany"]["specificity"]["value"] == 1.0
+
+
+def test_threshold_is_chosen_on_val_not_test(tmp_path):
+    pred = shortcut_predictions(seed=1)
+    run = make_run(tmp_path, pred)
+    r = evaluate.evaluate_run(run, n_boot=100, target_sensitivity=0.95)
+    val = pred[pred["split"] == "val"]
+    y_val = (val["label"] == "covid").astype(int)
+    assert r["threshold"]["value"] == metrics.choose_threshold(y_val, val["p_covid"], "sensitivity", 0.95)
+    assert r["threshold"]["chosen_on"] == "val" and r["threshold"]["val_sensitivity"] >= 0.95
+    # Changing only test scores leaves the threshold alone.
+    pred2 = pred.copy()
+    pred2.loc[pred2["split"] == "test", "p_covid"] = 0.5
+    r2 = evaluate.evaluate_predictions(pred2, n_boot=100)
+    assert r2["threshold"]["value"] == r["threshold"]["value"]
+
+
+def test_external_split_reports_specificity_and_auc_against_in_source(tmp_path):
+    run = make_run(tmp_path, shortcut_predictions(seed=2, external=True))
+    r = evaluate.evaluate_run(run, n_boot=200)
+    ext = r["external"]
+    assert ext["sources"] == ["padchest"] and ext["n"] == 30 and ext["n_covid"] == 0
+    assert ext["specificity"]["value"] < r["specificity"]["value"]
+    assert ext["roc_auc"]["value"] < r["roc_auc"]["value"]
+    assert "external non-covid" in ext["roc_auc_definition"]
+    assert ext["delta"]["specificity"] == pytest.approx(ext["specificity"]["value"] - r["specificity"]["value"])
+    assert ext["in_source"]["roc_auc"] == r["roc_auc"]
+    assert any("padchest" in w for w in r["warnings"])
+    # The external rows never count as test rows.
+    assert r["n_test"] == 90
+
+
+def test_cli_json_prints_one_object_and_writes_metrics(tmp_path, capsys):
+    run = make_run(tmp_path, shortcut_predictions(seed=3))
+    assert evaluate.main(["--run", str(run), "--json", "--n-boot", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["roc_auc"]["value"] > 0.8 and (run / "metrics.json").exists()
+    assert evaluate.main(["--run", str(run), "--n-boot", "50", "--no-write"]) == 0
+    text = capsys.readouterr().out
+    assert "Within-source AUC" in text and "WARNING" in text and "chosen on validation" in text
+
+
+def test_cli_several_runs_reports_seed_spread(tmp_path, capsys):
+    a = make_run(tmp_path, shortcut_predictions(seed=4), name="a")
+    b = make_run(tmp_path, shortcut_predictions(seed=5), name="b")
+    assert evaluate.main(["--run", str(a), "--run", str(b), "--json", "--n-boot", "50", "--no-write"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["runs"]) == 2
+    s = out["spread"]["roc_auc"]
+    vals = [x["roc_auc"]["value"] for x in out["runs"]]
+    assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean(vals)) and s["sd"] == pytest.approx(np.std(vals, ddof=1))
+    assert "ieee8023" in out["spread"]["within_source_roc_auc"]
+    assert not (a / "metrics.json").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert evaluate.main(["--run", str(tmp_path / "missing"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err
+    run = make_run(tmp_path, shortcut_predictions().drop(columns=["source"]))
+    assert evaluate.main(["--run", str(run)]) == 2
+    assert "source" in capsys.readouterr().err
+
+
+def test_multiclass_run_gets_binary_view_and_multiclass_block(tmp_path):
+    rng = np.random.default_rng(6)
+    pred = shortcut_predictions(seed=6)
+    labels = pred["label"].to_numpy()
+    logits = rng.normal(size=(len(pred), 3)) + 2 * np.eye(3)[pd.Series(labels).map(
+        {"covid": 0, "normal": 1, "pneumonia": 2}).to_numpy()]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = pred.drop(columns=["p_covid", "p_other"]).assign(
+        **{"class": labels, "p_covid": probs[:, 0], "p_normal": probs[:, 1], "p_pneumonia": probs[:, 2]})
+    run = make_run(tmp_path, pred, task="multiclass")
+    r = evaluate.evaluate_run(run, n_boot=100)
+    assert r["classes"] == ["covid", "normal", "pneumonia"]
+    assert set(r["multiclass"]["per_class"]) == {"covid", "normal", "pneumonia"}
+    assert r["roc_auc"]["value"] == pytest.approx(r["multiclass"]["per_class"]["covid"]["roc_auc"]["value"])
+
+
+def test_no_val_rows_falls_back_with_warning(tmp_path):
+    pred = shortcut_predictions(seed=7)
+    run = make_run(tmp_path, pred[pred["split"] == "test"])
+    r = evaluate.evaluate_run(run, n_boot=50, write=False)
+    assert r["threshold"]["value"] == 0.5 and any("fell back" in w for w in r["warnings"])
+
+
+def test_jsonable_handles_nan_numpy_and_paths(tmp_path):
+    out = evaluate.jsonable({"a": float("nan"), "b": np.float32(1.5), "c": [np.int64(2), np.inf], "d": tmp_path})
+    assert out == {"a": None, "b": 1.5, "c": [2, None], "d": str(tmp_path)}
+    json.dumps(out, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- real tiny run
+
+
+@pytest.fixture
+def real_tiny_run(request):
+    try:
+        return request.getfixturevalue("tiny_run")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no tiny_run fixture yet")
+
+
+@pytest.mark.slow
+def test_real_tiny_run_internal_and_external(real_tiny_run, cxr_root, tmp_path):
+    run = real_tiny_run
+    r = evaluate.evaluate_run(run, n_boot=200, write=False)
+    assert r["n_test"] > 0 and 0 <= r["roc_auc"]["value"] <= 1 or math.isnan(r["roc_auc"]["value"])
+    # External validation: a data root holding images the run never saw (kermany images not in split.csv).
+    seen = runs.read_split(run)
+    from core import datasets
+
+    table = datasets.load_table(cxr_root, sources=["kermany"])
+    seen_patients = set(seen["patient_id"].astype(str)) if "patient_id" in seen.columns else set()
+    unseen = table[~table["path"].isin(set(seen["path"])) & ~table["patient_id"].isin(seen_patients)].head(12)
+    if unseen.empty:
+        pytest.skip("the tiny run saw every kermany image")
+    root = tmp_path / "other"
+    for rel in unseen["path"]:
+        dst = root / "NORMAL" if "NORMAL" in rel.upper() else root / "PNEUMONIA"
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / rel.rsplit("/", 1)[-1]).symlink_to(datasets.abspath(cxr_root, rel))
+    ext = evaluate.evaluate_run(run, data=root, n_boot=100, write=True, progress=False)
+    assert ext["mode"] == "external" and ext["n"] == len(unseen)
+    assert ext["threshold"]["value"] == r["threshold"]["value"]  # no re-tuning
+    assert "specificity" in ext["delta"]
+    assert (run / f"external-{root.name}.json").exists()
+
+
+def _fake_run_on(cxr_root, tmp_path, sources):
+    """A run folder whose split.csv lists every image of ``sources`` of the real data (no model)."""
+    from core import datasets
+
+    table = datasets.load_table(cxr_root)
+    listed = table[table["source"].isin(sources)].assign(split="train")
+    run = tmp_path / "fake"
+    run.mkdir()
+    runs.write_json(run / "config.json", {"task": "binary", "data_root": str(cxr_root)})
+    runs.write_csv(run / "split.csv", listed[["path", "split", "label", "source", "patient_id"]])
+    return run, table
+
+
+def test_unseen_images_same_root_means_unseen_sources(cxr_root, tmp_path):
+    run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
+    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), cxr_root)
+    assert set(unseen["source"]) == {"nih"} and len(unseen) == (table["source"] == "nih").sum()
+    assert excluded == {"source the run trained on (same data root)": int((table["source"] != "nih").sum())}
+
+
+def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp_path):
+    from core import datasets
+
+    run, table = _fake_run_on(cxr_root, tmp_path, ["kermany"])
+    kerm = table[table["source"] == "kermany"]
+    # Another collection: 3 kermany files the run saw (renamed copies) + 4 nih files it did not.
+    other = tmp_path / "other" / "collection"
+    for i, rel in enumerate(kerm["path"].head(3)):
+        (other / "normal").mkdir(parents=True, exist_ok=True)
+        (other / "normal" / f"copy{i}{Path(rel).suffix}").symlink_to(datasets.abspath(cxr_root, rel))
+    for rel in table[table["source"] == "nih"]["path"].head(4):
+        (other / "normal" / Path(rel).name).symlink_to(datasets.abspath(cxr_root, rel))
+    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
+    assert len(unseen) == 4
+    assert excluded == {"byte-identical to an image of the run": 3}
