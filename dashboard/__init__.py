@@ -1,0 +1,1 @@
+"""Streamlit dashboard: ``streamlit run dashboard/app.py [-- --data DIR --runs DIR]``."""

@@ -1,0 +1,58 @@
+"""COVID-19 chest X-ray classifier dashboard: the entry point.
+
+    streamlit run dashboard/app.py [-- --data DIR --runs DIR]
+
+Pages live in ``dashboard/views/`` (not ``pages/``: a ``pages/`` folder beside the entry point
+switches Streamlit to its legacy multipage mode when a sub-page URL is opened directly).
+The sidebar picks the model run (the shipped model by default, or any run under the runs folder);
+every page reads that choice through :mod:`dashboard.state`. Pages only lay out what ``core``
+computes. Research use only, not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repository root.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from dashboard import state  # noqa: E402
+
+st.set_page_config(page_title="COVID-19 CXR explainer", page_icon=":material/pulmonology:", layout="wide")
+
+PAGES = [
+    st.Page("views/explain.py", title="Explain an X-ray", icon=":material/search:", default=True),
+    st.Page("views/errors.py", title="Misclassified cases", icon=":material/report:"),
+    st.Page("views/training.py", title="Training", icon=":material/monitoring:"),
+    st.Page("views/evaluation.py", title="Evaluation", icon=":material/analytics:"),
+    st.Page("views/data.py", title="Data", icon=":material/database:"),
+    st.Page("views/shortcuts.py", title="Shortcut audit", icon=":material/policy:"),
+    st.Page("views/about.py", title="About", icon=":material/info:"),
+]
+
+nav = st.navigation(PAGES)
+
+with st.sidebar:
+    choices = state.run_choices(str(state.runs_root()))
+    if choices:
+        if st.session_state.get("run") not in choices:
+            st.session_state["run"] = choices[0]
+        st.selectbox("Model run", choices, format_func=state.run_label, key="run",
+                     help="The shipped model, or any run folder under the runs directory.")
+    else:
+        st.warning(state.NO_RUN)
+    root = state.data_root()
+    st.caption(f"Data: `{root}`" + ("" if state.has_data(root) else " (no images found)"))
+    st.caption("Research use only, not for diagnosis.")
+
+try:
+    nav.run()
+except (ValueError, KeyError, OSError) as exc:
+    # Last resort for malformed run files or data (RunError and ImageError are ValueErrors):
+    # one sentence instead of a stack trace, and the session keeps working.
+    st.error(f"This page could not be shown: {state.error_sentence(exc)}")

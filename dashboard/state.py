@@ -1,0 +1,399 @@
+"""Shared state of the dashboard: which run and data root, and cached calls into ``core``.
+
+Models live in ``st.cache_resource`` (one shared, never-modified copy per process); tables,
+predictions and heatmaps in ``st.cache_data`` (in memory only, bounded by ``max_entries`` so
+that hundreds of uploads do not grow the process). Cached values are keyed by content (arrays
+are hashed by Streamlit), so sessions never see each other's results under a wrong key.
+Nothing here computes a metric, touches pixels or builds a model: it only calls ``core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core import config, runs
+
+NO_DATA = (
+    "This page needs the chest X-ray images, which are not in the repository: get them with "
+    "`python -m core.data download --to data`, or point the app at a copy with "
+    "`streamlit run dashboard/app.py -- --data DIR` (or the `CXR_DATA_DIR` variable)."
+)
+NO_RUN = "No model run was found: the shipped model `assets/model` is missing; train one with `python -m core.train`."
+
+HEATMAP_CACHE = 128  # heatmaps kept in memory (each 224x224 float32 = 200 kB)
+IMAGE_CACHE = 256  # decoded thumbnails / dataset images kept in memory
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options after ``--`` on ``streamlit run dashboard/app.py -- --data DIR --runs DIR``."""
+    p = argparse.ArgumentParser(prog="dashboard/app.py", add_help=False)
+    p.add_argument("--data", default=None)
+    p.add_argument("--runs", default=None)
+    args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def data_root() -> Path:
+    """The data root: ``--data`` after ``--``, else ``$CXR_DATA_DIR``, else ``data/``."""
+    return config.data_dir(parse_args().data)
+
+
+def runs_root() -> Path:
+    """The runs root: ``--runs`` after ``--``, else ``$CXR_RUNS_DIR``, else ``runs/``."""
+    return config.runs_dir(parse_args().runs)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def _sources(root: str) -> list[tuple[str, str]]:
+    from core import datasets
+
+    if not Path(root).is_dir():
+        return []
+    try:
+        return [(str(kind), str(path)) for kind, path in datasets.find_sources(root)]
+    except OSError:
+        return []
+
+
+def has_data(root: Path | None = None) -> bool:
+    """True when the data root holds at least one readable source layout."""
+    return bool(_sources(str(root or data_root())))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def run_choices(root: str) -> list[str]:
+    """Run folders as strings, the shipped model first."""
+    return [str(p) for p in runs.list_runs(root)]
+
+
+def run_label(run: str) -> str:
+    """Short name of a run for the sidebar."""
+    p = Path(run)
+    if p.resolve() == config.DEFAULT_RUN.resolve():
+        return "shipped model (assets/model)"
+    return p.name
+
+
+def current_run() -> Path | None:
+    """The run picked in the sidebar (the shipped model by default); None when there is none."""
+    choices = run_choices(str(runs_root()))
+    picked = st.session_state.get("run")
+    if picked in choices:
+        return Path(picked)
+    return Path(choices[0]) if choices else None
+
+
+def _mtime(run: Path | str, name: str) -> float:
+    try:
+        return (Path(run) / name).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# mtime in the key: a re-evaluated run is re-read, not served stale.
+@st.cache_data(max_entries=32, show_spinner=False)
+def _config(run: str, _mt: float) -> dict:
+    return runs.read_config(run)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _metrics(run: str, _mt: float) -> dict:
+    return runs.read_metrics(run)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _predictions(run: str, _mt: float) -> pd.DataFrame:
+    return runs.read_predictions(run)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _history(run: str, _mt: float) -> pd.DataFrame:
+    return runs.read_history(run)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _split(run: str, _mt: float) -> pd.DataFrame:
+    return runs.read_split(run)
+
+
+def run_config(run: Path) -> dict:
+    """config.json of a run (RunError when missing or corrupt)."""
+    return _config(str(run), _mtime(run, "config.json"))
+
+
+def run_metrics(run: Path) -> dict:
+    """metrics.json of a run (RunError when missing or corrupt)."""
+    return _metrics(str(run), _mtime(run, "metrics.json"))
+
+
+def run_predictions(run: Path) -> pd.DataFrame:
+    """predictions.csv of a run (RunError when missing or corrupt)."""
+    return _predictions(str(run), _mtime(run, "predictions.csv"))
+
+
+def run_history(run: Path) -> pd.DataFrame:
+    """history.csv of a run (RunError when missing or corrupt)."""
+    return _history(str(run), _mtime(run, "history.csv"))
+
+
+def run_split(run: Path) -> pd.DataFrame:
+    """split.csv of a run (RunError when missing or corrupt)."""
+    return _split(str(run), _mtime(run, "split.csv"))
+
+
+def run_classes(run: Path) -> list[str]:
+    """Class names of a run, COVID-19 first."""
+    cfg = run_config(run)
+    return list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
+
+
+def threshold(run: Path) -> float | None:
+    """The run's operating point on P(covid) from metrics.json, or None without metrics."""
+    try:
+        thr = run_metrics(run).get("threshold")
+    except runs.RunError:
+        return None
+    if isinstance(thr, dict):
+        thr = thr.get("value")
+    return None if thr is None else float(thr)
+
+
+# Training settings that define "the same configuration"; runs that differ only in ``seed``
+# (and in bookkeeping such as dates and hashes) are seeds of one configuration.
+CONFIG_KEYS = ("task", "preset", "size", "epochs", "batch_size", "lr", "augment", "hflip", "balance", "monitor",
+               "patience", "holdout_source", "limit", "model_kwargs", "lung_mask", "split_seed", "calibrate")
+
+
+def seed_siblings(run: Path) -> list[Path]:
+    """Runs under the runs folder (and this run) with the same training settings and metrics.json."""
+    cfg = run_config(run)
+    key = {k: cfg.get(k) for k in CONFIG_KEYS}
+    out = []
+    for other in {str(run), *run_choices(str(runs_root()))}:
+        try:
+            oc = run_config(Path(other))
+            run_metrics(Path(other))
+        except runs.RunError:
+            continue
+        if {k: oc.get(k) for k in CONFIG_KEYS} == key:
+            out.append(Path(other))
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model...")
+def _model(run: str, _mt: float):
+    return runs.load_model(run)
+
+
+def model(run: Path):
+    """The run's Keras model, loaded once per process (safe mode, sha256 checked). Never modify it."""
+    return _model(str(run), _mtime(run, "model.keras"))
+
+
+def model_size(run: Path) -> int:
+    """Input side in pixels of the run's model."""
+    from core import model as cmodel
+
+    return cmodel.input_size(model(run))
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def probabilities(run: str, image: np.ndarray) -> np.ndarray:
+    """Class probabilities (n_classes,) of one raw grey image at the model's size."""
+    from core import model as cmodel
+
+    return cmodel.probabilities(model(Path(run)), image)[0]
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def conv_layers(run: str) -> list[str]:
+    """Explainable convolution layers of a run's model, and the default one first."""
+    from core import explain
+
+    m = model(Path(run))
+    default = explain.default_layer(m)
+    return [default] + [name for name in explain.conv_layers(m) if name != default]
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def heatmap(run: str, image: np.ndarray, method: str, class_index: int = 0, layer: str | None = None) -> np.ndarray:
+    """A [0, 1] heatmap (H, W) of ``method`` for one image (see :mod:`core.explain`)."""
+    from core import explain
+
+    return explain.explain(model(Path(run)), image, method, class_index=class_index, layer=layer)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def lung_mask(image: np.ndarray) -> np.ndarray | None:
+    """Lung mask (bool, H, W) of one image, or None when the lung model is not available."""
+    from core import lungs
+
+    try:
+        return lungs.mask(image)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def trust(hmap: np.ndarray, mask: np.ndarray | None) -> dict | None:
+    """Where the heat lies relative to the lungs (``in_lung_share`` etc.), None without a mask."""
+    if mask is None:
+        return None
+    try:
+        from core import audit
+    except ImportError:  # the audit module is optional for the Explain page
+        return None
+    return audit.trust(hmap, mask)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def dataset_image(root: str, rel: str, size: int | None = None) -> np.ndarray:
+    """A dataset image (path relative to the data root) through core.images.load.
+
+    Thumbnails (``size`` given) are cached generously; native-size images (up to 1024 x 1024
+    float32 = 4 MB each) only a few at a time, so memory stays bounded.
+    """
+    return _native_image(root, rel) if size is None else _small_image(root, rel, size)
+
+
+@st.cache_data(max_entries=IMAGE_CACHE, show_spinner=False)
+def _small_image(root: str, rel: str, size: int) -> np.ndarray:
+    from core import datasets, images
+
+    return images.load(datasets.abspath(root, rel), size)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _native_image(root: str, rel: str) -> np.ndarray:
+    from core import datasets, images
+
+    return images.load(datasets.abspath(root, rel))
+
+
+def upload(data: bytes, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode uploaded bytes in memory: (native grey image, image at the model's size).
+
+    One decode through :func:`core.images.load`; raises :class:`core.images.ImageError`.
+    Not cached: an upload is never kept beyond the session's widget state.
+    """
+    from core import images
+
+    native = images.load(data, name=name)
+    return native, images.resize(native, size)
+
+
+def error_sentence(exc: BaseException) -> str:
+    """One sentence for the user from an ImageError / RunError / other expected failure."""
+    from core import images
+
+    if isinstance(exc, images.ImageError):
+        return f"This file cannot be used: {exc.reason}."
+    if isinstance(exc, KeyError):
+        return f"a required column or field {exc.args[0]!r} is missing."
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if text.endswith(".") else text + "."
+
+
+# --------------------------------------------------------------------------- data tables
+
+
+@st.cache_data(max_entries=4, show_spinner="Reading the data folder...")
+def data_table(root: str, split_file: str | None = None) -> pd.DataFrame:
+    """The image table of a data root (core.datasets), with the run's split applied when given."""
+    from core import datasets, splits
+
+    table = datasets.load_table(root)
+    if split_file and Path(split_file).is_file():
+        table = splits.apply_split(table, splits.load_split(split_file))
+    return table
+
+
+@st.cache_data(max_entries=4, show_spinner="Auditing the data...")
+def data_audit(root: str, split_file: str | None = None) -> dict:
+    """The dataset audit (core.data.audit) with the run's split when given (no near-dup scan)."""
+    from core import data
+
+    return data.audit(root, split_file=split_file, near=False)
+
+
+@st.cache_data(max_entries=4, show_spinner="Checking the data for shortcuts...")
+def data_confounding(root: str, split_file: str | None = None) -> tuple[list[str], dict]:
+    """Warnings when a label is confounded with a source, and how well shortcuts predict covid."""
+    from core import data
+
+    table = data_table(root, split_file).copy()
+    table.attrs["root"] = Path(root)
+    return data.confounding(table)
+
+
+# --------------------------------------------------------------------------- shortcut audit
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _audit_json(run: str, _mt: float) -> dict:
+    import json
+
+    path = Path(run) / "audit.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise runs.RunError(f"run {Path(run).name!r} has a corrupt audit.json ({exc}).") from None
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _audit_csv(run: str, _mt: float) -> pd.DataFrame:
+    path = Path(run) / "audit.csv"
+    try:
+        return pd.read_csv(path, dtype={"patient_id": str, "path": str})
+    except Exception as exc:  # pandas raises many parser errors
+        raise runs.RunError(f"run {Path(run).name!r} has a corrupt audit.csv ({exc}).") from None
+
+
+def audit_summary(run: Path) -> dict | None:
+    """The run's audit.json (None when the run has not been audited)."""
+    if not (run / "audit.json").is_file():
+        return None
+    return _audit_json(str(run), _mtime(run, "audit.json"))
+
+
+def audit_table(run: Path) -> pd.DataFrame | None:
+    """The run's audit.csv (None when absent)."""
+    if not (run / "audit.csv").is_file():
+        return None
+    return _audit_csv(str(run), _mtime(run, "audit.csv"))
+
+
+def mean_map(run: Path, method: str, group: str) -> np.ndarray | None:
+    """Overlay (RGB) of the mean heatmap of ``method`` over the mean image of ``group``
+    (e.g. ``class-covid``, ``source-nih``) from the run's ``audit_maps/``; None when absent."""
+    return _mean_map(str(run), method, group, _mtime(run, "audit.json"))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _mean_map(run: str, method: str, group: str, _mt: float) -> np.ndarray | None:
+    from core import explain
+
+    folder = Path(run) / "audit_maps"
+    try:
+        heat = np.load(folder / f"heat__{method}__{group}.npy", allow_pickle=False)
+        img = np.load(folder / f"image__{group}.npy", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    # Mean maps are averages of [0, 1] maps: rescale to the full colour range, as core.audit does.
+    return explain.overlay(img, heat / max(float(heat.max()), 1e-8), alpha=0.45)

@@ -1,0 +1,70 @@
+"""Explain an X-ray: upload one (PNG, JPEG, DICOM) or pick one from the run's test split."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core import images, runs
+from dashboard import components, state
+
+st.title("Explain a chest X-ray")
+st.caption("Research use only, not for diagnosis. Uploads stay in memory and are never written to disk.")
+
+run = state.current_run()
+if run is None:
+    st.error(state.NO_RUN)
+    st.stop()
+
+
+def model_size() -> int:
+    """The model's input size; loads the model (once per process). Stops the page on RunError."""
+    try:
+        return state.model_size(run)
+    except runs.RunError as exc:
+        st.error(state.error_sentence(exc))
+        st.stop()
+
+
+source = st.radio("Image", ["Upload a file", "Pick from the test split"], horizontal=True, key="explain_source")
+
+if source == "Upload a file":
+    # No `type=` filter: DICOM files often have no extension, and every file goes through
+    # core.images.load, which refuses anything that is not a usable image with a clear reason.
+    up = st.file_uploader("Chest X-ray (PNG, JPEG or DICOM, frontal view)", key="explain_upload")
+    if up is None:
+        st.info("Upload a frontal chest X-ray to see the model's output and its heatmaps.")
+        model_size()  # load the model after the page is drawn, so that the first upload is fast
+        st.stop()
+    size = model_size()
+    data = up.getvalue()
+    try:
+        native, image = state.upload(data, up.name, size)
+    except images.ImageError as exc:
+        st.error(state.error_sentence(exc))
+        st.stop()
+    components.show_case(run, image, native=native, data=data, case_id="uploaded image", key="explain")
+else:
+    root = state.data_root()
+    if not state.has_data(root):
+        st.info(state.NO_DATA)
+        st.stop()
+    try:
+        pred = state.run_predictions(run)
+    except runs.RunError as exc:
+        st.error(state.error_sentence(exc))
+        st.stop()
+    test = pred[pred["split"] == "test"]
+    if test.empty:
+        st.info("This run's predictions.csv has no test rows to pick from.")
+        st.stop()
+    labels = {r.path: f"{r.path}  ({r.source}, {r.label}, P(covid) {r.p_covid:.2f})" for r in test.itertuples()}
+    rel = st.selectbox("Test image", list(labels), format_func=labels.get, key="explain_pick")
+    size = model_size()
+    try:
+        native = state.dataset_image(str(root), rel)
+    except images.ImageError as exc:
+        st.error(state.error_sentence(exc) + " Is the data root the one this run was trained on?")
+        st.stop()
+    row = test[test["path"] == rel].iloc[0]
+    st.caption(f"True label: **{row['label']}** (source {row['source']}).")
+    components.show_case(run, images.resize(native, size), native=native, case_id=rel, key="explain")

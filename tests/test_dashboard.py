@@ -1,0 +1,387 @@
+"""The Streamlit dashboard through streamlit.testing.v1.AppTest: every page, with and without data.
+
+The app is started from its real entry point (``dashboard/app.py`` with ``st.navigation``) and each
+page is reached with ``AppTest.switch_page``. Two environments:
+
+- ``data``: ``CXR_DATA_DIR`` = the real data (../shared/cxr), a real tiny run (``tiny_run``);
+- ``nodata``: ``CXR_DATA_DIR`` = an empty folder, as on a fresh clone: every page must still load,
+  and pages that need images say how to get them.
+
+Uploads go through ``at.file_uploader[0].set_value((name, bytes, mime))``, which AppTest in
+Streamlit 1.67 supports natively (no test hook in the app).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import config, runs
+
+streamlit_testing = pytest.importorskip("streamlit.testing.v1")
+AppTest = streamlit_testing.AppTest
+
+APP = str(config.REPO_ROOT / "dashboard" / "app.py")
+TIMEOUT = 120  # seconds per script run: TensorFlow's import alone takes ~4 s on 2 busy cores
+PAGES = ["explain", "errors", "training", "evaluation", "data", "shortcuts", "about"]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def chest_like_png(size: int = 256, seed: int = 0) -> bytes:
+    """A synthetic frontal 'chest X-ray': bright body and midline, two dark lung fields."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.full((size, size), 40.0)
+    img[(np.abs(xx - 0.5) < 0.42) & (yy > 0.08)] = 170  # body
+    for cx in (0.3, 0.7):
+        img[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = 60  # lungs
+    img[(np.abs(xx - 0.5) < 0.07) & (yy > 0.1)] = 215  # spine / mediastinum
+    img += rng.normal(0, 6, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def real_xray(root: Path) -> tuple[str, bytes]:
+    path = sorted((root / "nih" / "Pneumonia").glob("*.png"))[0]
+    return path.name, path.read_bytes()
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _run_for_tests(request) -> Path:
+    """The tiny real run of the test session when data exist, else the shipped model."""
+    try:
+        return request.getfixturevalue("tiny_run")
+    except pytest.skip.Exception:
+        pass
+    if runs.is_run(config.DEFAULT_RUN) and (config.DEFAULT_RUN / "model.keras").is_file():
+        return config.DEFAULT_RUN
+    pytest.skip("neither the real data (for the tiny run) nor the shipped model assets/model is available")
+
+
+@pytest.fixture(scope="module")
+def dash_run(request) -> Path:
+    return _run_for_tests(request)
+
+
+@pytest.fixture(params=["data", "nodata"])
+def env(request, dash_run, tmp_path, monkeypatch):
+    """Environment variables for one app: data root (real or empty) and a runs root holding the run."""
+    if request.param == "data":
+        root = request.getfixturevalue("cxr_root")
+    else:
+        root = tmp_path / "empty-data"
+        root.mkdir()
+    runs_root = Path(dash_run).parent if Path(dash_run) != config.DEFAULT_RUN else tmp_path / "runs"
+    monkeypatch.setenv("CXR_DATA_DIR", str(root))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(runs_root))
+    return {"kind": request.param, "data": Path(root), "run": Path(dash_run)}
+
+
+def start(env, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(env["run"])
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(f"views/{page}.py").run()
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """All visible text of the main area (markdown, captions, alerts, metrics), for assertions."""
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    parts += [f"{m.label} {m.value}" for m in at.metric]
+    return "\n".join(parts)
+
+
+def images_shown(at: AppTest) -> int:
+    return len(at.image)
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for el in at.image for c in el.captions]
+
+
+def plotly_charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+# --------------------------------------------------------------------------- every page
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_loads(env, page):
+    at = start(env, page)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    t = texts(at)
+    has_data = env["kind"] == "data"
+    if page == "explain":
+        assert at.file_uploader, "the Explain page offers an upload"
+        assert at.radio(key="explain_source").options == ["Upload a file", "Pick from the test split"]
+    elif page == "errors":
+        assert "misclassified" in t
+        if has_data:
+            assert images_shown(at) >= 1 or "No misclassified" in t
+        else:
+            assert "core.data download" in t
+    elif page == "training":
+        assert plotly_charts(at) >= 2, "loss and AUC curves"
+        assert at.get("json"), "the run's config"
+        assert at.dataframe, "the split summary"
+    elif page == "evaluation":
+        assert at.slider(key="eval_thr").value == pytest.approx(
+            json.loads((env["run"] / "metrics.json").read_text())["threshold"]["value"], abs=1e-3)
+        assert at.number_input(key="eval_prev")
+        assert plotly_charts(at) == 4, "confusion matrix, ROC, PR, calibration"
+        assert "Internal test ROC AUC" in t and "Within ieee8023 ROC AUC" in t
+    elif page == "data":
+        if has_data:
+            assert at.dataframe, "the counts table"
+            assert images_shown(at) >= 3
+            assert "comes from one source" in t  # the covid/ieee8023 confounding warning
+        else:
+            assert "core.data download" in t and "CXR_DATA_DIR" in t
+    elif page == "shortcuts":
+        assert "core.audit" in t or "Lung-blanked probes" in t
+    elif page == "about":
+        assert "Research use only" in t
+        assert "Cohen" in t and "Kermany" in t and "ChestX-ray8" in t
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def test_upload_gives_heatmap_and_downloads(env):
+    at = start(env, "explain")
+    if env["kind"] == "data":
+        name, data = real_xray(env["data"])
+    else:
+        name, data = "synthetic.png", chest_like_png()
+    at.file_uploader[0].set_value((name, data, "image/png")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any(m.label == "P(covid)" for m in at.metric)
+    assert images_shown(at) >= 2, "the input and its Grad-CAM overlay"
+    assert all(url for el in at.image for url in el.value)
+    assert any("Grad-CAM" in c and "covid" in c for c in captions(at)), captions(at)
+    t = texts(at)
+    assert "Decision at the run's operating point" in t
+    assert "heat lies in the lungs" in t or "In-lung share unavailable" in t
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Download overlay (PNG)", "Download case report (HTML)"]
+
+
+def test_methods_and_controls_change_the_maps(env):
+    at = start(env, "explain")
+    at.file_uploader[0].set_value(("x.png", chest_like_png(seed=3), "image/png")).run()
+    at.multiselect(key="explain_methods").set_value(["gradcam", "saliency"]).run()
+    at.slider(key="explain_alpha").set_value(0.8).run()
+    at.selectbox(key="explain_cmap").set_value("inferno").run()
+    assert not at.exception, [e.value for e in at.exception]
+    caps = captions(at)
+    assert any("Grad-CAM" in c for c in caps) and any("Saliency" in c for c in caps), caps
+
+
+def test_bad_upload_is_one_sentence_and_session_survives(env):
+    at = start(env, "explain")
+    bad = [("notes.png", b"this is not an image", "image/png"), ("page.html", b"<html><body>hi</body></html>", "text/html"),
+           ("empty.jpg", b"", "image/jpeg"), ("cut.png", chest_like_png()[:300], "image/png")]
+    for name, data, mime in bad:
+        at.file_uploader[0].set_value((name, data, mime)).run()
+        assert not at.exception, (name, [e.value for e in at.exception])
+        assert len(at.error) == 1, name
+        msg = at.error[0].value
+        assert msg.startswith("This file cannot be used") and "Traceback" not in msg and msg.count("\n") == 0
+    # The same session goes on working with a good image.
+    at.file_uploader[0].set_value(("ok.png", chest_like_png(), "image/png")).run()
+    assert not at.exception and not at.error
+    assert any(m.label == "P(covid)" for m in at.metric)
+
+
+def test_non_chest_image_gets_a_warning_not_an_answer(env):
+    at = start(env, "explain")
+    rgb = np.zeros((300, 300, 3), np.uint8)
+    rgb[..., 0] = np.linspace(0, 255, 300)[None, :]
+    rgb[..., 1] = np.linspace(255, 0, 300)[:, None]
+    rgb[..., 2] = 128
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    at.file_uploader[0].set_value(("holiday.jpg", buf.getvalue(), "image/jpeg")).run()
+    assert not at.exception
+    warns = [w.value for w in at.warning]
+    assert any("photograph" in w for w in warns), warns
+    t = texts(at)
+    assert "No answer is given" in t and "Decision at the run's operating point" not in t
+
+
+def test_pick_from_test_split(env):
+    at = start(env, "explain")
+    at.radio(key="explain_source").set_value("Pick from the test split").run()
+    assert not at.exception, [e.value for e in at.exception]
+    if env["kind"] == "nodata":
+        assert "core.data download" in texts(at)
+        return
+    assert at.selectbox(key="explain_pick").options
+    assert images_shown(at) >= 1 and any(m.label == "P(covid)" for m in at.metric)
+
+
+# --------------------------------------------------------------------------- evaluation and errors
+
+
+def test_threshold_slider_updates_metrics(env):
+    at = start(env, "evaluation")
+
+    def values():
+        return {m.label: m.value for m in at.metric if m.label in ("Sensitivity", "Specificity", "PPV", "NPV")}
+
+    at.slider(key="eval_thr").set_value(0.0).run()
+    low = values()
+    at.slider(key="eval_thr").set_value(1.0).run()
+    high = values()
+    assert low["Sensitivity"] == "1.000" and high["Specificity"] == "1.000"
+    at.number_input(key="eval_prev").set_value(0.01).run()
+    assert not at.exception
+
+
+def test_misclassified_filters(env):
+    at = start(env, "errors")
+    if not at.multiselect(key="err_kind").value:
+        pytest.skip("no operating point")
+    at.multiselect(key="err_kind").set_value(["false negative"]).run()
+    assert not at.exception
+    at.radio(key="err_sort").set_value("least confident first").run()
+    assert not at.exception
+
+
+# --------------------------------------------------------------------------- broken runs
+
+
+@pytest.mark.parametrize("page", ["explain", "errors", "training", "evaluation"])
+def test_corrupt_run_is_one_sentence(env, page, tmp_path, monkeypatch):
+    """A run with corrupt files is reported with st.error in one sentence, never a traceback."""
+    bad = tmp_path / "bad-runs" / "20990101-000000-broken"
+    shutil.copytree(env["run"], bad, ignore=shutil.ignore_patterns("audit_maps"))
+    (bad / "metrics.json").write_text("{not json")
+    (bad / "history.csv").write_bytes(b"\x00\x01garbage")
+    (bad / "predictions.csv").write_text("nothing,useful\n1,2\n")
+    (bad / "model.keras").write_bytes(b"PK\x03\x04 truncated")
+    monkeypatch.setenv("CXR_RUNS_DIR", str(bad.parent))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(bad)
+    at.run()
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.error, f"{page}: the broken run must be reported"
+    for e in at.error:
+        assert "Traceback" not in e.value and e.value.count("\n") == 0
+        assert "broken" in e.value
+
+
+# --------------------------------------------------------------------------- shortcut audit
+
+
+@pytest.mark.slow
+def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch):
+    """Audit a copy of the run (24 test images, real lung net) and show it on the Shortcut audit page."""
+    if env["kind"] == "nodata":
+        pytest.skip("auditing needs the images; the no-data case is test_page_loads[nodata-shortcuts]")
+    from core import audit, lungs
+
+    if not lungs.MODEL_PATH.is_file():
+        pytest.skip("the lung model assets/lungs/lungs.keras is missing")
+    run = tmp_path / "runs" / env["run"].name
+    shutil.copytree(env["run"], run, ignore=shutil.ignore_patterns("audit*"))
+    audit.run_audit(run, env["data"], methods=("gradcam",), limit=24, sanity_n=2, n_boot=50, progress=False)
+    monkeypatch.setenv("CXR_RUNS_DIR", str(run.parent))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(run)
+    at.run()
+    at.switch_page("views/shortcuts.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    t = texts(at)
+    assert "ROC AUC, lungs blanked" in t and "Lung-blanked probes" in t
+    assert plotly_charts(at) == 1
+    assert at.dataframe, "probe and method tables"
+    assert images_shown(at) >= 1, "mean heatmaps or worst cases"
+
+
+def test_pages_folder_is_not_named_pages():
+    """A `pages/` folder beside app.py switches Streamlit to legacy multipage mode on deep links."""
+    assert not (Path(APP).parent / "pages").exists()
+
+
+def test_dicom_upload_shows_no_patient_tags(env, tmp_path):
+    from test_report import _dicom_with_patient
+
+    at = start(env, "explain")
+    at.file_uploader[0].set_value(("scan.dcm", _dicom_with_patient(tmp_path), "application/dicom")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert images_shown(at) >= 2, "decoded and explained"
+    t = texts(at) + "\n".join(captions(at))
+    for secret in ("Doe", "Johnathan", "PID-918273", "19450101", "Secret Hospital"):
+        assert secret not in t
+
+
+# --------------------------------------------------------------------------- fresh clone
+
+
+@pytest.mark.parametrize("with_data", [False, True], ids=["nodata", "data"])
+@pytest.mark.parametrize("page", PAGES)
+def test_shipped_model_every_page(page, with_data, tmp_path, monkeypatch, request):
+    """The shipped model as on a fresh clone (no runs), without data and with ../shared/cxr."""
+    if not (config.DEFAULT_RUN / "model.keras").is_file():
+        pytest.skip("the shipped model assets/model is not in this checkout yet")
+    if with_data:
+        monkeypatch.setenv("CXR_DATA_DIR", str(request.getfixturevalue("cxr_root")))
+    else:
+        (tmp_path / "data").mkdir()
+        monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert at.session_state["run"] == str(config.DEFAULT_RUN)
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    t = texts(at)
+    if page in ("data", "errors") and not with_data:
+        assert "core.data download" in t
+    if page == "about":
+        assert (config.ASSETS_DIR / "MODEL_CARD.md").is_file() or "model card" in t
+    if page == "explain":
+        at.file_uploader[0].set_value(("chest.png", chest_like_png(), "image/png")).run()
+        assert not at.exception and not at.error
+        assert any("Grad-CAM" in c for c in captions(at))
+
+
+def test_seed_spread_from_sibling_runs(env, tmp_path, monkeypatch):
+    """Two runs that differ only in their seed: the spread across seeds is shown beside the AUCs."""
+    if env["kind"] == "nodata":
+        pytest.skip("covered by the data case")
+    root = tmp_path / "runs"
+    for i, seed in enumerate((11, 12)):
+        r = root / f"2099010{i}-000000-seed{seed}"
+        shutil.copytree(env["run"], r, ignore=shutil.ignore_patterns("audit*", "model.keras"))
+        cfg = json.loads((r / "config.json").read_text())
+        cfg["seed"] = seed
+        (r / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(root))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(r)
+    at.run()
+    at.switch_page("views/evaluation.py").run()
+    assert not at.exception and not at.error
+    assert any(m.label == "ROC AUC across 2 seeds" for m in at.metric), [m.label for m in at.metric]
