@@ -135,20 +135,32 @@ def _decode_dicom(data: bytes, name: str) -> np.ndarray:
         raise ImageError(name, f"not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise ImageError(name, "DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    except Exception:
+        raise ImageError(name, "DICOM file has invalid Rows/Columns") from None
     _check_size(name, cols, rows)
+    # Corrupt headers make pydicom raise almost anything (found by tests/test_fuzz.py): one error type.
     try:
         arr = ds.pixel_array
+        if arr.ndim >= 3 and ds.get("SamplesPerPixel", 1) == 1:
+            arr = arr[0]  # multi-frame: the first frame
+        if arr.ndim >= 4:
+            arr = arr[0]  # multi-frame colour: the first frame
     except Exception as exc:
-        raise ImageError(name, f"cannot decode DICOM pixel data ({exc})") from None
-    if arr.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        arr = arr[0]  # multi-frame: the first frame
-    if arr.ndim == 3:  # colour DICOM (secondary capture): to grey
+        raise ImageError(name, f"cannot decode DICOM pixel data ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    if arr.ndim == 3 and arr.shape[-1] == 3:  # colour DICOM (secondary capture): to grey
         return cv2.cvtColor(arr.astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32)
-    arr = apply_modality_lut(arr, ds)  # rescale slope/intercept
-    arr = apply_voi_lut(arr, ds)  # window centre/width or VOI LUT when present
+    if arr.ndim != 2:
+        raise ImageError(name, f"DICOM pixel data has unsupported shape {arr.shape}")
+    try:
+        arr = apply_modality_lut(arr, ds)  # rescale slope/intercept
+        arr = apply_voi_lut(arr, ds)  # window centre/width or VOI LUT when present
+        photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    except Exception as exc:
+        raise ImageError(name, f"DICOM rescale or window values are invalid ({type(exc).__name__})") from None
     arr = _stretch(arr)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         arr = 255.0 - arr  # MONOCHROME1 stores bone dark: invert so that bone is bright
     return arr
 
