@@ -1,0 +1,248 @@
+"""Classifier networks (Keras Functional API) that take raw grey pixels.
+
+Every model takes one input named ``image`` of shape (size, size, 1) holding raw pixel values in
+[0, 255], exactly as :func:`core.images.load` returns them. All preprocessing lives inside the
+model and uses built-in Keras layers only, so a saved ``.keras`` file loads with
+``keras.saving.load_model(path, safe_mode=True)`` without this module.
+
+Layer names are a contract: the last convolution is ``last_conv`` (Grad-CAM), the pre-softmax
+Dense layer is ``logits`` and the softmax output layer is ``probs``. The output is a softmax over
+the task's classes (two units for the binary task), with COVID-19 at index 0.
+
+Presets:
+
+- ``seed``: the original project's network (Conv32, Conv64, pool, dropout, Conv64, pool,
+  dropout, Conv128, pool, dropout, Flatten, Dense64, dropout, head). The original took 224x224x3
+  RGB scaled to [0, 1]; ours rescales the grey input and repeats it to three channels inside.
+- ``default``: a small, fast network with batch normalisation and global average pooling, whose
+  preprocessing removes cues that identify the image's source: a band of every border is blanked
+  (text, markers, figure borders), each image is standardised (brightness and contrast), and an
+  optional local contrast normalisation equalises the image like CLAHE.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import keras
+import numpy as np
+from keras import layers
+
+from core import config
+
+PRESETS = {
+    "seed": "the original project's network: 4 convolutions, Flatten, Dense64 (224x224x3 in the original)",
+    "default": "small network: border crop, per-image standardisation, BN, global average pooling",
+}
+
+# Default preprocessing of the ``default`` preset (chosen on validation data, see MODEL_CARD.md).
+DEFAULTS = {
+    "crop": 0.12,  # fraction of each border blanked
+    "contrast": "local",  # "standard" (per-image standardisation) or "local" (+ local contrast norm.)
+    "width": 1.0,  # channel multiplier
+    "dropout": 0.3,
+}
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def _blur(x, sigma: float, name: str):
+    """Fixed (non-trainable) separable Gaussian blur of a 1-channel tensor."""
+    k = _gaussian_kernel(sigma)
+    n = len(k)
+    out = x
+    for axis, shape in (("v", (n, 1)), ("h", (1, n))):
+        conv = layers.DepthwiseConv2D(
+            shape, padding="same", use_bias=False, trainable=False, name=f"{name}_{axis}"
+        )
+        out = conv(out)
+        conv.set_weights([k.reshape(shape + (1, 1))])
+    return out
+
+
+def _standardise(x, name: str):
+    # Per-image zero mean / unit variance over all pixels: removes brightness and contrast cues.
+    return layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=1.0, name=name)(x)
+
+
+def _lung_gate(raw, x, lung_model: keras.Model, size: int, crop: int, dilate: int):
+    """Multiply the preprocessed image ``x`` by a frozen, dilated soft lung mask of ``raw``."""
+    lung_model.trainable = False
+    in_hw = tuple(lung_model.input_shape[1:3])
+    inp = raw
+    if in_hw != (size, size) and None not in in_hw:
+        inp = layers.Resizing(*in_hw, name="lung_in_resize")(raw)
+    m = lung_model(inp, training=False)
+    if tuple(m.shape[1:3]) != (size, size):
+        m = layers.Resizing(size, size, name="lung_out_resize")(m)
+    if m.shape[-1] != 1:
+        m = layers.Conv2D(1, 1, use_bias=False, trainable=False, name="lung_channel")(m)
+    if dilate > 1:
+        m = layers.MaxPooling2D(dilate, strides=1, padding="same", name="lung_dilate")(m)
+    if crop:
+        m = layers.Cropping2D(crop, name="lung_crop")(m)
+    if x.shape[-1] != 1:
+        m = layers.Concatenate(name="lung_mask_channels")([m] * x.shape[-1])
+    return layers.Multiply(name="lung_gate")([x, m])
+
+
+def _preprocess(
+    raw, size: int, crop: float, contrast: str, lung_model: keras.Model | None, lung_dilate: int
+):
+    """Raw pixels -> standardised image with a blanked border band (same spatial size)."""
+    c = int(round(crop * size))
+    x = layers.Cropping2D(c, name="border_crop")(raw) if c else raw
+    x = _standardise(x, "standardise")
+    if contrast == "local":
+        # Local contrast normalisation (CLAHE-like): remove the slowly varying background
+        # (a blurred copy), standardise again, keep both channels.
+        sigma = max(1.0, 0.04 * size)
+        hp = layers.Subtract(name="lcn_highpass")([x, _blur(x, sigma, "lcn_blur")])
+        hp = _standardise(hp, "lcn_standardise")
+        x = layers.Concatenate(name="lcn_channels")([x, hp])
+    elif contrast != "standard":
+        raise ValueError(f"unknown contrast {contrast!r}; choose 'standard' or 'local'")
+    if lung_model is not None:
+        x = _lung_gate(raw, x, lung_model, size, c, lung_dilate)
+    if c:
+        # Pad back with zeros (= the mean after standardisation) so heatmaps align with the input.
+        x = layers.ZeroPadding2D(c, name="border_pad")(x)
+    return x
+
+
+def _conv_bn(x, filters: int, name: str, strides: int = 1):
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _default(
+    size: int,
+    n_classes: int,
+    crop: float = DEFAULTS["crop"],
+    contrast: str = DEFAULTS["contrast"],
+    width: float = DEFAULTS["width"],
+    dropout: float = DEFAULTS["dropout"],
+    lung_model: keras.Model | None = None,
+    lung_dilate: int = 7,
+) -> keras.Model:
+    raw = keras.Input((size, size, 1), name="image")
+    x = _preprocess(raw, size, crop, contrast, lung_model, lung_dilate)
+
+    def w(n):
+        return max(8, int(round(n * width)))
+
+    x = _conv_bn(x, w(24), "stem", strides=2)  # strided first layer: 4x fewer pixels downstream
+    for i, f in enumerate((32, 64, 96), start=1):
+        x = _conv_bn(x, w(f), f"block{i}")
+        x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    x = layers.Conv2D(w(128), 3, padding="same", activation="relu", name="last_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    x = layers.Dense(n_classes, name="logits")(x)
+    out = layers.Activation("softmax", name="probs")(x)
+    return keras.Model(raw, out, name="cxr_default")
+
+
+def _seed(size: int, n_classes: int, lung_model: keras.Model | None = None, lung_dilate: int = 7) -> keras.Model:
+    raw = keras.Input((size, size, 1), name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(raw)
+    if lung_model is not None:
+        x = _lung_gate(raw, x, lung_model, size, 0, lung_dilate)
+    x = layers.Concatenate(name="to_rgb")([x, x, x])  # the original took RGB input
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Dropout(0.25, name="drop1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv3")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Dropout(0.25, name="drop2")(x)
+    x = layers.Conv2D(128, 3, activation="relu", name="last_conv")(x)
+    x = layers.MaxPooling2D(2, name="pool3")(x)
+    x = layers.Dropout(0.25, name="drop3")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(64, activation="relu", name="dense64")(x)
+    x = layers.Dropout(0.5, name="drop4")(x)
+    x = layers.Dense(n_classes, name="logits")(x)
+    out = layers.Activation("softmax", name="probs")(x)
+    return keras.Model(raw, out, name="cxr_seed")
+
+
+def build(preset: str = "default", task: str = "binary", size: int = config.DEFAULT_SIZE, **kw) -> keras.Model:
+    """Build an uncompiled classifier.
+
+    ``preset`` is a key of :data:`PRESETS`; ``task`` a key of ``config.TASKS``; ``size`` the
+    input side in pixels. Keyword options of ``default``: ``crop`` (border fraction blanked),
+    ``contrast`` ("standard" | "local"), ``width``, ``dropout``. Both presets take
+    ``lung_model``: a Keras model mapping raw (H, W, 1) pixels to a lung probability map; the
+    classifier then only sees the image inside the frozen, slightly dilated soft lung mask.
+    """
+    n = len(config.classes(task))
+    if preset == "default":
+        return _default(size, n, **kw)
+    if preset == "seed":
+        kw = {k: v for k, v in kw.items() if k in ("lung_model", "lung_dilate")}
+        return _seed(size, n, **kw)
+    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+
+
+def input_size(model: keras.Model) -> int:
+    """The side in pixels that ``model`` expects."""
+    return int(model.input_shape[1])
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: keras.Model):
+    """A traced inference function per model (about 10x faster than eager calls for one image)."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        import tensorflow as tf
+
+        size = input_size(model)
+        fn = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
+        )
+        _COMPILED[model] = fn
+    return fn
+
+
+def probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (n, n_classes) for raw grey images (n, H, W), (H, W) or (n, H, W, 1).
+
+    A single (H, W) image gives shape (1, n_classes). P(covid) is column ``config.COVID_INDEX``.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(f"expected grey images (n, H, W); got shape {np.shape(images)}")
+    size = input_size(model)
+    if x.shape[1:3] != (size, size):
+        raise ValueError(f"images are {x.shape[1]}x{x.shape[2]} but the model expects {size}x{size}")
+    fn = _compiled(model)
+    out = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    if not out:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """Name of the last convolution layer (``last_conv`` in our presets)."""
+    names = [layer.name for layer in model.layers]
+    if "last_conv" in names:
+        return "last_conv"
+    for layer in reversed(model.layers):
+        if isinstance(layer, layers.Conv2D) and not isinstance(layer, layers.DepthwiseConv2D):
+            return layer.name
+    raise ValueError(f"model {model.name!r} has no convolution layer")

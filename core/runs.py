@@ -1,0 +1,225 @@
+"""Run folders: where one training run keeps its model, settings, split, history and results.
+
+A run folder ``runs/<YYYYmmdd-HHMMSS>-<name>/`` holds ``model.keras``, ``config.json``,
+``split.csv``, ``history.csv``, ``predictions.csv``, ``metrics.json`` and ``env.json`` (later also
+``audit.csv``/``audit.json``). Every file is written atomically (temporary file, then
+``os.replace``), so a killed process never leaves half a file. Problems raise :class:`RunError`
+with one sentence that names the run and the missing or corrupt file. The shipped model
+(``config.DEFAULT_RUN``) is the run used when none is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from core import config
+
+FILES = ("model.keras", "config.json", "split.csv", "history.csv", "predictions.csv", "metrics.json", "env.json")
+
+
+class RunError(ValueError):
+    """A run folder that is missing, incomplete or corrupt."""
+
+
+def _label(run: Path) -> str:
+    return f"run {Path(run).name!r} ({run})"
+
+
+def new_run(runs_root, name: str = "run") -> Path:
+    """Create and return a fresh folder ``<runs_root>/<YYYYmmdd-HHMMSS>-<name>``."""
+    root = Path(runs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        path = root / (f"{stamp}-{safe}" if i == 0 else f"{stamp}-{safe}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"cannot create a new run folder for {name!r} under {root}.")
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; run files are plain readable artifacts
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return _atomic_write(path, lambda fh: json.dump(obj, fh, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_csv(path, df: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV (no index), atomically."""
+    return _atomic_write(path, lambda fh: df.to_csv(fh, index=False))
+
+
+def atomic_save_model(model, path) -> Path:
+    """Save a Keras model to ``path`` (.keras) atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def sha256(path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _need(run, name: str) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"{_label(run)} does not exist or is not a folder.")
+    path = run / name
+    if not path.is_file():
+        raise RunError(f"{_label(run)} has no {name}.")
+    return path
+
+
+def _read_json(run, name: str) -> dict:
+    path = _need(run, name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{_label(Path(run))} has a corrupt {name} ({exc}).") from None
+
+
+def _read_csv(run, name: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    path = _need(run, name)
+    try:
+        df = pd.read_csv(path, dtype={"patient_id": str, "path": str})
+    except Exception as exc:  # pandas raises many parser errors
+        raise RunError(f"{_label(Path(run))} has a corrupt {name} ({exc}).") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise RunError(f"{_label(Path(run))} has a {name} without the column(s) {', '.join(missing)}.")
+    return df
+
+
+def read_config(run) -> dict:
+    """The run's config.json as a dict."""
+    return _read_json(run, "config.json")
+
+
+def read_env(run) -> dict:
+    """The run's env.json (package versions, git commit)."""
+    return _read_json(run, "env.json")
+
+
+def read_history(run) -> pd.DataFrame:
+    """The run's history.csv: one row per epoch (epoch, loss, val_auc, ...)."""
+    return _read_csv(run, "history.csv", ("epoch",))
+
+
+def read_predictions(run) -> pd.DataFrame:
+    """The run's predictions.csv: one row per val/test(/external) image with p_<class> columns."""
+    return _read_csv(run, "predictions.csv", ("path", "label", "split"))
+
+
+def read_split(run) -> pd.DataFrame:
+    """The run's split.csv (path, split, label, source, patient_id, ...)."""
+    return _read_csv(run, "split.csv", ("path", "split"))
+
+
+def read_metrics(run) -> dict:
+    """The run's metrics.json (written by core.evaluate)."""
+    return _read_json(run, "metrics.json")
+
+
+def load_model(run=None, check_hash: bool = True):
+    """Load the run's model.keras with ``safe_mode=True``; verify its sha256 if config has one."""
+    import keras
+
+    run = resolve_run(run)
+    path = _need(run, "model.keras")
+    cfg_path = Path(run) / "config.json"
+    if check_hash and cfg_path.is_file():
+        expected = read_config(run).get("model_sha256")
+        if expected and sha256(path) != expected:
+            raise RunError(f"{_label(Path(run))} has a model.keras whose sha256 does not match config.json.")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:
+        # Short, actionable reasons; never advise turning safe mode off (tests/test_faults.py).
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safe_mode" in str(exc) or "unsafe" in str(exc):
+            text = "it contains Python code (e.g. a Lambda layer), which safe mode refuses to load"
+        elif "zip" in str(exc).lower() or "File not found" in str(exc):
+            text = "it is not a valid .keras file (truncated, corrupt, or another format such as HDF5 or pickle)"
+        raise RunError(f"{_label(Path(run))} has a model.keras that cannot be loaded: {text[:200]}.") from None
+
+
+def is_run(path) -> bool:
+    """True if ``path`` looks like a run folder (has config.json)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def list_runs(runs_root=None) -> list[Path]:
+    """Run folders under ``runs_root`` (newest first), with the shipped run first when present."""
+    root = config.runs_dir(runs_root)
+    found = []
+    if root.is_dir():
+        found = sorted((p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True)
+    shipped = config.DEFAULT_RUN
+    out = [shipped] if is_run(shipped) else []
+    return out + [p for p in found if p.resolve() != shipped.resolve()]
+
+
+def resolve_run(arg=None) -> Path:
+    """A run folder from an argument: None -> the shipped run; a path; or a name under runs/."""
+    if arg is None or str(arg) == "":
+        run = config.DEFAULT_RUN
+    else:
+        run = Path(arg).expanduser()
+        if not run.exists():
+            candidate = config.runs_dir() / str(arg)
+            if candidate.exists():
+                run = candidate
+    if not Path(run).is_dir():
+        raise RunError(f"{_label(Path(run))} does not exist or is not a folder.")
+    return Path(run).resolve()
