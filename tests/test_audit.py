@@ -1,0 +1,240 @@
+"""Shortcut audit: trust measures, deletion/insertion, sanity check, probes and the whole-run audit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import audit
+
+# ----------------------------------------------------------------------------- trust
+
+
+def _lungs(size=40):
+    m = np.zeros((size, size), bool)
+    m[10:30, 6:16] = True
+    m[10:30, 24:34] = True
+    return m
+
+
+def test_trust_all_heat_inside_lungs():
+    m = _lungs()
+    t = audit.trust(m.astype(np.float32), m)
+    assert t["in_lung_share"] == pytest.approx(1.0)
+    assert t["lung_area_share"] == pytest.approx(m.mean())
+    assert t["lung_ratio"] == pytest.approx(1.0 / m.mean())
+    assert t["border_share"] == pytest.approx(0.0)
+
+
+def test_trust_uniform_heat_equals_area_share():
+    m = _lungs()
+    t = audit.trust(np.full(m.shape, 0.3, np.float32), m)
+    assert t["in_lung_share"] == pytest.approx(m.mean())
+    assert t["lung_ratio"] == pytest.approx(1.0)
+    # Border band of 10% (4 px) on each side of 40 px: 1 - (32/40)^2 of the area.
+    assert t["border_share"] == pytest.approx(1 - (32 / 40) ** 2)
+    # An all-zero map counts as uniform rather than dividing by zero.
+    assert audit.trust(np.zeros(m.shape), m)["in_lung_share"] == pytest.approx(m.mean())
+
+
+def test_trust_heat_in_top_band():
+    m = _lungs()
+    h = np.zeros(m.shape, np.float32)
+    h[:6] = 1.0  # top 15% of 40 rows
+    t = audit.trust(h, m)
+    assert t["top_share"] == pytest.approx(1.0)
+    assert t["in_lung_share"] == 0.0
+    # Rows 0-3 lie in the 4-px border band, rows 4-5 only at their 4 + 4 edge pixels.
+    assert t["border_share"] == pytest.approx((4 * 40 + 2 * 8) / (6 * 40))
+
+
+def test_trust_resizes_mask_to_heatmap():
+    m = _lungs(40)
+    h = np.kron(m.astype(np.float32), np.ones((2, 2), np.float32))  # 80x80 map, 40x40 mask
+    assert audit.trust(h, m)["in_lung_share"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def _patch_model(size=32):
+    """P(class 0) rises steeply with the brightness of the bottom-right 8x8 patch (fixed weights)."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((size, size, 1), name="image")
+    x = layers.Cropping2D(((size - 8, 0), (size - 8, 0)), name="patch")(inp)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    dense = layers.Dense(2, name="logits")
+    x = dense(x)
+    out = layers.Activation("softmax", name="probs")(x)
+    model = keras.Model(inp, out)
+    dense.set_weights([np.array([[0.05, -0.05]], np.float32), np.array([-6.0, 6.0], np.float32)])
+    return model
+
+
+def test_deletion_insertion_right_vs_wrong_heatmap():
+    model = _patch_model()
+    img = np.full((32, 32), 40.0, np.float32)
+    img[24:, 24:] = 250.0  # what the model looks at
+    img[:8, :8] = 250.0  # a distractor the model ignores
+    right = np.zeros((32, 32), np.float32)
+    right[24:, 24:] = 1.0
+    wrong = np.zeros((32, 32), np.float32)
+    wrong[:8, :8] = 1.0
+    kw = {"class_index": 0, "steps": 16, "insertion_baseline": "mean"}
+    d_right, i_right = audit.deletion_insertion(model, img, right, **kw)
+    d_wrong, i_wrong = audit.deletion_insertion(model, img, wrong, **kw)
+    assert d_right < d_wrong - 0.2
+    assert i_right > i_wrong + 0.2
+
+
+def _blob_data(n, size=32, seed=0):
+    """Class 0 (covid) images carry a bright blob at a random place; class 1 images do not."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(90, 15, (n, size, size)).astype(np.float32)
+    y = np.arange(n) % 2
+    yy, xx = np.mgrid[:size, :size]
+    for i in np.flatnonzero(y == 0):
+        cy, cx = rng.integers(6, size - 6, 2)
+        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= 9] = 240
+    return np.clip(x, 0, 255), y
+
+
+@pytest.fixture(scope="module")
+def blob_model():
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 1), name="image")
+    x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = layers.GlobalMaxPooling2D(name="gmp")(x)
+    x = layers.Dense(2, name="logits")(x)
+    out = layers.Activation("softmax", name="probs")(x)
+    model = keras.Model(inp, out)
+    x_tr, y_tr = _blob_data(128)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(x_tr[..., None], y_tr, epochs=15, batch_size=32, verbose=0)
+    return model
+
+
+def test_randomised_copy_changes_learned_weights_only(blob_model):
+    rand = audit.randomised_copy(blob_model)
+    w0 = blob_model.get_layer("last_conv").get_weights()[0]
+    w1 = rand.get_layer("last_conv").get_weights()[0]
+    assert w0.shape == w1.shape and not np.allclose(w0, w1)
+    x, _ = _blob_data(4, seed=3)
+    assert blob_model(x[..., None]).shape == rand(x[..., None]).shape
+
+
+def test_sanity_check_distinguishes_trained_from_random(blob_model):
+    x, y = _blob_data(8, seed=5)
+    imgs = x[y == 0]
+    same = audit.sanity_check(blob_model, imgs, "gradcam", random_model=blob_model)
+    assert same["spearman_mean"] == pytest.approx(1.0) and not same["passes"]
+    res = audit.sanity_check(blob_model, imgs, "gradcam")
+    assert res["n"] == len(imgs)
+    assert res["spearman_mean"] < same["spearman_mean"] - 0.3
+    assert res["passes"]
+
+
+def test_probes_on_a_lung_shortcut_free_model():
+    """The patch model only looks at a corner marker: blanking the 'lungs' changes nothing."""
+    model = _patch_model()
+    x, y = _blob_data(20, seed=2)
+    y = (np.arange(20) % 2 == 0).astype(int)
+    x[y == 1, 24:, 24:] = 250.0  # the shortcut: a bright corner marker on every positive
+    lung = np.zeros((20, 32, 32), bool)
+    lung[:, 4:20, 4:20] = True
+    res = audit.probes(model, x, lung, y, groups=np.arange(20).astype(str), n_boot=50, fill="zero")
+    assert res["auc"]["original"]["value"] == pytest.approx(1.0)
+    assert res["auc"]["lungs_blanked"]["value"] == pytest.approx(1.0)
+    assert res["auc"]["lungs_only"]["value"] < 0.75
+    assert "shortcut" in res["verdict"]
+
+
+# ----------------------------------------------------------------------------- whole run
+
+
+@pytest.fixture(scope="module")
+def tiny_audit_run(tmp_path_factory, blob_model):
+    """A run folder written by hand (model.keras, config.json, predictions.csv) over synthetic PNGs."""
+    import cv2
+
+    from core import runs
+
+    root = tmp_path_factory.mktemp("data")
+    run = tmp_path_factory.mktemp("run")
+    x, y = _blob_data(12, seed=9)
+    rows = []
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        rel = f"src{i % 2}/img{i}.png"
+        (root / rel).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(root / rel), img.astype(np.uint8))
+        p = float(blob_model(img[None, ..., None])[0, 0])
+        rows.append({"path": rel, "source": f"src{i % 2}", "patient_id": f"p{i // 2}",
+                     "label": "covid" if label == 0 else "normal", "class": "covid" if label == 0 else "other",
+                     "split": "test", "p_covid": p, "p_other": 1 - p})
+    blob_model.save(run / "model.keras")
+    runs.write_json(run / "config.json", {"task": "binary", "classes": ["covid", "other"], "size": 32})
+    runs.write_csv(run / "predictions.csv", pd.DataFrame(rows))
+    return run, root
+
+
+def test_run_audit_on_tiny_run(tiny_audit_run):
+    from core import lungs
+
+    run, root = tiny_audit_run
+    lung_net = lungs.build_unet(base=4)
+    s = audit.run_audit(run, root, methods=["gradcam"], limit=10, sanity_n=2, n_boot=50,
+                        progress=False, lung_model=lung_net)
+    assert s["n_images"] == 10
+    table = pd.read_csv(run / "audit.csv")
+    assert len(table) == 10 and set(table["method"]) == {"gradcam"}
+    assert {"in_lung_share", "border_share", "top_share", "deletion_auc", "insertion_auc"} <= set(table.columns)
+    data = json.loads((run / "audit.json").read_text())
+    g = data["methods"]["gradcam"]["groups"]
+    assert {"all", "covid", "other"} <= set(g)
+    assert {"value", "ci_low", "ci_high"} <= set(g["all"]["in_lung_share"])
+    assert data["methods"]["gradcam"]["sanity"]["n"] == 2
+    assert set(data["probes"]["auc"]) == {"original", "lungs_blanked", "lungs_only"}
+    assert isinstance(data["verdict"], str) and "AUC" in data["verdict"]
+    assert data["p_consistency_max_abs_diff"] < 1e-4
+    assert (run / "audit_maps" / "heat__gradcam__class-covid.npy").exists()
+    assert np.load(run / "audit_maps" / "heat__gradcam__source-src0.npy").shape == (32, 32)
+    table_md = audit.compare_markdown({"before": run, "after": run})
+    assert "AUC with the lungs blanked" in table_md and table_md.count("| gradcam: in-lung share") == 1
+
+
+def test_audit_cli_json(tiny_audit_run, capsys, monkeypatch):
+    from core import lungs
+
+    run, root = tiny_audit_run
+    monkeypatch.setattr(lungs, "lung_model", lambda path=None: lungs.build_unet(base=4))
+    rc = audit.main(["--run", str(run), "--data", str(root), "--methods", "gradcam", "--limit", "4",
+                     "--sanity-n", "0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_images"] == 4 and "verdict" in out
+
+
+@pytest.mark.slow
+def test_run_audit_on_real_tiny_run(tiny_run, cxr_root):
+    """The audit on a tiny trained run over real images (with the shipped lung net when present)."""
+    from core import lungs
+
+    net = None if lungs.MODEL_PATH.exists() else lungs.build_unet(base=4)
+    s = audit.run_audit(tiny_run, cxr_root, methods=["gradcam"], limit=6, sanity_n=2, n_boot=50,
+                        progress=False, lung_model=net)
+    assert s["n_images"] == 6
+    assert (tiny_run / "audit.csv").exists() and (tiny_run / "audit.json").exists()
+    assert s["p_consistency_max_abs_diff"] < 1e-3
+    share = s["methods"]["gradcam"]["groups"]["all"]["in_lung_share"]["value"]
+    assert 0.0 <= share <= 1.0
