@@ -12,6 +12,7 @@ import streamlit as st
 
 from core import evaluate, metrics, runs
 from dashboard import state
+from dashboard.components import fmt
 
 st.title("Evaluation")
 run = state.current_run()
@@ -27,18 +28,6 @@ try:
 except runs.RunError as exc:
     st.error(state.error_sentence(exc) + " Run `python -m core.evaluate --run RUN` to write it.")
     st.stop()
-
-
-def fmt(d, digits: int = 2) -> str:
-    """'0.91 [0.85, 0.96]' from a {value, ci_low, ci_high} dict."""
-    if not isinstance(d, dict):
-        return "n/a" if d is None else f"{float(d):.{digits}f}"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        return f"{float(v):.{digits}f}"
-    return f"{float(v):.{digits}f} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"
 
 
 # ------------------------------------------------------------------ the checks that matter

@@ -3,14 +3,13 @@ and the cases the model got right for the wrong reason (from the run's audit.jso
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from core import images, report, runs
 from dashboard import state
+from dashboard.components import fmt
 
 st.title("Shortcut audit")
 st.caption("Does the model look at the lungs? Checks that a source shortcut cannot pass "
@@ -29,17 +28,6 @@ if summary is None:
     st.info("This run has not been audited yet: run `python -m core.audit --run RUN --data DIR` "
             "(it needs the images; see the Data page) and reload this page.")
     st.stop()
-
-
-def fmt(d) -> str:
-    if not isinstance(d, dict):
-        return "n/a"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        return f"{float(v):.2f}"
-    return f"{float(v):.2f} [{float(lo):.2f}, {float(hi):.2f}]"
 
 
 st.warning(summary.get("verdict", "The audit has no verdict."))
