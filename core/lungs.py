@@ -95,6 +95,12 @@ def lung_model(path: str | os.PathLike | None = None):
     path = Path(path) if path else MODEL_PATH
     if not path.exists():
         raise FileNotFoundError(f"lung model not found at {path}: train it with `python -m core.lungs train`")
+    expected = _record(path.with_name("training.json")).get("model_sha256")
+    if expected:
+        from core.runs import sha256
+
+        if sha256(path) != expected:
+            raise ValueError(f"lung model {path}: sha256 does not match its training.json (altered or corrupt file)")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
@@ -324,6 +330,8 @@ def train(
     """
     import keras
 
+    from core import runs
+
     if size % 2**DEPTH:
         raise ValueError(f"--size must be divisible by {2**DEPTH}; got {size}")
     root = config.data_dir(data)
@@ -386,6 +394,7 @@ def train(
         "held_out_dice_note": "mask() (net + two largest parts + hole filling) vs lungVAE mask, "
                               "at each image's native size",
         "model_bytes": (out / "lungs.keras").stat().st_size,
+        "model_sha256": runs.sha256(out / "lungs.keras"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     tmp = out / ".training.json.tmp"

@@ -98,3 +98,20 @@ def test_masks_batch_matches_single(shipped):
     batch = lungs.masks(imgs)
     assert batch.shape == (3, 96, 96) and batch.dtype == bool
     assert np.array_equal(batch[1], lungs.mask(imgs[1]))
+
+
+def test_shipped_lung_model_is_checked_against_its_sha256(tmp_path):
+    """A lung model whose bytes differ from its training record's sha256 is refused."""
+    import json
+    import shutil
+
+    shutil.copy(lungs.MODEL_PATH, tmp_path / "lungs.keras")
+    record = json.loads(lungs.RECORD_PATH.read_text())
+    assert record["model_sha256"]
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert lungs.lung_model(tmp_path / "lungs.keras") is not None  # intact copy loads
+    with open(tmp_path / "lungs.keras", "ab") as fh:
+        fh.write(b"tampered")
+    lungs.lung_model.cache_clear()  # the check runs when the file is loaded
+    with pytest.raises(ValueError, match="sha256"):
+        lungs.lung_model(tmp_path / "lungs.keras")

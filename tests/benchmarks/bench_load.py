@@ -107,13 +107,17 @@ async def upload(page, f: Path, prev: str | None) -> tuple[float, str, float | N
     dt = time.perf_counter() - t
     src = await page.get_attribute(OVERLAY, "src")
     await wait_idle(page)  # the answer is filled in after the maps: read it once the run is over
-    shown = None
+    return dt, src, await shown_p_covid(page)
+
+
+async def shown_p_covid(page) -> float | None:
+    """The P(covid) the page shows now (None while it is not drawn)."""
     metrics = page.locator('[data-testid="stMetric"]')
     for i in range(await metrics.count()):
         text = await metrics.nth(i).inner_text()
         if text.startswith("P(covid)"):
-            shown = float(text.split()[-1])
-    return dt, src, shown
+            return float(text.split()[-1])
+    return None
 
 
 async def session_run(page, files: list[Path], expected: dict[str, float]) -> tuple[list[float], int]:
@@ -121,7 +125,15 @@ async def session_run(page, files: list[Path], expected: dict[str, float]) -> tu
     for f in files:
         dt, prev, shown = await upload(page, f, prev)
         lat.append(dt)
-        if shown is None or abs(shown - expected[f.name]) > 0.0011:
+        # Under load the 'running' indicator can pause before the answer is drawn, so a first
+        # read may still show the previous image's value: a mix-up is a value that stays wrong.
+        for _ in range(20):
+            if shown is not None and abs(shown - expected[f.name]) <= 0.0011:
+                break
+            await page.wait_for_timeout(500)
+            await wait_idle(page, 1.0)
+            shown = await shown_p_covid(page)
+        else:
             wrong += 1
     return lat, wrong
 
