@@ -95,6 +95,15 @@ def current_run() -> Path | None:
     return Path(choices[0]) if choices else None
 
 
+def require_run() -> Path:
+    """The picked run; without any run, say so in one sentence and stop the page."""
+    run = current_run()
+    if run is None:
+        st.error(NO_RUN)
+        st.stop()
+    return run
+
+
 def _mtime(run: Path | str, name: str) -> float:
     try:
         return (Path(run) / name).stat().st_mtime

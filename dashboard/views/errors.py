@@ -11,10 +11,7 @@ GALLERY = 12  # thumbnails shown at once
 THUMB = 160
 
 st.title("Misclassified cases")
-run = state.current_run()
-if run is None:
-    st.error(state.NO_RUN)
-    st.stop()
+run = state.require_run()
 try:
     pred = state.run_predictions(run)
 except runs.RunError as exc:

@@ -15,10 +15,7 @@ from dashboard import state
 from dashboard.components import fmt
 
 st.title("Evaluation")
-run = state.current_run()
-if run is None:
-    st.error(state.NO_RUN)
-    st.stop()
+run = state.require_run()
 st.caption(f"Run: `{state.run_label(str(run))}`. All numbers are on the run's held-out test split "
            "(patients never seen in training); 95 % CIs resample patients.")
 

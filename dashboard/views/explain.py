@@ -10,10 +10,7 @@ from dashboard import components, state
 st.title("Explain a chest X-ray")
 st.caption("Research use only, not for diagnosis. Uploads stay in memory and are never written to disk.")
 
-run = state.current_run()
-if run is None:
-    st.error(state.NO_RUN)
-    st.stop()
+run = state.require_run()
 
 
 def model_size() -> int:

@@ -14,10 +14,7 @@ from dashboard.components import fmt
 st.title("Shortcut audit")
 st.caption("Does the model look at the lungs? Checks that a source shortcut cannot pass "
            "(after DeGrave et al., Nature Machine Intelligence 2021).")
-run = state.current_run()
-if run is None:
-    st.error(state.NO_RUN)
-    st.stop()
+run = state.require_run()
 try:
     summary = state.audit_summary(run)
     table = state.audit_table(run)

@@ -10,10 +10,7 @@ from core import runs
 from dashboard import state
 
 st.title("Training")
-run = state.current_run()
-if run is None:
-    st.error(state.NO_RUN)
-    st.stop()
+run = state.require_run()
 st.caption(f"Run: `{state.run_label(str(run))}`")
 
 try:
