@@ -451,6 +451,20 @@ def _members(archive: Path) -> tuple[str, list[str]]:
         raise DownloadError(f"{archive}: not a readable zip or tar archive ({exc})") from None
 
 
+def _archive_files(archive: Path, kind: str):
+    """Yield ``(member name, opener)`` for every regular file of a zip or tar archive."""
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if not info.is_dir():
+                    yield info.filename, lambda info=info: z.open(info)
+    else:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.isfile():
+                    yield m.name, lambda m=m: t.extractfile(m)
+
+
 def extract(archive: str | os.PathLike, dest: str | os.PathLike, source: str) -> int:
     """Extract the ``source`` layout from ``archive`` into ``dest`` (its upstream folder layout).
 
@@ -484,26 +498,14 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, source: str) ->
         return out
 
     try:
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    out = None if info.is_dir() else target(info.filename)
-                    if out is None:
-                        continue
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(info) as src, open(out, "wb") as f:
-                        shutil.copyfileobj(src, f)
-                    n += 1
-        else:
-            with tarfile.open(archive) as t:
-                for m in t.getmembers():
-                    out = target(m.name) if m.isfile() else None
-                    if out is None:
-                        continue
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with t.extractfile(m) as src, open(out, "wb") as f:
-                        shutil.copyfileobj(src, f)
-                    n += 1
+        for name, open_member in _archive_files(archive, kind):
+            out = target(name)
+            if out is None:
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as src, open(out, "wb") as f:
+                shutil.copyfileobj(src, f)
+            n += 1
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DownloadError(f"{archive}: extraction failed ({exc})") from None
