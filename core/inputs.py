@@ -29,6 +29,7 @@ LUNG_CROP = {
     "threshold": 0.5,  # lung probability that counts as lung
     "min_area": 0.06,  # lungs covering less of the film than this are "not found"
     "min_side": 0.25,  # nor are lungs whose box is narrower or shorter than this fraction of the film
+    "trim": 0.005,  # share of the lung pixels' mass left outside the box at each end of each axis
 }
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 FALLBACK_WARNING = (
@@ -48,19 +49,25 @@ def settings(cfg: dict | None) -> dict | None:
 def lung_box(prob: np.ndarray, crop: dict | None = None) -> tuple[float, float, float, float] | None:
     """Bounding box (y0, x0, y1, x1), fractions of the image, of the lungs in a probability map.
 
-    The two largest lung parts are kept (:func:`core.lungs.clean`); the box gets ``margin`` of its
-    own size on every side, clipped to the image. ``None`` when the lungs are too small to trust.
+    The box spans the central ``1 - 2 * trim`` of the lung pixels' mass along each axis, so a
+    stray speck of "lung" in a corner does not stretch it (a rule simple enough to replicate in
+    TensorFlow ops for the serving export); it then gets ``margin`` of its own size on every
+    side, clipped to the image. ``None`` when the lungs are too small to trust.
     """
-    from core import lungs
-
     c = {**LUNG_CROP, **(crop or {})}
-    prob = np.asarray(prob, np.float32)
-    h, w = prob.shape
-    m = lungs.clean(prob >= c["threshold"])
-    if m.sum() < c["min_area"] * m.size:
+    m = np.asarray(prob, np.float32) >= c["threshold"]
+    h, w = m.shape
+    total = m.sum()
+    if total < c["min_area"] * m.size:
         return None
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    y0, y1, x0, x1 = rows[0] / h, (rows[-1] + 1) / h, cols[0] / w, (cols[-1] + 1) / w
+
+    def span(counts: np.ndarray, n: int) -> tuple[float, float]:
+        cum = np.cumsum(counts)
+        lo = int(np.searchsorted(cum, c["trim"] * total, side="right"))
+        hi = int(np.searchsorted(cum, (1.0 - c["trim"]) * total, side="left")) + 1
+        return lo / n, min(hi, n) / n
+
+    (y0, y1), (x0, x1) = span(m.sum(axis=1), h), span(m.sum(axis=0), w)
     if y1 - y0 < c["min_side"] or x1 - x0 < c["min_side"]:
         return None
     dy, dx = c["margin"] * (y1 - y0), c["margin"] * (x1 - x0)

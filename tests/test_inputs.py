@@ -17,7 +17,7 @@ def _two_lungs(h=128, w=128, top=30, bottom=100, left=20, right=108):
 
 
 def test_lung_box_encloses_both_lungs_with_margin():
-    box = inputs.lung_box(_two_lungs(), {"margin": 0.0})
+    box = inputs.lung_box(_two_lungs(), {"margin": 0.0, "trim": 0.0})
     assert box == pytest.approx((30 / 128, 20 / 128, 100 / 128, 108 / 128))
     wide = inputs.lung_box(_two_lungs(), {"margin": 0.1})
     assert wide[0] < box[0] and wide[1] < box[1] and wide[2] > box[2] and wide[3] > box[3]
@@ -70,3 +70,9 @@ def test_a_blank_film_falls_back_to_the_whole_film():
     x, boxes, fell_back = inputs.prepare([np.full((300, 300), 128.0, np.float32)], 64, inputs.LUNG_CROP)
     assert fell_back.tolist() == [True] and np.allclose(boxes[0], inputs.FULL_BOX)
     assert np.allclose(x[0], 128.0)
+
+
+def test_a_stray_speck_does_not_stretch_the_box():
+    prob = _two_lungs()
+    prob[2, 2] = prob[125, 125] = 1.0
+    assert inputs.lung_box(prob, {"margin": 0.0}) == pytest.approx(inputs.lung_box(_two_lungs(), {"margin": 0.0}), abs=0.02)
