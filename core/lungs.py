@@ -104,6 +104,17 @@ def lung_model(path: str | os.PathLike | None = None):
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
+def model_sha256(path: str | os.PathLike | None = None) -> str:
+    """The sha256 of the lung model (from its training record; hashed from the file if absent)."""
+    path = Path(path) if path else MODEL_PATH
+    recorded = _record(path.with_name("training.json")).get("model_sha256")
+    if recorded:
+        return str(recorded)
+    from core.runs import sha256
+
+    return sha256(path)
+
+
 def net_size(path: str | os.PathLike | None = None) -> int:
     """The square size the lung net was trained at (from its training record; 128 by default)."""
     rec_path = Path(path).with_name("training.json") if path else RECORD_PATH

@@ -196,6 +196,64 @@ def build(preset: str = "default", task: str = "binary", size: int = config.DEFA
     raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
 
 
+def ensemble(nets: list[keras.Model], name: str = "cxr_ensemble") -> keras.Model:
+    """One model that averages the logits of ``nets`` (each a network with a ``logits`` layer).
+
+    Every member becomes a nested model ``member_<k>`` from the shared ``image`` input to its
+    logits; a top-level ``Average`` named ``logits`` and a softmax ``probs`` follow, so the result
+    has the same contract as one network (calibration can be inserted after ``logits``) and loads
+    in safe mode.
+    """
+    size = input_size(nets[0])
+    raw = keras.Input((size, size, 1), name="image")
+    outs = [keras.Model(n.input, n.get_layer("logits").output, name=f"member_{k}")(raw) for k, n in enumerate(nets)]
+    logits = layers.Average(name="logits")(outs) if len(outs) > 1 else layers.Identity(name="logits")(outs[0])
+    return keras.Model(raw, layers.Activation("softmax", name="probs")(logits), name=name)
+
+
+BACKBONES = {"densenet121": "DenseNet121", "resnet50": "ResNet50"}
+# ImageNet statistics of keras.applications' "torch" (DenseNet) and "caffe" (ResNet) preprocessing,
+# as fixed Normalization layers so that the saved model needs no custom code.
+_IMAGENET_NORM = {
+    "densenet121": ([0.485 * 255, 0.456 * 255, 0.406 * 255], [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]),
+    "resnet50": ([103.939, 116.779, 123.68], [1.0, 1.0, 1.0]),
+}
+
+
+def backbone(name: str, task: str = "binary", size: int = 224, weights: str = "none", dropout: float = 0.3):
+    """A ``keras.applications`` network (DenseNet-121 or ResNet-50) with our input and head.
+
+    The grey input is repeated to three channels and normalised as the backbone expects; then
+    the backbone's convolutional part, ``gap``, dropout, ``logits`` and ``probs``. ``weights``:
+    ``"none"`` (random, what this project trains with) or ``"imagenet"``, which Keras downloads on
+    first use; without internet that raises a RuntimeError saying so.
+    """
+    from keras import applications
+
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if weights not in ("none", "imagenet"):
+        raise ValueError(f"unknown weights {weights!r}; choose none or imagenet")
+    raw = keras.Input((size, size, 1), name="image")
+    x = layers.Concatenate(name="to_rgb")([raw, raw, raw])
+    mean, var = _IMAGENET_NORM[name]
+    x = layers.Normalization(mean=mean, variance=var, name="imagenet_norm")(x)
+    try:
+        base = getattr(applications, BACKBONES[name])(
+            include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x
+        )
+    except Exception as exc:  # the weights come from the internet: say so instead of a urllib trace
+        raise RuntimeError(
+            f"could not get the ImageNet weights of {name} ({type(exc).__name__}: {exc}); they are downloaded by "
+            "Keras on first use, so this needs internet access (or a copy in ~/.keras/models); "
+            "use --weights none to train from scratch"
+        ) from None
+    x = layers.GlobalAveragePooling2D(name="gap")(base.output)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    x = layers.Dense(len(config.classes(task)), name="logits")(x)
+    return keras.Model(raw, layers.Activation("softmax", name="probs")(x), name=f"cxr_{name}")
+
+
 def input_size(model: keras.Model) -> int:
     """The side in pixels that ``model`` expects."""
     return int(model.input_shape[1])

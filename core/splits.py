@@ -32,7 +32,7 @@ SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
 NEAR_THRESHOLD = 0.97
 THUMB_SIZE = 32
-SPLIT_COLUMNS = ["path", "split", "label", "source", "patient_id", "group"]
+SPLIT_COLUMNS = ["path", "split", "label", "source", "patient_id", "group", "fold"]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -399,3 +399,28 @@ def prepare(
     if split_file is not None:
         save_split(out, split_file)
     return out
+
+
+def assign_folds(table: pd.DataFrame, k: int, seed: int = config.SEED) -> np.ndarray:
+    """Cross-validation fold (0..k-1) of every development row (``split`` != test); -1 for test rows.
+
+    Folds are patient-grouped (the ``group`` column, else ``patient_id``: a patient, and every
+    patient linked to it, lies in one fold) and stratified by source and label
+    (``StratifiedGroupKFold``), so that each fold holds every source x label cell in about the
+    same share. Deterministic for a given seed.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = np.full(len(table), -1, dtype=int)
+    dev = np.flatnonzero((table["split"] != "test").to_numpy())
+    if len(dev) == 0:
+        return folds
+    d = table.iloc[dev]
+    strata = (d["source"].astype(str) + "/" + d["label"].astype(str)).to_numpy()
+    groups = (d["group"] if "group" in d.columns else d["patient_id"]).astype(str).to_numpy()
+    if len(np.unique(groups)) < k:
+        raise ValueError(f"{len(np.unique(groups))} patient groups cannot fill {k} folds")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(cv.split(np.zeros(len(d)), strata, groups)):
+        folds[dev[held]] = f
+    return folds

@@ -1,25 +1,43 @@
 """Train a classifier and write a complete run folder.
 
-``python -m core.train --data DIR --task binary --preset default --seed 2`` (the shipped model's recipe:
-the defaults are the configuration chosen on validation data, see assets/MODEL_CARD.md)
+``python -m core.train --data DIR`` trains the shipped model's recipe (the defaults below, chosen
+by the leave-one-source-out ablation in assets/MODEL_CARD.md).
 
-Pipeline: :func:`core.splits.prepare` gives the patient-level split; every image is decoded once
-through :func:`core.images.load_many` (and cached on disk under ``<runs>/.cache``), held in a
-``tf.data`` pipeline (cache, shuffle, augment, prefetch). Augmentation suits chest X-rays: small
-rotation, zoom, shift, brightness/contrast/gamma, no horizontal flip by default (the heart is on
-the left). Class weights (optionally balanced per source too), early stopping on a validation
-score with the best weights kept, a checkpoint every epoch (``--resume RUN`` continues a killed
-run with its optimizer state and history), fixed seeds (same seed, same metrics) and
-``--strategy mirrored`` (tf.distribute). ``--holdout-source NAME`` leaves one source out of
-training and validation entirely; its images become the "external" split of predictions.csv.
+Recipe, in order:
 
-The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv,
-predictions.csv, env.json and, through :func:`core.evaluate.evaluate_run`, metrics.json.
+1. :func:`core.splits.prepare` gives the patient-level split into a development set and a test
+   set (``--holdout-source NAME`` moves one source out of both: its images become the
+   "external" split). The development set is cut into ``--folds`` patient-grouped folds,
+   stratified by source and label (:func:`core.splits.assign_folds`).
+2. Every film is decoded once and prepared by :func:`core.inputs.prepare` (optionally cropped
+   to the bounding box of its lungs), cached on disk under ``<runs>/.cache``.
+3. ``--members`` networks are trained, member k on every fold but k, for a fixed number of
+   epochs with a cosine schedule (no early stopping: choosing an epoch on a fold would bias
+   that fold's predictions). Augmentations are chosen to survive the in-model standardisation
+   (random resized crop, rotation, gamma, intensity windowing, noise, JPEG re-compression,
+   cut-out, low resolution). With ``--adversarial W`` a source head behind a gradient-reversal
+   layer learns to tell the collection of an image from the network's features among images of
+   the same class, and the features are pushed to make that impossible.
+4. Each member predicts its own held-out fold: these out-of-fold predictions of the whole
+   development set (the ``val`` rows of predictions.csv) are what calibration (Platt scaling)
+   and the decision threshold are fitted on, never the test split.
+5. The members are averaged into one saved model (``model.keras``, safe-mode loadable, no
+   source head), which predicts the test and external images.
+
+Class weights (balanced per source within a class by default), a checkpoint every epoch
+(``--resume RUN`` continues a killed run), fixed seeds (same seed, same numbers on one machine)
+and ``--strategy mirrored`` (tf.distribute).
+
+The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv
+(one row per member and epoch), predictions.csv, env.json and, through
+:func:`core.evaluate.evaluate_run`, metrics.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -35,15 +53,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, images, runs
+from core import config, images, inputs, runs
 
 AUGMENT = {
-    # rotation (degrees), zoom (fraction), shift (fraction of side), brightness, contrast,
-    # gamma (log range), probability of a low-resolution copy (downscale factor range)
-    "none": dict(rot=0.0, zoom=0.0, shift=0.0, bright=0.0, contrast=0.0, gamma=0.0, lowres=0.0),
-    "light": dict(rot=5.0, zoom=0.05, shift=0.03, bright=0.05, contrast=0.1, gamma=0.1, lowres=0.0),
-    "default": dict(rot=10.0, zoom=0.1, shift=0.06, bright=0.1, contrast=0.2, gamma=0.25, lowres=0.25),
-    "strong": dict(rot=15.0, zoom=0.15, shift=0.1, bright=0.15, contrast=0.3, gamma=0.4, lowres=0.5),
+    # Every knob survives the per-image standardisation inside the model (a linear brightness or
+    # contrast change would not: standardisation undoes it exactly).
+    # rot: degrees; scale: random resized crop, (min, max) share of the side kept; shift: fraction of
+    # the side; gamma: log range; window: share of the grey range an intensity window may cut at
+    # each end; noise: Gaussian sigma as a share of 255; jpeg: probability of a JPEG re-encoding
+    # (quality 30-90); cutout: probability of one blanked rectangle (up to 1/3 of each side);
+    # lowres: probability of a down- then up-scaled copy.
+    "none": dict(rot=0.0, scale=(1.0, 1.0), shift=0.0, gamma=0.0, window=0.0, noise=0.0, jpeg=0.0,
+                 cutout=0.0, lowres=0.0),
+    "light": dict(rot=5.0, scale=(0.9, 1.0), shift=0.03, gamma=0.1, window=0.05, noise=0.01, jpeg=0.2,
+                  cutout=0.0, lowres=0.1),
+    "default": dict(rot=10.0, scale=(0.8, 1.0), shift=0.05, gamma=0.25, window=0.1, noise=0.02, jpeg=0.3,
+                    cutout=0.25, lowres=0.25),
+    "strong": dict(rot=15.0, scale=(0.7, 1.0), shift=0.08, gamma=0.4, window=0.15, noise=0.03, jpeg=0.5,
+                   cutout=0.5, lowres=0.4),
 }
 
 DEFAULTS = dict(
@@ -52,18 +79,22 @@ DEFAULTS = dict(
     name="default",
     task="binary",
     preset="default",
+    backbone=None,
+    weights="none",
     size=128,
-    epochs=60,
+    epochs=30,
     batch_size=32,
     lr=1e-3,
     seed=config.SEED,
     split_seed=config.SEED,
     split_file=None,
+    folds=3,
+    members=3,
+    lung_crop=True,
+    adversarial=0.0,
     augment="default",
     hflip=False,
     balance="source",
-    monitor="val_auc",
-    patience=15,
     holdout_source=None,
     limit=None,
     strategy=None,
@@ -79,8 +110,8 @@ DEFAULTS = dict(
     verbose=1,
     resume=None,
 )
-
-MONITORS = ("val_auc", "val_ws_auc", "val_score", "val_loss")
+# The development set is the whole non-test part of the split: validation comes from the folds.
+SPLIT_FRACTIONS = (0.8, 0.0, 0.2)
 
 
 def log(msg: str) -> None:
@@ -139,73 +170,29 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- data
-def _cache_file(cache_dir: Path, root: Path, size: int) -> Path:
-    import hashlib
+def _cache_file(cache_dir: Path, root: Path, size: int, lung_crop: dict | None) -> Path:
+    key = str(Path(root).resolve())
+    if lung_crop is not None:
+        from core import lungs
 
-    key = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]
-    return cache_dir / f"pixels-{key}-{size}.npz"
+        key += json.dumps(lung_crop, sort_keys=True) + lungs.model_sha256()
+    tag = "lungs" if lung_crop is not None else "pixels"
+    return cache_dir / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}-{size}.npz"
 
 
-def decode_images(root, paths: list[str], size: int, cache_dir=None, progress: bool = True):
-    """Decode ``paths`` (relative to ``root``) at ``size`` once; return (images, kept, errors).
-
-    With ``cache_dir``, decoded pixels are kept in ``<cache_dir>/pixels-<root>-<size>.npz`` (keyed
-    by path, file size and mtime) so that later runs skip decoding.
-    """
-    root = Path(root)
-    cached: dict[str, tuple[int, int, np.ndarray]] = {}
-    cfile = _cache_file(Path(cache_dir), root, size) if cache_dir else None
-    if cfile and cfile.exists():
-        try:
-            with np.load(cfile, allow_pickle=False) as z:
-                for p, s, m, img in zip(z["paths"], z["sizes"], z["mtimes"], z["images"], strict=True):
-                    cached[str(p)] = (int(s), int(m), img)
-        except Exception:  # a corrupt cache is rebuilt
-            cached = {}
-    out = [None] * len(paths)
-    todo = []
-    for i, rel in enumerate(paths):
-        try:
-            st = (root / rel).stat()
-        except OSError:
-            todo.append(i)
-            continue
-        hit = cached.get(rel)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            out[i] = hit[2].astype(np.float32)
-        else:
-            todo.append(i)
-    errors: list[images.ImageError] = []
-    if todo:
-        log(f"decoding {len(todo)} images at {size}x{size} ({len(paths) - len(todo)} cached)")
-        chunks = [todo[k : k + 16] for k in range(0, len(todo), 16)]
-
-        def work(chunk):
-            return chunk, images.load_many([root / paths[i] for i in chunk], size)
-
-        pbar = None
-        if progress:
-            from tqdm import tqdm
-
-            pbar = tqdm(total=len(todo), desc="decoding", unit="img", file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for chunk, (imgs, kept, errs) in pool.map(work, chunks):
-                for j, k in enumerate(kept):
-                    out[chunk[k]] = imgs[j]
-                errors.extend(errs)
-                if pbar:
-                    pbar.update(len(chunk))
-        if pbar:
-            pbar.close()
-        if cfile:
-            for i in todo:
-                if out[i] is not None:
-                    st = (root / paths[i]).stat()
-                    cached[paths[i]] = (st.st_size, st.st_mtime_ns, out[i])
-            _write_cache(cfile, cached)
-    kept = [i for i, a in enumerate(out) if a is not None]
-    arr = np.stack([out[i] for i in kept]).astype(np.float32) if kept else np.zeros((0, size, size), np.float32)
-    return arr, kept, errors
+def _read_cache(cfile: Path | None) -> dict:
+    if not cfile or not cfile.exists():
+        return {}
+    try:
+        with np.load(cfile, allow_pickle=False) as z:
+            return {
+                str(p): (int(s), int(m), img, box, bool(fb))
+                for p, s, m, img, box, fb in zip(
+                    z["paths"], z["sizes"], z["mtimes"], z["images"], z["boxes"], z["fell_back"], strict=True
+                )
+            }
+    except Exception:  # a corrupt or old-format cache is rebuilt
+        return {}
 
 
 def _write_cache(cfile: Path, cached: dict) -> None:
@@ -218,8 +205,81 @@ def _write_cache(cfile: Path, cached: dict) -> None:
         sizes=np.array([cached[k][0] for k in keys], np.int64),
         mtimes=np.array([cached[k][1] for k in keys], np.int64),
         images=np.stack([cached[k][2].astype(np.float32) for k in keys]),
+        boxes=np.stack([np.asarray(cached[k][3], np.float64) for k in keys]),
+        fell_back=np.array([cached[k][4] for k in keys], bool),
     )
     os.replace(tmp, cfile)
+
+
+def _prepare_chunk(root: Path, rels: list[str], size: int, lung_crop: dict | None):
+    """Decode and prepare a few films; bad files become ImageErrors (reported, skipped)."""
+    films, ok, errors = [], [], []
+    for j, rel in enumerate(rels):
+        try:
+            films.append(images.decode(root / rel))
+            ok.append(j)
+        except images.ImageError as err:
+            errors.append(err)
+    x, boxes, fell_back = inputs.prepare(films, size, lung_crop)
+    return ok, x, boxes, fell_back, errors
+
+
+def prepare_images(root, paths: list[str], size: int, lung_crop: dict | None = None, cache_dir=None,
+                   progress: bool = True):
+    """Decode and prepare ``paths`` (relative to ``root``) once, through :func:`core.inputs.prepare`.
+
+    Returns ``(x (n_ok, size, size), boxes (n_ok, 4), fell_back (n_ok,), kept, errors)``: ``kept``
+    are the indices of the paths that loaded, ``errors`` one ImageError per path that did not.
+    With ``cache_dir`` the prepared films are kept in an .npz there (keyed by path, file size and
+    mtime, the crop settings and the lung model's sha256), so that later runs skip this step.
+    """
+    root = Path(root)
+    cfile = _cache_file(Path(cache_dir), root, size, lung_crop) if cache_dir else None
+    cached = _read_cache(cfile)
+    out: list = [None] * len(paths)
+    todo = []
+    for i, rel in enumerate(paths):
+        try:
+            st = (root / rel).stat()
+        except OSError:
+            todo.append(i)
+            continue
+        hit = cached.get(rel)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            out[i] = hit[2:]
+        else:
+            todo.append(i)
+    errors: list[images.ImageError] = []
+    if todo:
+        log(f"preparing {len(todo)} films at {size}x{size}{' (lung crop)' if lung_crop is not None else ''} "
+            f"({len(paths) - len(todo)} cached)")
+        chunks = [todo[k : k + 16] for k in range(0, len(todo), 16)]
+        pbar = None
+        if progress:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=len(todo), desc="preparing", unit="img", file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            jobs = pool.map(lambda c: (c, _prepare_chunk(root, [paths[i] for i in c], size, lung_crop)), chunks)
+            for chunk, (ok, x, boxes, fb, errs) in jobs:
+                for j, k in enumerate(ok):
+                    out[chunk[k]] = (x[j], boxes[j], bool(fb[j]))
+                errors.extend(errs)
+                if pbar:
+                    pbar.update(len(chunk))
+        if pbar:
+            pbar.close()
+        if cfile:
+            for i in todo:
+                if out[i] is not None:
+                    st = (root / paths[i]).stat()
+                    cached[paths[i]] = (st.st_size, st.st_mtime_ns, *out[i])
+            _write_cache(cfile, cached)
+    kept = [i for i, o in enumerate(out) if o is not None]
+    x = np.stack([out[i][0] for i in kept]).astype(np.float32) if kept else np.zeros((0, size, size), np.float32)
+    boxes = np.stack([out[i][1] for i in kept]) if kept else np.zeros((0, 4))
+    fell_back = np.array([out[i][2] for i in kept], bool)
+    return x, boxes, fell_back, kept, errors
 
 
 def subset(table: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
@@ -261,76 +321,173 @@ def sample_weights(table: pd.DataFrame, classes: tuple[str, ...], balance: str) 
     return (w * n / w.sum()).astype(np.float32)
 
 
-def _augment_fn(params: dict, size: int, hflip: bool, seed: int):
+def prepare_table(cfg: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(development + test table with a ``fold`` column, external table) for a config.
+
+    The split (dev/test by patient), the held-out source, the ``--limit`` subset, class indices
+    and the cross-validation folds of the development set (``fold`` -1 on test rows).
+    """
+    from core import splits
+
+    table = splits.prepare(root, seed=cfg["split_seed"], split_file=cfg.get("split_file"),
+                           fractions=SPLIT_FRACTIONS).copy()
+    hold = cfg.get("holdout_source")
+    if hold:
+        if hold not in set(table["source"]):
+            raise ValueError(f"holdout source {hold!r} not in the data; sources: {sorted(set(table['source']))}")
+        external = table[table["source"] == hold].copy()
+        external["split"] = "external"
+        table = table[table["source"] != hold].copy()
+    else:
+        external = table.iloc[:0].copy()
+    # a split file made with a validation split: its val images join the development set
+    table.loc[table["split"] == "val", "split"] = "train"
+    table = subset(table, cfg.get("limit"), cfg["split_seed"])
+    external = subset(external, cfg.get("limit"), cfg["split_seed"])
+    classes = config.classes(cfg["task"])
+    for t in (table, external):
+        t["class"] = [config.label_to_class(lab, cfg["task"]) for lab in t["label"]]
+        t["y"] = np.array([classes.index(c) for c in t["class"]], dtype=np.int64)
+    table = table.reset_index(drop=True)
+    table["fold"] = splits.assign_folds(table, int(cfg["folds"]), int(cfg["split_seed"]))
+    external["fold"] = -1
+    return table, external.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _affine(x, u, p: dict, size: int, hflip: bool):
+    """Random resized crop, rotation, shift and (optionally) horizontal flip, one transform per image."""
     import tensorflow as tf
 
-    rot = math.radians(params["rot"])
-    zoom, shift = params["zoom"], params["shift"]
-    bright, contrast, gamma, lowres = params["bright"], params["contrast"], params["gamma"], params["lowres"]
+    b = tf.shape(x)[0]
     c = (size - 1) / 2.0
+    th = u(0, -math.radians(p["rot"]), math.radians(p["rot"]))
+    # Random resized crop: keep a share s of the side (zoom in by 1/s), aspect jittered by +-10%.
+    s = u(1, p["scale"][0], p["scale"][1])
+    aspect = tf.exp(u(10, -0.1, 0.1)) if p["scale"][0] < 1.0 else tf.ones([b])
+    sx, sy = s * tf.sqrt(aspect), s / tf.sqrt(aspect)
+    tx, ty = u(2, -p["shift"], p["shift"]) * size, u(3, -p["shift"], p["shift"]) * size
+    flip = tf.where(u(4, 0.0, 1.0) < 0.5, -1.0, 1.0) if hflip else tf.ones([b])
+    cos, sin = tf.cos(th), tf.sin(th)
+    # output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2)
+    a0, a1, b0, b1 = cos * sx * flip, -sin * sx, sin * sy * flip, cos * sy
+    a2 = c - a0 * c - a1 * c + tx
+    b2 = c - b0 * c - b1 * c + ty
+    zeros = tf.zeros([b])
+    t = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=t, output_shape=tf.constant([size, size]), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT",
+    )
+
+
+def _intensity(x, u, p: dict):
+    """Gamma and a random intensity window: non-linear grey-level changes a standardisation keeps."""
+    import tensorflow as tf
+
+    v = tf.clip_by_value(x / 255.0, 0.0, 1.0)
+    if p["window"]:
+        lo = tf.reshape(u(5, 0.0, p["window"]), [-1, 1, 1, 1])
+        hi = tf.reshape(u(6, 1.0 - p["window"], 1.0), [-1, 1, 1, 1])
+        v = tf.clip_by_value((v - lo) / (hi - lo), 0.0, 1.0)
+    if p["gamma"]:
+        g = tf.reshape(tf.exp(u(7, -p["gamma"], p["gamma"])), [-1, 1, 1, 1])
+        v = tf.pow(v + 1e-6, g)
+    return v * 255.0
+
+
+def _jpeg(x, u, prob: float):
+    """Re-encode a share ``prob`` of the images as JPEG at a random quality (30-90)."""
+    import tensorflow as tf
+
+    q = tf.cast(tf.round(u(8, 30.0, 90.0)), tf.int32)
+    pick = u(9, 0.0, 1.0) < prob
+
+    def one(args):
+        img, quality, do = args
+        enc = tf.image.adjust_jpeg_quality(tf.clip_by_value(img / 255.0, 0.0, 1.0), quality) * 255.0
+        return tf.where(do, enc, img)
+
+    return tf.map_fn(one, (x, q, pick), fn_output_signature=tf.float32)
+
+
+def _cutout(x, u, prob: float, size: int):
+    """Blank one random rectangle (up to a third of each side) to the image mean, in a share of the images."""
+    import tensorflow as tf
+
+    yy = tf.reshape(tf.range(size, dtype=tf.float32), [1, size, 1, 1])
+    xx = tf.reshape(tf.range(size, dtype=tf.float32), [1, 1, size, 1])
+
+    def r(i, lo, hi):
+        return tf.reshape(u(i, lo, hi), [-1, 1, 1, 1])
+
+    h, w = r(11, 0.1, 0.33) * size, r(12, 0.1, 0.33) * size
+    cy, cx = r(13, 0.0, 1.0) * size, r(14, 0.0, 1.0) * size
+    inside = (tf.abs(yy - cy) < h / 2) & (tf.abs(xx - cx) < w / 2) & (r(15, 0.0, 1.0) < prob)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    return tf.where(inside, mean, x)
+
+
+def _augment_fn(params: dict, size: int, hflip: bool, seed: int):
+    """A batch map ``(step, x, y, w) -> (x', y, w)``; stateless: the same seed and step give the same batch."""
+    import tensorflow as tf
+
+    p = {**AUGMENT["none"], **params}
+    p["scale"] = tuple(p["scale"])
 
     def fn(step, x, y, w):
         b = tf.shape(x)[0]
-        base = tf.cast(step, tf.int64) * 16
+        base = tf.cast(step, tf.int64) * 32
 
         def u(i, lo, hi, shape=None):
             s = tf.stack([tf.constant(seed, tf.int64), base + i])
             return tf.random.stateless_uniform(shape if shape is not None else [b], seed=s, minval=lo, maxval=hi)
 
-        if rot or zoom or shift or hflip:
-            th = u(0, -rot, rot)
-            z = u(1, 1.0 - zoom, 1.0 + zoom)
-            tx, ty = u(2, -shift, shift) * size, u(3, -shift, shift) * size
-            flip = tf.where(u(4, 0.0, 1.0) < 0.5, -1.0, 1.0) if hflip else tf.ones([b])
-            cos, sin = tf.cos(th) / z, tf.sin(th) / z
-            a0, a1, b0, b1 = cos * flip, -sin, sin * flip, cos
-            a2 = c - a0 * c - a1 * c + tx
-            b2 = c - b0 * c - b1 * c + ty
-            zeros = tf.zeros([b])
-            t = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-            x = tf.raw_ops.ImageProjectiveTransformV3(
-                images=x,
-                transforms=t,
-                output_shape=tf.constant([size, size]),
-                fill_value=0.0,
-                interpolation="BILINEAR",
-                fill_mode="REFLECT",
-            )
-        if lowres:
+        if p["rot"] or p["scale"] != (1.0, 1.0) or p["shift"] or hflip:
+            x = _affine(x, u, p, size, hflip)
+        if p["lowres"]:
             # Sources differ in resolution: sometimes train on a blurred (down- then up-scaled) copy.
-            f = u(5, 0.35, 0.8, shape=[])
+            f = u(16, 0.35, 0.8, shape=[])
             small = tf.cast(tf.round(f * size), tf.int32)
             lo = tf.image.resize(tf.image.resize(x, [small, small], antialias=True), [size, size])
-            pick = tf.reshape(tf.cast(u(6, 0.0, 1.0) < lowres, tf.float32), [-1, 1, 1, 1])
+            pick = tf.reshape(tf.cast(u(17, 0.0, 1.0) < p["lowres"], tf.float32), [-1, 1, 1, 1])
             x = pick * lo + (1.0 - pick) * x
-        if bright or contrast or gamma:
-            v = tf.clip_by_value(x / 255.0, 0.0, 1.0)
-            g = tf.reshape(tf.exp(u(7, -gamma, gamma)), [-1, 1, 1, 1])
-            v = tf.pow(v + 1e-6, g)
-            m = tf.reduce_mean(v, axis=[1, 2, 3], keepdims=True)
-            k = tf.reshape(u(8, 1.0 - contrast, 1.0 + contrast), [-1, 1, 1, 1])
-            d = tf.reshape(u(9, -bright, bright), [-1, 1, 1, 1])
-            x = tf.clip_by_value((v - m) * k + m + d, 0.0, 1.0) * 255.0
-        return x, y, w
+        if p["window"] or p["gamma"]:
+            x = _intensity(x, u, p)
+        if p["jpeg"]:
+            x = _jpeg(x, u, p["jpeg"])
+        if p["noise"]:
+            sd = tf.reshape(u(18, 0.0, p["noise"] * 255.0), [-1, 1, 1, 1])
+            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([tf.constant(seed, tf.int64), base + 19]))
+            x = x + sd * noise
+        if p["cutout"]:
+            x = _cutout(x, u, p["cutout"], size)
+        return tf.clip_by_value(x, 0.0, 255.0), y, w
 
     return fn
 
 
 def make_dataset(x, y, w, batch_size: int, seed: int, augment: str | dict = "default", hflip: bool = False):
-    """An endless, shuffled, augmented, prefetched tf.data pipeline over in-memory images."""
+    """An endless, shuffled, augmented, prefetched tf.data pipeline over in-memory images.
+
+    ``y`` and ``w`` may be arrays or dicts of arrays keyed by output name (class and source heads).
+    """
     import tensorflow as tf
 
     params = AUGMENT[augment] if isinstance(augment, str) else dict(augment)
     size = x.shape[1]
-    ds = tf.data.Dataset.from_tensor_slices((x[..., None].astype(np.float32), y.astype(np.float32), w)).cache()
+
+    def f32(v):
+        return {k: np.asarray(a, np.float32) for k, a in v.items()} if isinstance(v, dict) else np.asarray(v, np.float32)
+
+    ds = tf.data.Dataset.from_tensor_slices((x[..., None].astype(np.float32), f32(y), f32(w))).cache()
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).map(
-        lambda i, b: _augment_fn(params, size, hflip, seed)(i, *b), num_parallel_calls=1
-    )
+    fn = _augment_fn(params, size, hflip, seed)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).map(lambda i, b: fn(i, *b), num_parallel_calls=1)
     return ds.prefetch(2)
 
 
-# ----------------------------------------------------------------------------- evaluation helpers
+# ----------------------------------------------------------------------------- scores and calibration
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -340,23 +497,16 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def val_scores(table: pd.DataFrame, probs: np.ndarray) -> dict:
-    """val_auc (covid vs rest), val_ws_auc (mean within-source AUC), val_score, val_loss."""
+    """val_auc (covid vs rest), val_ws_auc (mean within-source AUC) and val_loss of held-out images."""
     y = (table["class"].to_numpy() == "covid").astype(int)
     p = probs[:, config.COVID_INDEX]
-    auc = _auc(y, p)
     ws = []
     for _, g in table.assign(_y=y, _p=p).groupby("source"):
         if g["_y"].nunique() == 2:
             ws.append(_auc(g["_y"].to_numpy(), g["_p"].to_numpy()))
-    ws_auc = float(np.mean(ws)) if ws else float("nan")
-    onehot = _onehot(table, probs.shape[1])
+    onehot = np.eye(probs.shape[1], dtype=np.float32)[table["y"].to_numpy()]
     loss = float(-np.mean(np.sum(onehot * np.log(np.clip(probs, 1e-7, 1.0)), axis=1)))
-    score = np.nanmean([auc, ws_auc]) if not (np.isnan(auc) and np.isnan(ws_auc)) else float("nan")
-    return {"val_auc": auc, "val_ws_auc": ws_auc, "val_score": float(score), "val_loss": loss}
-
-
-def _onehot(table: pd.DataFrame, n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)[table["y"].to_numpy()]
+    return {"val_auc": _auc(y, p), "val_ws_auc": float(np.mean(ws)) if ws else float("nan"), "val_loss": loss}
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -416,13 +566,23 @@ def with_calibration(model, params: dict):
     return keras.Model(model.input, probs, name=model.name)
 
 
-def _calibrate(model, x_val: np.ndarray, y_val: np.ndarray, method: str):
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    """The pre-calibration logits of ``model`` (its ``logits`` layer) for raw images (n, H, W)."""
     import keras
 
-    logit_model = keras.Model(model.input, model.get_layer("logits").output)
-    logits = logit_model.predict(x_val[..., None], batch_size=64, verbose=0)
-    params = calibration_params(logits, y_val, method)
-    return with_calibration(model, params), params
+    from core import model as model_lib
+
+    return model_lib.probabilities(keras.Model(model.input, model.get_layer("logits").output), x, batch_size=64)
+
+
+def apply_calibration(logits: np.ndarray, params: dict) -> np.ndarray:
+    """Probabilities from logits through a fitted calibration (as the model's ``calibration`` layer does)."""
+    z = np.asarray(logits, np.float64)
+    if params.get("method", "none") != "none":
+        z = z @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _calibration_method(cfg: dict) -> str:
@@ -432,7 +592,7 @@ def _calibration_method(cfg: dict) -> str:
     return str(c) if c else "none"
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- networks
 def _setup_tf(seed: int, logical_cpus: int | None):
     import tensorflow as tf
 
@@ -447,10 +607,7 @@ def _setup_tf(seed: int, logical_cpus: int | None):
     import keras
 
     keras.utils.set_random_seed(seed)
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except Exception:  # older TF
-        pass
+    tf.config.experimental.enable_op_determinism()
 
 
 def _strategy(name: str | None):
@@ -466,8 +623,7 @@ def _strategy(name: str | None):
 
 
 def _model_kwargs(cfg: dict) -> dict:
-    kw = {k: cfg[k] for k in ("crop", "contrast", "width", "dropout") if cfg.get(k) is not None}
-    return kw
+    return {k: cfg[k] for k in ("crop", "contrast", "width", "dropout") if cfg.get(k) is not None}
 
 
 def _load_lung_model(path):
@@ -479,222 +635,371 @@ def _load_lung_model(path):
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-def prepare_table(cfg: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table with train/val/test, external table) for a config: split, holdout, subset, classes."""
-    from core import splits
+@functools.lru_cache(maxsize=1)
+def _gradient_reversal():
+    """The identity going forward, -lambda times the gradient going back (Ganin & Lempitsky 2015).
 
-    table = splits.prepare(root, seed=cfg["split_seed"], split_file=cfg.get("split_file"))
-    table = table.copy()
-    hold = cfg.get("holdout_source")
-    if hold:
-        if hold not in set(table["source"]):
-            raise ValueError(f"holdout source {hold!r} not in the data; sources: {sorted(set(table['source']))}")
-        external = table[table["source"] == hold].copy()
-        external["split"] = "external"
-        table = table[table["source"] != hold].copy()
-    else:
-        external = table.iloc[:0].copy()
-    table = subset(table, cfg.get("limit"), cfg["split_seed"])
-    external = subset(external, cfg.get("limit"), cfg["split_seed"])
-    classes = config.classes(cfg["task"])
-    for t in (table, external):
-        t["class"] = [config.label_to_class(lab, cfg["task"]) for lab in t["label"]]
-        t["y"] = np.array([classes.index(c) for c in t["class"]], dtype=np.int64)
-    return table.reset_index(drop=True), external.reset_index(drop=True)
-
-
-def _epoch_callback(run: Path, ckpt: Path, val_table, x_val, monitor: str, patience: int, state: dict, verbose: int):
+    ``stop_gradient(x) * (1 + lam) - lam * x`` equals x, and its gradient with respect to x is
+    ``-lam``; ``lam`` is a non-trainable weight that the training loop ramps up from 0.
+    """
     import keras
 
-    mode_max = monitor != "val_loss"
+    @keras.saving.register_keras_serializable(package="cxr_train")
+    class GradientReversal(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.lam = self.add_weight(shape=(), initializer="zeros", trainable=False, name="lam")
 
-    class EpochEnd(keras.callbacks.Callback):
-        """Validation scores, history.csv, best weights, last checkpoint, early stopping."""
+        def call(self, x):
+            ops = keras.ops
+            return ops.stop_gradient(x) * (1.0 + self.lam) - self.lam * x
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs if logs is not None else {}
-            probs = self.model.predict(x_val[..., None], batch_size=64, verbose=0)
-            scores = val_scores(val_table, probs)
-            logs.update(scores)
-            row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-            state["history"].append(row)
-            value = scores[monitor]
-            better = (
-                state["best"] is None
-                or (not np.isnan(value) and (value > state["best"] if mode_max else value < state["best"]))
-            )
-            if better:
-                state["best"], state["best_epoch"] = float(value), epoch + 1
-                self.model.save_weights(ckpt / "best.weights.h5")
-            state["epoch"] = epoch + 1
-            runs.write_csv(run / "history.csv", pd.DataFrame(state["history"]))
-            runs.atomic_save_model(self.model, ckpt / "last.keras")
-            runs.write_json(ckpt / "state.json", state)
-            if verbose:
-                log(
-                    f"epoch {epoch + 1}: val_auc {scores['val_auc']:.3f} val_ws_auc {scores['val_ws_auc']:.3f} "
-                    f"val_loss {scores['val_loss']:.3f} (best {monitor} {state['best']:.3f} at {state['best_epoch']})"
-                )
-            if epoch + 1 - state["best_epoch"] >= patience:
-                log(f"early stopping: no {monitor} improvement for {patience} epochs")
-                self.model.stop_training = True
-
-    return EpochEnd()
+    return GradientReversal
 
 
-def train(cfg: dict | None = None, **kw) -> Path:
-    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder."""
-    cfg = {**DEFAULTS, **(cfg or {}), **kw}
-    resume = cfg.get("resume")
-    state = {"epoch": 0, "best": None, "best_epoch": 0, "history": []}
-    if resume:
-        run = runs.resolve_run(resume)
-        ckpt = run / "checkpoint"
-        if not (ckpt / "last.keras").is_file():
-            raise runs.RunError(f"run {run.name!r} ({run}) has no checkpoint/last.keras to resume from.")
-        saved = json.loads((ckpt / "train_config.json").read_text())
-        saved.update({k: cfg[k] for k in ("epochs", "verbose", "evaluate") if k in kw})
-        cfg = {**saved, "resume": str(run)}
-        state = json.loads((ckpt / "state.json").read_text())
-    if cfg["monitor"] not in MONITORS:
-        raise ValueError(f"unknown monitor {cfg['monitor']!r}; choose one of {MONITORS}")
-    if isinstance(cfg["augment"], str) and cfg["augment"] not in AUGMENT:
-        raise ValueError(f"unknown augment {cfg['augment']!r}; choose one of {sorted(AUGMENT)}")
-    config.classes(cfg["task"])  # validates the task
+@functools.cache
+def _source_loss(n_classes: int, n_sources: int):
+    """Cross-entropy of the source among the sources of the image's own class.
 
-    _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
+    The head has one block of ``n_sources`` logits per class; ``y_true`` is one-hot over
+    (class, source) pairs, so only the block of the true class is scored: the head learns where
+    an image came from *given its label*, which is the part of the source that is a shortcut.
+    """
+    import keras
+
+    @keras.saving.register_keras_serializable(package="cxr_train", name=f"source_ce_{n_classes}x{n_sources}")
+    def source_ce(y_true, y_pred):
+        ops = keras.ops
+        t = ops.reshape(y_true, (-1, n_classes, n_sources))
+        z = ops.reshape(y_pred, (-1, n_classes, n_sources))
+        in_class = ops.sum(t, axis=2, keepdims=True)
+        return keras.losses.categorical_crossentropy(ops.sum(t, axis=1), ops.sum(z * in_class, axis=1),
+                                                     from_logits=True)
+
+    return source_ce
+
+
+def build_net(cfg: dict, size: int):
+    """The inference network of a config (preset or backbone; optional lung gate)."""
+    from core import model as model_lib
+
+    kwargs = _model_kwargs(cfg) if cfg["preset"] == "default" and not cfg.get("backbone") else {}
+    if cfg.get("lung_mask"):
+        kwargs["lung_model"] = _load_lung_model(cfg["lung_mask"])
+    if cfg.get("backbone"):
+        return model_lib.backbone(cfg["backbone"], cfg["task"], size, weights=cfg.get("weights") or "none")
+    return model_lib.build(cfg["preset"], cfg["task"], size, **kwargs)
+
+
+def build_member(cfg: dict, size: int, sources: list[str], steps_total: int):
+    """(training model, inference network) of one member, compiled.
+
+    With ``adversarial`` > 0 and more than one training source, the training model has a second
+    output ``source`` (class-conditional source head behind gradient reversal on ``gap``); the
+    inference network shares its layers and has no source head.
+    """
+    import keras
+
+    net = build_net(cfg, size)
+    classes = config.classes(cfg["task"])
+    schedule = keras.optimizers.schedules.CosineDecay(float(cfg["lr"]), max(1, steps_total), alpha=0.05)
+    adv = float(cfg.get("adversarial") or 0.0)
+    if adv > 0 and len(sources) > 1:
+        feats = _gradient_reversal()(name="grl")(net.get_layer("gap").output)
+        h = keras.layers.Dense(64, activation="relu", name="source_hidden")(feats)
+        src = keras.layers.Dense(len(classes) * len(sources), name="source")(h)
+        model = keras.Model(net.input, {"probs": net.output, "source": src}, name="cxr_adversarial")
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss={"probs": keras.losses.CategoricalCrossentropy(), "source": _source_loss(len(classes), len(sources))},
+            metrics={"probs": [keras.metrics.CategoricalAccuracy(name="accuracy")]},
+        )
+        return model, net
+    net.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    return net, net
+
+
+def _targets(table: pd.DataFrame, n_classes: int, sources: list[str], adversarial: bool):
+    """Keras targets of a training table: one-hot classes, and (class, source) pairs for the source head."""
+    y = np.eye(n_classes, dtype=np.float32)[table["y"].to_numpy()]
+    if not adversarial:
+        return y
+    s = np.array([sources.index(v) for v in table["source"]])
+    pair = np.zeros((len(table), n_classes * len(sources)), np.float32)
+    pair[np.arange(len(table)), table["y"].to_numpy() * len(sources) + s] = 1.0
+    return {"probs": y, "source": pair}
+
+
+def _source_accuracy(model, x: np.ndarray, table: pd.DataFrame, n_classes: int, sources: list[str]) -> float:
+    """Balanced accuracy of the source head on held-out images, within their class (chance = 1 / sources)."""
+    import tensorflow as tf
+
+    z = np.asarray(model(tf.constant(x[..., None]), training=False)["source"]).reshape(-1, n_classes, len(sources))
+    pred = z[np.arange(len(table)), table["y"].to_numpy()].argmax(axis=1)
+    true = np.array([sources.index(v) for v in table["source"]])
+    per = [float((pred[true == s] == s).mean()) for s in np.unique(true)]
+    return float(np.mean(per)) if per else float("nan")
+
+
+# ----------------------------------------------------------------------------- training one member
+def _ramp(adversarial: float, epoch: int, epochs: int) -> float:
+    """Gradient-reversal weight at an epoch: 0 at the start, rising to ``adversarial`` (DANN schedule)."""
+    p = epoch / max(1, epochs)
+    return float(adversarial * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0))
+
+
+def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net, sources, state: dict,
+                    cfg: dict):
     import keras
 
     from core import model as model_lib
 
-    root = config.data_dir(cfg["data"])
-    runs_root = config.runs_dir(cfg["runs"])
-    cfg["data"] = str(root)
-    table, external = prepare_table(cfg, root)
+    n_classes = len(config.classes(cfg["task"]))
+    adv = float(cfg.get("adversarial") or 0.0)
+
+    class EpochEnd(keras.callbacks.Callback):
+        """Held-out fold scores, history.csv, a checkpoint every epoch, the adversarial ramp."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.model is not net:
+                self.model.get_layer("grl").lam.assign(_ramp(adv, epoch, int(cfg["epochs"])))
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            row = {"member": member, "epoch": epoch + 1}
+            row.update({k.replace("probs_", ""): float(v) for k, v in logs.items()})
+            if len(fold_table):
+                row.update(val_scores(fold_table, model_lib.probabilities(net, x_fold, batch_size=64)))
+                if self.model is not net:
+                    row["val_source_acc"] = _source_accuracy(self.model, x_fold, fold_table, n_classes, sources)
+                    row["grl_lambda"] = float(np.asarray(self.model.get_layer("grl").lam))
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            runs.write_csv(run / "history.csv", pd.DataFrame(state["history"]))
+            runs.atomic_save_model(self.model, ckpt / "last.keras")
+            runs.write_json(ckpt / "state.json", state)
+            if cfg["verbose"]:
+                log(f"member {member} epoch {epoch + 1}: " + " ".join(
+                    f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_") and np.isfinite(v)))
+
+    return EpochEnd()
+
+
+def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state: dict, strategy):
+    """Train member ``member`` on every development fold but its own; return its inference network.
+
+    Resumes from ``checkpoint/last.keras`` when ``state`` says this member was under way.
+    """
+    import keras
+
+    dev, x_dev = data["dev"], data["x_dev"]
+    own = (dev["fold"] == member).to_numpy()
+    tr, fold = dev[~own].reset_index(drop=True), dev[own].reset_index(drop=True)
+    sources = sorted(set(tr["source"]))
     classes = config.classes(cfg["task"])
-    cache_dir = runs_root / ".cache" if cfg.get("cache") else None
+    batch, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
+    steps = max(1, math.ceil(len(tr) / batch))
+    seed = int(cfg["seed"]) + 1000 * member
+    keras.utils.set_random_seed(seed)
+    with strategy.scope():
+        if state["epoch"]:  # resume this member: weights, optimizer state and schedule from the checkpoint
+            _gradient_reversal(), _source_loss(len(classes), len(sources))  # registered before loading
+            model = keras.saving.load_model(ckpt / "last.keras", safe_mode=True)
+            net = model if not isinstance(model.output, dict) else keras.Model(
+                model.input, model.get_layer("probs").output, name="cxr_member")
+        else:
+            model, net = build_member(cfg, int(cfg["size"]), sources, steps * epochs)
+    adversarial = model is not net
+    y = _targets(tr, len(classes), sources, adversarial)
+    w = sample_weights(tr, classes, cfg["balance"])
+    ds = make_dataset(x_dev[~own], y, {"probs": w, "source": w} if adversarial else w, batch, seed,
+                      cfg["augment"], bool(cfg["hflip"]))
+    if state["epoch"]:
+        ds = ds.skip(state["epoch"] * steps)
+    cb = _epoch_callback(run, ckpt, member, fold, x_dev[own], net, sources, state, cfg)
+    if state["epoch"] < epochs:
+        model.fit(ds, epochs=epochs, initial_epoch=int(state["epoch"]), steps_per_epoch=steps, callbacks=[cb],
+                  verbose=1 if cfg["verbose"] else 0)
+    return net
 
+
+# ----------------------------------------------------------------------------- the whole recipe
+def _start(cfg: dict, kw: dict) -> tuple[dict, dict, Path | None]:
+    """(config, state, run folder or None) for a fresh run or one resumed from its checkpoint."""
+    state = {"member": 0, "epoch": 0, "history": [], "done": []}
+    resume = cfg.get("resume")
     if not resume:
-        run = runs.new_run(runs_root, cfg["name"])
-        ckpt = run / "checkpoint"
-        ckpt.mkdir()
-        runs.write_json(ckpt / "train_config.json", cfg)
-    from core import splits
+        return cfg, state, None
+    run = runs.resolve_run(resume)
+    ckpt = run / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise runs.RunError(f"run {run.name!r} ({run}) has no checkpoint to resume from.")
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    saved.update({k: cfg[k] for k in ("epochs", "verbose", "evaluate") if k in kw})
+    state = {**state, **json.loads((ckpt / "state.json").read_text())}
+    return {**saved, "resume": str(run)}, state, run
 
-    splits.save_split(table, run / "split.csv")
 
-    size = int(cfg["size"])
-    t0 = time.time()
+def _check(cfg: dict) -> None:
+    if isinstance(cfg["augment"], str) and cfg["augment"] not in AUGMENT:
+        raise ValueError(f"unknown augment {cfg['augment']!r}; choose one of {sorted(AUGMENT)}")
+    config.classes(cfg["task"])  # validates the task
+    folds, members = int(cfg["folds"]), int(cfg["members"])
+    if folds < 2 or not 1 <= members <= folds:
+        raise ValueError(f"need folds >= 2 and 1 <= members <= folds (got folds {folds}, members {members})")
+
+
+def _load_data(cfg: dict, root: Path, cache_dir: Path | None) -> dict:
+    """The tables and prepared pixels of a run: ``dev``/``x_dev`` (with folds), ``rest``/``x_rest`` (test, external)."""
+    table, external = prepare_table(cfg, root)
     both = pd.concat([table, external], ignore_index=True)
-    pix, kept, errors = decode_images(root, both["path"].tolist(), size, cache_dir, progress=cfg["verbose"] > 0)
+    t0 = time.time()
+    x, boxes, fell_back, kept, errors = prepare_images(
+        root, both["path"].tolist(), int(cfg["size"]), inputs.settings(cfg), cache_dir, progress=cfg["verbose"] > 0)
     for err in errors:
         log(f"skipped {err}")
     both = both.iloc[kept].reset_index(drop=True)
-    both["y"] = both["y"].astype(np.int64)
-    decode_s = time.time() - t0
-    is_train = (both["split"] == "train").to_numpy()
-    is_val = (both["split"] == "val").to_numpy()
-    tr, va = both[is_train].reset_index(drop=True), both[is_val].reset_index(drop=True)
-    x_tr, x_va = pix[is_train], pix[is_val]
-    if len(tr) == 0 or len(va) == 0:
-        raise ValueError("the split has no training or no validation images")
-    y_tr = np.eye(len(classes), dtype=np.float32)[tr["y"].to_numpy()]
-    w_tr = sample_weights(tr, classes, cfg["balance"])
-    log(
-        f"train {len(tr)} ({dict(tr['class'].value_counts())}), val {len(va)}, "
-        f"test {int((both['split'] == 'test').sum())}, external {int((both['split'] == 'external').sum())}"
-    )
+    both[["box_y0", "box_x0", "box_y1", "box_x1"]] = boxes
+    both["crop_fell_back"] = fell_back
+    is_dev = (both["split"] == "train").to_numpy()
+    dev, rest = both[is_dev].reset_index(drop=True), both[~is_dev].reset_index(drop=True)
+    if len(dev) == 0:
+        raise ValueError("the split has no development (training) images")
+    return {"dev": dev, "x_dev": x[is_dev], "rest": rest, "x_rest": x[~is_dev], "errors": errors,
+            "prepare_seconds": time.time() - t0}
 
-    strategy = _strategy(cfg.get("strategy"))
-    lung = cfg.get("lung_mask")
-    with strategy.scope():
-        if resume:
-            model = keras.saving.load_model(ckpt / "last.keras", safe_mode=True)
-        else:
-            kwargs = _model_kwargs(cfg) if cfg["preset"] == "default" else {}
-            if lung:
-                kwargs["lung_model"] = _load_lung_model(lung)
-            model = model_lib.build(cfg["preset"], cfg["task"], size, **kwargs)
-            steps_total = max(1, math.ceil(len(tr) / int(cfg["batch_size"]))) * int(cfg["epochs"])
-            schedule = keras.optimizers.schedules.CosineDecay(float(cfg["lr"]), steps_total, alpha=0.05)
-            model.compile(
-                optimizer=keras.optimizers.Adam(schedule),
-                loss=keras.losses.CategoricalCrossentropy(),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-            )
-    batch = int(cfg["batch_size"])
-    steps = max(1, math.ceil(len(tr) / batch))
-    ds = make_dataset(x_tr, y_tr, w_tr, batch, int(cfg["seed"]), cfg["augment"], bool(cfg["hflip"]))
-    if state["epoch"]:
-        ds = ds.skip(state["epoch"] * steps)
-    cb = _epoch_callback(run, ckpt, va, x_va, cfg["monitor"], int(cfg["patience"]), state, cfg["verbose"])
-    t1 = time.time()
-    if state["epoch"] < int(cfg["epochs"]) and not _stopped(state, cfg):
-        model.fit(
-            ds,
-            epochs=int(cfg["epochs"]),
-            initial_epoch=int(state["epoch"]),
-            steps_per_epoch=steps,
-            callbacks=[cb],
-            verbose=1 if cfg["verbose"] else 0,
-        )
-    train_s = time.time() - t1
-    if (ckpt / "best.weights.h5").is_file():
-        model.load_weights(ckpt / "best.weights.h5")
 
-    # Calibration on validation data (never test): Platt scaling of the logits, same ranking.
-    calibration = {"method": "none"}
+def _out_of_fold(nets: list, data: dict) -> np.ndarray:
+    """Logits of every development image from the member that did not train on it (NaN where none did)."""
+    dev, x_dev = data["dev"], data["x_dev"]
+    n_classes = int(nets[0].output_shape[-1])
+    out = np.full((len(dev), n_classes), np.nan, np.float32)
+    for k, net in enumerate(nets):
+        own = (dev["fold"] == k).to_numpy()
+        if own.any():
+            out[own] = _logits(net, x_dev[own])
+    return out
+
+
+def _assemble(nets: list, oof_logits: np.ndarray, dev: pd.DataFrame, cfg: dict):
+    """The saved model (members averaged, calibration fitted on out-of-fold logits) and its calibration."""
+    from core import model as model_lib
+
+    model = model_lib.ensemble(nets) if len(nets) > 1 else nets[0]
     method = _calibration_method(cfg)
-    if method != "none":
-        model, calibration = _calibrate(model, x_va, va["y"].to_numpy(), method)
-        log(f"calibration {calibration['method']} fitted on validation: {calibration}")
+    ok = np.isfinite(oof_logits).all(axis=1)
+    if method == "none" or not ok.any():
+        return model, {"method": "none"}
+    params = calibration_params(oof_logits[ok], dev["y"].to_numpy()[ok], method)
+    params["fitted_on"] = f"out-of-fold predictions of {int(ok.sum())} development images"
+    log(f"calibration {params['method']} fitted on {int(ok.sum())} out-of-fold predictions")
+    return with_calibration(model, params), params
 
-    # predictions for val, test and external images
-    pred_mask = both["split"].isin(["val", "test", "external"]).to_numpy()
-    pred = both[pred_mask].reset_index(drop=True)
-    probs = model_lib.probabilities(model, pix[pred_mask], batch_size=64)
-    cols = ["path", "source", "patient_id", "label", "class", "split"]
-    out = pred[cols].copy()
+
+def _predictions(model, oof_logits: np.ndarray, calibration: dict, data: dict, classes) -> pd.DataFrame:
+    """predictions.csv: out-of-fold rows (split ``val``) and test/external rows from the saved model."""
+    from core import model as model_lib
+
+    dev, rest = data["dev"], data["rest"]
+    ok = np.isfinite(oof_logits).all(axis=1)
+    oof = dev[ok].assign(split="val")
+    p_oof = apply_calibration(oof_logits[ok], calibration)
+    p_rest = model_lib.probabilities(model, data["x_rest"], batch_size=64)
+    cols = ["path", "source", "patient_id", "label", "class", "split", "fold", "box_y0", "box_x0", "box_y1",
+            "box_x1", "crop_fell_back"]
+    out = pd.concat([oof[cols], rest[cols]], ignore_index=True)
+    probs = np.concatenate([p_oof, p_rest]) if len(p_rest) else p_oof
     for j, c in enumerate(classes):
         out[f"p_{c}"] = probs[:, j].astype(float)
-    runs.write_csv(run / "predictions.csv", out)
+    return out
 
-    runs.atomic_save_model(model, run / "model.keras")
-    best = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
-    final_cfg = {
-        k: cfg[k]
-        for k in (
-            "task", "preset", "size", "seed", "split_seed", "epochs", "batch_size", "lr", "augment", "hflip",
-            "balance", "monitor", "patience", "holdout_source", "limit", "strategy", "calibrate",
-        )
-    }
-    final_cfg.update(
-        classes=list(classes),
+
+def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, run: Path, timing: dict) -> dict:
+    from core import model as model_lib
+
+    both = pd.concat([data["dev"], data["rest"]], ignore_index=True)
+    keys = ("task", "preset", "backbone", "weights", "size", "seed", "split_seed", "epochs", "batch_size", "lr",
+            "folds", "members", "adversarial", "augment", "hflip", "balance", "holdout_source", "limit", "strategy",
+            "calibrate")
+    out = {k: cfg.get(k) for k in keys}
+    out.update(
+        classes=list(config.classes(cfg["task"])),
         name=cfg["name"],
-        data_root=str(root),
+        data_root=str(cfg["data"]),
         model_kwargs={**model_lib.DEFAULTS, **_model_kwargs(cfg)} if cfg["preset"] == "default" else {},
-        lung_mask=str(lung) if lung else None,
+        lung_crop=inputs.settings(cfg),
+        lung_mask=str(cfg["lung_mask"]) if cfg.get("lung_mask") else None,
+        crop_fell_back={str(s): int(g["crop_fell_back"].sum()) for s, g in both.groupby("source")},
         calibration=calibration,
-        best_epoch=state["best_epoch"],
-        best_score=state["best"],
-        best_val=best,
-        epochs_run=int(state["epoch"]),
-        n_train=len(tr),
-        n_val=len(va),
-        n_test=int((both["split"] == "test").sum()),
-        n_external=int((both["split"] == "external").sum()),
-        n_skipped=len(errors),
-        decode_seconds=round(decode_s, 2),
-        train_seconds=round(train_s, 2),
+        member_seeds=[int(cfg["seed"]) + 1000 * k for k in range(int(cfg["members"]))],
+        epochs_run=int(max([r["epoch"] for r in state["history"]], default=0)),
+        n_train=int(len(data["dev"])),
+        n_val=int((data["dev"]["fold"] < int(cfg["members"])).sum()),
+        n_test=int((data["rest"]["split"] == "test").sum()),
+        n_external=int((data["rest"]["split"] == "external").sum()),
+        n_skipped=len(data["errors"]),
+        prepare_seconds=round(timing["prepare"], 2),
+        train_seconds=round(timing["train"], 2),
         resumed_from=cfg.get("resume"),
         git_commit=git_commit(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         model_sha256=runs.sha256(run / "model.keras"),
         model_bytes=(run / "model.keras").stat().st_size,
         n_params=int(model.count_params()),
-        replicas=int(strategy.num_replicas_in_sync),
+        replicas=int(timing["replicas"]),
     )
-    runs.write_json(run / "config.json", final_cfg)
+    return out
+
+
+def train(cfg: dict | None = None, **kw) -> Path:
+    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder."""
+    cfg, state, run = _start({**DEFAULTS, **(cfg or {}), **kw}, kw)
+    _check(cfg)
+    _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
+    root = config.data_dir(cfg["data"])
+    runs_root = config.runs_dir(cfg["runs"])
+    cfg["data"] = str(root)
+    data = _load_data(cfg, root, runs_root / ".cache" if cfg.get("cache") else None)
+    if run is None:
+        run = runs.new_run(runs_root, cfg["name"])
+        (run / "checkpoint").mkdir()
+        runs.write_json(run / "checkpoint" / "train_config.json", cfg)
+    ckpt = run / "checkpoint"
+    from core import splits
+
+    splits.save_split(pd.concat([data["dev"], data["rest"][data["rest"]["split"] == "test"]]), run / "split.csv")
+    log(f"development {len(data['dev'])} ({dict(data['dev']['class'].value_counts())}) in {cfg['folds']} folds, "
+        f"{cfg['members']} member(s); test {int((data['rest']['split'] == 'test').sum())}, "
+        f"external {int((data['rest']['split'] == 'external').sum())}")
+
+    strategy = _strategy(cfg.get("strategy"))
+    t1 = time.time()
+    nets = []
+    for member in range(int(cfg["members"])):
+        if member in state["done"]:
+            net = build_net(cfg, int(cfg["size"]))
+            net.load_weights(ckpt / f"member_{member}.weights.h5")
+        else:
+            if state["member"] != member:
+                state.update(member=member, epoch=0)
+            net = fit_member(member, data, cfg, run, ckpt, state, strategy)
+            net.save_weights(ckpt / f"member_{member}.weights.h5")
+            state["done"].append(member)
+            state.update(member=member + 1, epoch=0)
+            runs.write_json(ckpt / "state.json", state)
+        nets.append(net)
+    train_s = time.time() - t1
+
+    oof = _out_of_fold(nets, data)
+    model, calibration = _assemble(nets, oof, data["dev"], cfg)
+    runs.write_csv(run / "predictions.csv", _predictions(model, oof, calibration, data, config.classes(cfg["task"])))
+    runs.atomic_save_model(model, run / "model.keras")
+    timing = {"prepare": data["prepare_seconds"], "train": train_s, "replicas": strategy.num_replicas_in_sync}
+    runs.write_json(run / "config.json", _final_config(cfg, state, data, calibration, model, run, timing))
     runs.write_json(run / "env.json", environment())
     shutil.rmtree(ckpt, ignore_errors=True)
     if cfg.get("evaluate"):
@@ -706,12 +1011,15 @@ def train(cfg: dict | None = None, **kw) -> Path:
 
 
 def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evaluate: bool = True) -> Path:
-    """Refit a finished run's calibration on its validation images; rewrite model and predictions.
+    """Refit a finished run's calibration on its out-of-fold predictions; rewrite model and predictions.
 
-    The network (up to ``logits``) is unchanged; the fixed ``calibration`` layer is replaced,
-    predictions.csv recomputed for its val/test/external rows, config.json updated
-    (``calibration``, ``model_sha256``) and metrics.json re-evaluated.
+    The networks (up to ``logits``) are unchanged: each ``val`` row of predictions.csv is scored
+    again by the member that did not train on it (its ``fold``), the fixed ``calibration`` layer
+    is refitted on those logits, predictions.csv and config.json (``calibration``,
+    ``model_sha256``) are rewritten, and metrics.json is re-evaluated.
     """
+    import keras
+
     from core import model as model_lib
 
     run = runs.resolve_run(run)
@@ -719,27 +1027,32 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     model = runs.load_model(run)
     root = config.data_dir(data or cfg.get("data_root"))
     pred = runs.read_predictions(run)
-    size = int(cfg["size"])
-    cache_dir = config.runs_dir(runs_root) / ".cache"
-    pix, kept, errors = decode_images(root, pred["path"].tolist(), size, cache_dir, progress=False)
+    x, _, _, kept, errors = prepare_images(root, pred["path"].tolist(), int(cfg["size"]), inputs.settings(cfg),
+                                           config.runs_dir(runs_root) / ".cache", progress=False)
     if errors:
         raise ValueError(f"{len(errors)} images of run {run.name} cannot be read under {root}")
     classes = list(cfg["classes"])
     y = np.array([classes.index(c) for c in pred["class"]])
     is_val = (pred["split"] == "val").to_numpy()
-    model, params = _calibrate(model, pix[is_val], y[is_val], method)
-    probs = model_lib.probabilities(model, pix, batch_size=64)
+    nets = model_lib.members(model) or [keras.Model(model.input, model.get_layer("logits").output)]
+    folds = pred["fold"].fillna(0).astype(int).to_numpy() if "fold" in pred.columns else np.zeros(len(pred), int)
+    logits = np.full((len(pred), len(classes)), np.nan, np.float32)
+    for k, net in enumerate(nets):
+        rows = is_val & (folds == k)
+        if rows.any():
+            logits[rows] = model_lib.probabilities(net, x[rows], batch_size=64)
+    ok = is_val & np.isfinite(logits).all(axis=1)
+    params = calibration_params(logits[ok], y[ok], method)
+    params["fitted_on"] = f"out-of-fold predictions of {int(ok.sum())} development images"
+    model = with_calibration(model, params)
+    probs = model_lib.probabilities(model, x, batch_size=64)
+    probs[ok] = apply_calibration(logits[ok], params)
     for j, c in enumerate(classes):
         pred[f"p_{c}"] = probs[:, j].astype(float)
     runs.write_csv(run / "predictions.csv", pred)
     runs.atomic_save_model(model, run / "model.keras")
-    cfg.pop("temperature", None)
-    cfg.update(
-        calibration=params,
-        model_sha256=runs.sha256(run / "model.keras"),
-        model_bytes=(run / "model.keras").stat().st_size,
-        recalibrated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
+    cfg.update(calibration=params, model_sha256=runs.sha256(run / "model.keras"),
+               model_bytes=(run / "model.keras").stat().st_size, recalibrated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     runs.write_json(run / "config.json", cfg)
     if evaluate:
         from core.evaluate import evaluate_run
@@ -749,104 +1062,106 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     return run
 
 
-def _stopped(state: dict, cfg: dict) -> bool:
-    """True when a resumed run had already early-stopped."""
-    return bool(state["best_epoch"]) and state["epoch"] - state["best_epoch"] >= int(cfg["patience"])
-
-
 # ----------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m core.train",
-        description="Train a COVID-19 chest X-ray classifier and write a run folder (model, split, history, "
-        "predictions, metrics).",
-    )
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that make a recipe (shared by ``core.train`` and ``core.crossval``)."""
     p.add_argument("--data", help="data root (default: $CXR_DATA_DIR, else data/)")
     p.add_argument("--runs", help="runs root (default: $CXR_RUNS_DIR, else runs/)")
     p.add_argument("--name", default=DEFAULTS["name"], help="run name (folder suffix)")
     p.add_argument("--task", choices=sorted(config.TASKS), default=DEFAULTS["task"])
     p.add_argument("--preset", choices=["default", "seed"], default=DEFAULTS["preset"])
+    p.add_argument("--backbone", choices=["densenet121", "resnet50"],
+                   help="a keras.applications backbone instead of the preset (slow on a CPU)")
+    p.add_argument("--weights", choices=["none", "imagenet"], default=DEFAULTS["weights"],
+                   help="backbone start: random, or ImageNet weights (downloaded by Keras: needs internet)")
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="input side in pixels (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="maximum epochs (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs per member (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="training seed (weights, shuffling, augmentation)")
-    p.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"], help="seed of the patient-level split")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (cosine decay)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="training seed (member k uses seed + 1000 k)")
+    p.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"],
+                   help="seed of the patient-level split and of the folds")
     p.add_argument("--split-file", help="use (or create) this split CSV")
+    p.add_argument("--folds", type=int, default=DEFAULTS["folds"],
+                   help="cross-validation folds of the development set (default %(default)s)")
+    p.add_argument("--members", type=int, default=DEFAULTS["members"],
+                   help="networks trained (member k leaves fold k out) and averaged (default %(default)s)")
+    crop = p.add_mutually_exclusive_group()
+    crop.add_argument("--lung-crop", dest="lung_crop", action="store_true", default=None,
+                      help="crop every film to the bounding box of its lungs (default)")
+    crop.add_argument("--no-lung-crop", dest="lung_crop", action="store_false", help="use the whole film")
+    p.add_argument("--adversarial", type=float, default=DEFAULTS["adversarial"],
+                   help="weight of the gradient-reversed, class-conditional source head (0 = off)")
     p.add_argument("--augment", choices=sorted(AUGMENT), default=DEFAULTS["augment"])
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (off: the heart is on the left)")
-    p.add_argument(
-        "--balance",
-        choices=["class", "source", "none"],
-        default=DEFAULTS["balance"],
-        help="sample weights: equal per class, or per class and source within a class",
-    )
-    p.add_argument("--monitor", choices=MONITORS, default=DEFAULTS["monitor"], help="early-stopping score")
-    p.add_argument("--patience", type=int, default=DEFAULTS["patience"])
-    p.add_argument("--holdout-source", help="leave this source out of train/val; report it as 'external'")
-    p.add_argument("--limit", type=int, help="at most N images per split and class (quick runs)")
+    p.add_argument("--balance", choices=["class", "source", "none"], default=DEFAULTS["balance"],
+                   help="sample weights: equal per class, or per class and source within a class")
+    p.add_argument("--holdout-source", help="leave this source out of training; report it as 'external'")
+    p.add_argument("--limit", type=int, help="at most N images per split, source and label (quick runs)")
     p.add_argument("--strategy", choices=["default", "mirrored"], help="tf.distribute strategy")
     p.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices (to test mirrored)")
     p.add_argument("--crop", type=float, help="default preset: border fraction blanked (default 0.12)")
-    p.add_argument(
-        "--contrast", choices=["standard", "local"], help="default preset: contrast normalisation (default local)"
-    )
+    p.add_argument("--contrast", choices=["standard", "local"],
+                   help="default preset: contrast normalisation (default local)")
     p.add_argument("--width", type=float, help="default preset: channel multiplier")
     p.add_argument("--dropout", type=float, help="default preset: dropout before the head")
-    p.add_argument(
-        "--lung-mask",
-        nargs="?",
-        const=str(config.ASSETS_DIR / "lungs" / "lungs.keras"),
-        help="gate the image with a frozen lung-segmentation model (default path: assets/lungs/lungs.keras)",
-    )
-    p.add_argument(
-        "--calibrate",
-        choices=["platt", "temperature", "none"],
-        help="calibration fitted on validation data (default: platt for binary, temperature for multiclass)",
-    )
+    p.add_argument("--lung-mask", nargs="?", const=str(config.ASSETS_DIR / "lungs" / "lungs.keras"),
+                   help="gate the image with a frozen lung-segmentation model (default path: assets/lungs/lungs.keras)")
+    p.add_argument("--calibrate", choices=["platt", "temperature", "none"],
+                   help="calibration fitted on out-of-fold predictions (default: platt for binary, temperature "
+                   "for multiclass)")
     p.add_argument("--no-calibrate", action="store_true", help="same as --calibrate none")
-    p.add_argument(
-        "--recalibrate",
-        metavar="RUN",
-        help="refit the calibration of a finished run on its validation predictions (no training)",
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not cache decoded pixels under <runs>/.cache")
-    p.add_argument("--no-evaluate", action="store_true", help="do not write metrics.json")
-    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--no-cache", action="store_true", help="do not cache prepared films under <runs>/.cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print one JSON object (run, config, metrics) on stdout")
-    a = p.parse_args(argv)
+
+
+def recipe_from_args(a: argparse.Namespace) -> dict:
+    """A training config from parsed recipe options (only those given; the rest are DEFAULTS)."""
     cfg = {k: v for k, v in vars(a).items() if k in DEFAULTS and v is not None}
     cfg.update(
         calibrate="none" if a.no_calibrate else (a.calibrate or True),
         cache=not a.no_cache,
-        evaluate=not a.no_evaluate,
+        evaluate=not getattr(a, "no_evaluate", False),
         verbose=0 if a.quiet else 1,
     )
-    if a.recalibrate:
-        run = recalibrate_run(a.recalibrate, a.calibrate or "platt", data=a.data, runs_root=a.runs)
-        result = {"run": str(run), "config": runs.read_config(run)}
-        if (run / "metrics.json").is_file():
-            result["metrics"] = runs.read_metrics(run)
-        print(json.dumps(result, default=str) if a.json else run)
-        return 0
-    kw = {}
-    if a.resume:
-        kw = {"epochs": a.epochs} if "--epochs" in (argv or sys.argv) else {}
-        kw["verbose"] = cfg["verbose"]
-        cfg = {"resume": a.resume}
+    return cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m core.train",
+        description="Train a COVID-19 chest X-ray classifier and write a run folder (model, split, history, "
+        "predictions, metrics). Without options it trains the shipped model's recipe.",
+    )
+    add_recipe_arguments(p)
+    p.add_argument("--recalibrate", metavar="RUN",
+                   help="refit the calibration of a finished run on its out-of-fold predictions (no training)")
+    p.add_argument("--no-evaluate", action="store_true", help="do not write metrics.json")
+    p.add_argument("--resume", metavar="RUN", help="continue a killed run from its last epoch checkpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object (run, config, metrics) on stdout")
+    return p
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    cfg = recipe_from_args(a)
     try:
-        run = train(cfg, **kw)
+        if a.recalibrate:
+            run = recalibrate_run(a.recalibrate, a.calibrate or "platt", data=a.data, runs_root=a.runs)
+        else:
+            kw = {}
+            if a.resume:
+                kw = {"epochs": a.epochs} if "--epochs" in (argv or sys.argv) else {}
+                kw["verbose"] = cfg["verbose"]
+                cfg = {"resume": a.resume}
+            run = train(cfg, **kw)
     except (ValueError, FileNotFoundError) as exc:
         log(f"error: {exc}")
         return 2
     result = {"run": str(run), "config": runs.read_config(run)}
     if (run / "metrics.json").is_file():
         result["metrics"] = runs.read_metrics(run)
-    if a.json:
-        print(json.dumps(result, default=str))
-    else:
-        print(run)
+    print(json.dumps(result, default=str) if a.json else run)
     return 0
 
 
