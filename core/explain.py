@@ -76,6 +76,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from core import config  # noqa: E402
+from core.model import members  # noqa: E402
 
 ENGINES = ("tape", "tf-keras-vis")
 DEFAULT_ENGINE = "tape"
@@ -119,8 +120,9 @@ def conv_layers(model: keras.Model) -> list[str]:
 
     Layers inside nested sub-models (a wrapped backbone, a lung-segmentation gate) are included;
     the tape engine handles them. The default layer is the last of the classifier's own layers.
+    An ensemble's members share their layer names, so each name is listed once.
     """
-    return [layer.name for layer, _ in _walk(model) if _is_conv(layer)]
+    return list(dict.fromkeys(layer.name for layer, _ in _walk(model) if _is_conv(layer)))
 
 
 def default_layer(model: keras.Model) -> str:
@@ -538,7 +540,17 @@ class _Unsupported(Exception):
 # Public methods
 
 
+_CAMS = ("gradcam", "gradcam_pp", "layercam", "scorecam")
+
+
 def _run(kind, model, image, class_index, layer, engine, **kw):
+    nets = members(model)
+    if nets and kind in _CAMS:
+        # An ensemble's CAM is the mean of its members' maps, each taken at the member's own
+        # layer of that name (members are averaged at their logits, so each has its own CAM).
+        name = layer.name if isinstance(layer, keras.layers.Layer) else layer
+        maps = [_run(kind, net, image, class_index, name, engine, **kw) for net in nets]
+        return _finish(np.mean(maps, axis=0), maps[0].shape)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     x, out_hw = _prepare(model, image)
@@ -597,7 +609,7 @@ def scorecam_fast(model, image, class_index: int = 0, layer=None, max_n: int = S
     """Faster Score-CAM: :func:`scorecam` on the ``max_n`` (default 10) most varied channels."""
     target, _ = _target(model, layer)
     max_n = min(int(max_n), int(target.output.shape[-1]))
-    return _run("scorecam", model, image, class_index, target, engine, max_n=max_n)
+    return _run("scorecam", model, image, class_index, target.name, engine, max_n=max_n)
 
 
 def saliency(model, image, class_index: int = 0, layer=None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
@@ -673,6 +685,10 @@ def explain_many(model, images, method: str = "gradcam", class_index: int = 0, l
         return np.stack([explain(model, im, method, class_index, layer, engine=engine, **kw) for im in imgs]) \
             if len(imgs) else np.zeros((0,) + imgs.shape[1:], np.float32)
     ci = _check_class(model, class_index)
+    nets = members(model)
+    if nets and method in _CAMS:  # the mean of the members' maps, as in explain()
+        maps = np.mean([explain_many(net, imgs, method, ci, layer, batch_size) for net in nets], axis=0)
+        return np.stack([_finish(m, imgs.shape[1:]) for m in maps]) if len(maps) else maps
     out = np.zeros(imgs.shape, np.float32)
     for start in range(0, len(imgs), batch_size):
         chunk = imgs[start : start + batch_size]

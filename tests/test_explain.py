@@ -370,3 +370,54 @@ def test_cli_on_tiny_run(tiny_run, cxr_root, tmp_path, capsys):
     size = json.loads((tiny_run / "config.json").read_text())["size"]
     assert cv2.imread(str(out)).shape == (size, size, 3)
     assert abs(sum(res["probabilities"].values()) - 1.0) < 1e-4 and res["class"] == "covid"
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles: one saved model that averages members; its CAM is the mean of the members' maps
+
+
+@pytest.fixture(scope="module")
+def blob_ensemble(blob, tmp_path_factory):
+    from core import model as model_lib
+
+    first, xt, yt, ct = blob
+    keras.utils.set_random_seed(1)
+    x, y, _ = _blob_images(640, np.random.default_rng(5))
+    second = _small_cnn()
+    second.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    second.fit(x[..., None], y, epochs=5, batch_size=32, verbose=0)
+    ens = model_lib.ensemble([first, second])
+    path = tmp_path_factory.mktemp("ens") / "ensemble.keras"
+    ens.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    return loaded, (first, second), xt, yt, ct
+
+
+def test_ensemble_loads_in_safe_mode_and_averages_logits(blob_ensemble):
+    from core import model as model_lib
+
+    ens, (first, second), xt, _, _ = blob_ensemble
+    assert [m.name for m in model_lib.members(ens)] == ["member_0", "member_1"]
+    lin = lambda m: keras.Model(m.input, m.get_layer("logits").output)(xt[:6, ..., None], training=False)  # noqa: E731
+    expected = (np.asarray(lin(first)) + np.asarray(lin(second))) / 2
+    np.testing.assert_allclose(np.asarray(lin(ens)), expected, atol=1e-4)
+    assert E.conv_layers(ens) == E.conv_layers(first)  # member layer names listed once
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_pp", "layercam", "scorecam_fast"])
+def test_ensemble_cam_is_the_mean_of_member_maps_and_finds_the_blob(blob_ensemble, method):
+    ens, (first, second), xt, yt, ct = blob_ensemble
+    idx = np.flatnonzero(yt == BLOB_CLASS)[:6]
+    hits = []
+    for i in idx:
+        m = E.explain(ens, xt[i], method, class_index=BLOB_CLASS)
+        parts = [E.explain(net, xt[i], method, class_index=BLOB_CLASS) for net in (first, second)]
+        mean = np.mean(parts, axis=0)
+        mean = (mean - mean.min()) / (mean.max() - mean.min())
+        np.testing.assert_allclose(m, mean, atol=2e-3)
+        peak = np.unravel_index(np.argmax(m), m.shape)
+        hits.append(np.hypot(peak[0] - ct[i][0], peak[1] - ct[i][1]) <= 2 * BLOB_R)
+    assert np.mean(hits) >= 0.75
+    many = E.explain_many(ens, xt[idx], method, class_index=BLOB_CLASS)
+    one = np.stack([E.explain(ens, xt[i], method, class_index=BLOB_CLASS) for i in idx])
+    np.testing.assert_allclose(many, one, atol=2e-3)
