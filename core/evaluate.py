@@ -72,7 +72,27 @@ def _y(df: pd.DataFrame) -> np.ndarray:
 
 
 def _groups(df: pd.DataFrame) -> np.ndarray:
-    return df["patient_id"].to_numpy(dtype=object)
+    """The bootstrap's resampling units: the split ``group`` (patients merged through duplicates
+    and cross-source links), falling back to the patient id where a row has no group."""
+    pid = df["patient_id"].astype(object)
+    if "group" not in df.columns:
+        return pid.to_numpy(dtype=object)
+    g = df["group"].astype(object)
+    blank = g.isna() | (g.astype(str).str.strip() == "")
+    return g.where(~blank, pid).to_numpy(dtype=object)
+
+
+def with_groups(pred: pd.DataFrame, split: pd.DataFrame | None) -> pd.DataFrame:
+    """``pred`` with the ``group`` of the run's split file (by path), so the bootstrap resamples the
+    groups the split kept together, not raw patient ids. Rows the split does not list (and runs
+    without a split file or whose split has no group column) keep their patient id as the group.
+    """
+    if split is None or "group" not in split.columns or "group" in pred.columns:
+        return pred
+    groups = dict(zip(split["path"].astype(str), split["group"], strict=True))
+    out = pred.copy()
+    out["group"] = [groups.get(str(p), pid) for p, pid in zip(out["path"], out["patient_id"], strict=True)]
+    return out
 
 
 def _check_predictions(pred: pd.DataFrame, where: str) -> None:
@@ -290,11 +310,12 @@ def _seen(run: Path) -> pd.DataFrame | None:
 def unseen_images(run: Path, cfg: dict, data_root: Path) -> tuple[pd.DataFrame, dict]:
     """Images of ``data_root`` the run never saw, for an external validation.
 
-    On the run's own data root: only images of sources absent from its split.csv (e.g. the
-    ``--holdout-source``); images of the training sources left out by ``--limit`` are not
-    external. On another root: every image except those listed in the split.csv (same source and
-    path), of a patient listed there, or (when the run's own data root is readable) byte-identical
-    to a listed image. Returns ``(table, excluded)`` with counts of left-out images by reason.
+    On the run's own data root, images of the sources in its split.csv are left out (those the
+    ``--limit`` skipped are not external either); on another root, the images listed in its
+    split.csv (same source and path). Then, on either root, images of a patient the run saw (any
+    single id of a joined patient id, so a hannover film of an ieee8023 patient the run trained on
+    is excluded) and, when the run's own data root is readable, images byte-identical to one it
+    saw. Returns ``(table, excluded)`` with counts of left-out images by reason.
     """
     from core import datasets
 
@@ -314,14 +335,15 @@ def unseen_images(run: Path, cfg: dict, data_root: Path) -> tuple[pd.DataFrame, 
         return table.reset_index(drop=True), excluded
     if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns:
         drop(table["source"].isin(set(seen["source"])), "source the run trained on (same data root)")
-        return table.reset_index(drop=True), excluded
-    src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)
-    seen_keys = set(src + "|" + seen["path"].astype(str))
-    key = (table["source"].astype(str) if "source" in seen.columns else "") + "|" + table["path"].astype(str)
-    drop(key.isin(seen_keys), "listed in the run's split.csv")
-    if "patient_id" in seen.columns:
-        ids = set(seen["patient_id"].astype(str)) - {"", "nan"}
-        drop(table["patient_id"].astype(str).isin(ids), "patient seen by the run")
+    else:
+        src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)
+        seen_keys = set(src + "|" + seen["path"].astype(str))
+        key = (table["source"].astype(str) if "source" in seen.columns else "") + "|" + table["path"].astype(str)
+        drop(key.isin(seen_keys), "listed in the run's split.csv")
+    if "patient_id" in seen.columns and len(table):
+        parts = {q for p in seen["patient_id"].astype(str) if p not in ("", "nan") for q in datasets.patient_parts(p)}
+        drop([bool(parts.intersection(datasets.patient_parts(p))) for p in table["patient_id"].astype(str)],
+             "patient seen by the run")
     if len(table) and own_root is not None and own_root.is_dir():
         from core import splits
 
@@ -376,7 +398,7 @@ def evaluate_run(
     """
     run = runs.resolve_run(run)
     cfg = runs.read_config(run)
-    pred = runs.read_predictions(run)
+    pred = with_groups(runs.read_predictions(run), _seen(run))
     task = cfg.get("task", "binary")
     classes = list(cfg.get("classes") or config.classes(task))
     internal = evaluate_predictions(pred, task, classes, n_boot, "sensitivity", target_sensitivity, seed)
@@ -406,7 +428,7 @@ def _external_validation(run, cfg, classes, root, table, excluded, internal, n_b
     ext, errors = predict_table(model, table, root, size, classes, progress=progress)
     if ext.empty:
         raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")
-    test = runs.read_predictions(run)
+    test = with_groups(runs.read_predictions(run), _seen(run))
     test = test[test["split"] == "test"]
     t = internal["threshold"]["value"]
     y = _y(ext)

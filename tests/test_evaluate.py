@@ -226,8 +226,33 @@ def _fake_run_on(cxr_root, tmp_path, sources):
 def test_unseen_images_same_root_means_unseen_sources(cxr_root, tmp_path):
     run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
     unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), cxr_root)
-    assert set(unseen["source"]) == {"nih"} and len(unseen) == (table["source"] == "nih").sum()
-    assert excluded == {"source the run trained on (same data root)": int((table["source"] != "nih").sum())}
+    # hannover films of the 15 patients who also have ieee8023 films were seen as those patients
+    hann = table[table["source"] == "hannover"]
+    linked = hann["patient_id"].str.contains(r"\+ieee8023:")
+    assert 0 < linked.sum() < len(hann)
+    assert set(unseen["source"]) == {"nih", "hannover"}
+    assert set(unseen["path"]) == set(table.loc[table["source"] == "nih", "path"]) | set(hann.loc[~linked, "path"])
+    assert excluded == {"source the run trained on (same data root)": int(table["source"].isin(["ieee8023", "kermany"]).sum()),
+                        "patient seen by the run": int(linked.sum())}
+
+
+def test_bootstrap_resamples_split_groups_not_patient_ids(tmp_path):
+    pred = shortcut_predictions()
+    run = make_run(tmp_path, pred)
+    plain = evaluate.evaluate_run(run, n_boot=200, write=False)
+    test = pred[pred["split"] == "test"]
+    assert plain["n_patients"] == test["patient_id"].nunique()
+    # The split merged every kermany test patient into one group (e.g. joined by exact copies):
+    # that group is one resampling unit, drawn or not as a whole.
+    split = pred[["path", "split", "label", "source", "patient_id"]].assign(group=pred["patient_id"])
+    split.loc[(split["source"] == "kermany") & (split["split"] == "test"), "group"] = "kermany:merged"
+    runs.write_csv(run / "split.csv", split)
+    r = evaluate.evaluate_run(run, n_boot=200, write=False)
+    assert r["n_patients"] == split.loc[split["split"] == "test", "group"].nunique() < plain["n_patients"]
+    assert r["per_source"]["kermany"]["n_patients"] == 1
+    assert r["roc_auc"]["value"] == plain["roc_auc"]["value"]  # same predictions, only the CI unit differs
+    g = evaluate._groups(evaluate.with_groups(pred, split))
+    assert set(g[(pred["source"] == "kermany") & (pred["split"] == "test")]) == {"kermany:merged"}
 
 
 def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp_path):
