@@ -5,8 +5,12 @@ Every model takes one input named ``image`` of shape (size, size, 1) holding raw
 model and uses built-in Keras layers only, so a saved ``.keras`` file loads with
 ``keras.saving.load_model(path, safe_mode=True)`` without this module.
 
-Layer names are a contract: the last convolution is ``last_conv`` (Grad-CAM), the pre-softmax
-Dense layer is ``logits`` and the softmax output layer is ``probs``. The output is a softmax over
+Layer names are a contract: the last convolution is ``last_conv`` (Grad-CAM), the pooled
+penultimate features come from ``gap``, the pre-softmax layer is ``logits`` and the softmax output
+layer is ``probs``. An ensemble is one Functional model whose nested member networks are named
+``member_0``, ``member_1``, ... (each with the layer names above, each ending in its own
+``logits``); their logits are averaged by a top-level layer named ``logits``, followed (as for a
+single network) by an optional fixed ``calibration`` layer and ``probs``. The output is a softmax over
 the task's classes (two units for the binary task), with COVID-19 at index 0.
 
 Presets:
@@ -235,6 +239,38 @@ def probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarra
     if not out:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
     return np.concatenate(out).astype(np.float32)
+
+
+def members(model: keras.Model) -> list[keras.Model]:
+    """The member networks of an ensemble (nested models named ``member_<k>``); [] for one network."""
+    return [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name.startswith("member_")]
+
+
+_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def features(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
+    """Penultimate features (output of ``gap``) of raw grey images (n, H, W) at the model's size.
+
+    For an ensemble, the members' features side by side (n, sum of widths), member 0 first.
+    """
+    fn = _FEATURES.get(model)
+    if fn is None:
+        import tensorflow as tf
+
+        nets = members(model) or [model]
+        parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
+        size = input_size(model)
+        fn = tf.function(
+            lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1),
+            input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
+        )
+        _FEATURES[model] = fn
+    x = np.asarray(images, np.float32)
+    x = x[None] if x.ndim == 2 else x
+    x = x[..., None] if x.ndim == 3 else x
+    out = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
 def last_conv_layer(model: keras.Model) -> str:

@@ -153,3 +153,16 @@ def test_unknown_preset_and_task():
         M.build("default", "ternary", size=SIZE)
     with pytest.raises(ValueError, match="unknown contrast"):
         M.build("default", size=SIZE, contrast="clahe")
+
+
+def test_features_are_the_pooled_penultimate_layer():
+    import keras
+
+    from core import model as model_lib
+
+    net = model_lib.build("default", "binary", 32, width=0.5)
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32)).astype(np.float32)
+    f = model_lib.features(net, x)
+    ref = keras.Model(net.input, net.get_layer("gap").output)(x[..., None], training=False)
+    assert f.shape == (3, ref.shape[-1]) and np.allclose(f, np.asarray(ref), atol=1e-5)
+    assert model_lib.members(net) == []
