@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import evaluate, metrics, runs
+from core import evaluate, metrics, runs, splits
 
 HEADLINE_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece",
                  "brier", "threshold")
@@ -270,3 +270,46 @@ def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp
     unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
     assert len(unseen) == 4
     assert excluded == {"byte-identical to an image of the run": 3}
+
+
+def reencoded(src: Path, dst: Path, scale: float = 0.7, quality: int = 75) -> Path:
+    """A resized (``scale`` of each side), JPEG re-encoded copy of a film: how a public CXR
+    usually reappears in another collection (not a symlink, not byte-identical)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("L")
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        im.save(dst, "JPEG", quality=quality)
+    return dst
+
+
+def test_unseen_images_excludes_resized_reencoded_copies(cxr_root, tmp_path):
+    from core import datasets
+
+    run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
+    other = tmp_path / "other" / "collection"
+    copies = {}
+    for src in ("ieee8023", "kermany"):
+        for rel in table.loc[table["source"] == src, "path"].head(2):
+            dst = reencoded(datasets.abspath(cxr_root, rel), other / "covid" / f"{src}-{Path(rel).stem}.jpg")
+            copies[f"collection/covid/{dst.name}"] = rel
+    nih = table.loc[table["source"] == "nih", "path"].head(4)
+    for rel in nih:
+        (other / "normal").mkdir(parents=True, exist_ok=True)
+        (other / "normal" / Path(rel).name).symlink_to(datasets.abspath(cxr_root, rel))
+    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
+    assert sorted(unseen["path"]) == sorted(f"collection/normal/{Path(r).name}" for r in nih)
+    assert excluded == {f"near-duplicate of an image of the run (thumbnail r >= {splits.NEAR_THRESHOLD})": 4}
+    found = {p["path"]: p["run_path"] for p in unseen.attrs["near_duplicates"]}
+    assert found == copies and all(p["score"] >= splits.NEAR_THRESHOLD for p in unseen.attrs["near_duplicates"])
+    assert unseen["group"].tolist() == unseen["patient_id"].tolist()  # no copies among the unseen ones
+
+
+def test_external_text_and_json_name_the_exclusions():
+    r = {"mode": "external", "run": "r", "data": "d", "n": 5, "n_covid": 0, "sources": ["x"],
+         "threshold": {"value": 0.5, "target": "sensitivity", "target_value": 0.95},
+         "excluded": {"patient seen by the run": 2, "near-duplicate of an image of the run (thumbnail r >= 0.97)": 3}}
+    text = evaluate.format_result(r)
+    assert "Excluded as seen by the run: 5 (patient seen by the run: 2; near-duplicate" in text
