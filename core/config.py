@@ -59,3 +59,9 @@ def label_to_class(label: str, task: str) -> str:
     if task == "binary":
         return "covid" if label == "covid" else "other"
     return label
+
+
+def cache_dir(runs_root: str | os.PathLike | None = None) -> Path:
+    """Where derived data (fingerprints, prepared pixels) is cached: ``$CXR_CACHE_DIR``, else ``<runs>/.cache``."""
+    env = os.environ.get("CXR_CACHE_DIR")
+    return Path(env).expanduser().resolve() if env else runs_dir(runs_root) / ".cache"

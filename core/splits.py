@@ -38,10 +38,7 @@ SPLIT_COLUMNS = ["path", "split", "label", "source", "patient_id", "group", "fol
 # ----------------------------------------------------------------------------- fingerprints
 def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where fingerprints are cached: ``cache_dir``, else ``$CXR_CACHE_DIR``, else ``<runs>/.cache``."""
-    if cache_dir:
-        return Path(cache_dir) / "fingerprints.npz"
-    env = os.environ.get("CXR_CACHE_DIR")
-    return (Path(env) if env else config.runs_dir() / ".cache") / "fingerprints.npz"
+    return (Path(cache_dir) if cache_dir else config.cache_dir()) / "fingerprints.npz"
 
 
 def _stat_key(p: Path) -> tuple[int, int]:

@@ -963,7 +963,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
     root = config.data_dir(cfg["data"])
     runs_root = config.runs_dir(cfg["runs"])
     cfg["data"] = str(root)
-    data = _load_data(cfg, root, runs_root / ".cache" if cfg.get("cache") else None)
+    data = _load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
     if run is None:
         run = runs.new_run(runs_root, cfg["name"])
         (run / "checkpoint").mkdir()
@@ -1028,7 +1028,7 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     root = config.data_dir(data or cfg.get("data_root"))
     pred = runs.read_predictions(run)
     x, _, _, kept, errors = prepare_images(root, pred["path"].tolist(), int(cfg["size"]), inputs.settings(cfg),
-                                           config.runs_dir(runs_root) / ".cache", progress=False)
+                                           config.cache_dir(runs_root), progress=False)
     if errors:
         raise ValueError(f"{len(errors)} images of run {run.name} cannot be read under {root}")
     classes = list(cfg["classes"])
