@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, metrics, runs
+from core import config, inputs, metrics, runs
 
 HEADLINE = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece", "brier")
 # Internal AUC this much above the within-source AUC means the score is largely the source shortcut.
@@ -397,12 +397,18 @@ def _copies_of_seen(table: pd.DataFrame, root: Path, seen: pd.DataFrame, seen_ro
     return byte, near, pd.DataFrame(within, columns=["path_a", "path_b", "kind", "score"])
 
 
-def predict_table(model, table: pd.DataFrame, root: Path, size: int, classes, progress: bool = True):
-    """Predict every image of a data table; returns (predictions DataFrame, load errors)."""
-    from core import datasets, images
+def predict_table(model, table: pd.DataFrame, root: Path, size: int, classes, progress: bool = True,
+                  lung_crop: dict | None = None):
+    """Predict every image of a data table (prepared as the run's network expects, see
+    :mod:`core.inputs`); returns (predictions DataFrame, load errors)."""
+    from core import datasets, inputs
 
     paths = [datasets.abspath(root, p) for p in table["path"]]
-    arr, kept, errors = images.load_many(paths, size, progress=progress)
+    if progress:
+        from tqdm import tqdm
+
+        paths = tqdm(paths, desc="decoding", unit="img", file=sys.stderr)
+    arr, _, _, kept, errors = inputs.load_many(paths, size, lung_crop)
     from core.model import probabilities
 
     probs = probabilities(model, arr) if len(arr) else np.zeros((0, len(classes)), np.float32)
@@ -471,7 +477,8 @@ def evaluate_run(
 def _external_validation(run, cfg, classes, root, table, excluded, internal, n_boot, seed, progress) -> dict:
     model = runs.load_model(run)
     size = int(cfg.get("size") or config.DEFAULT_SIZE)
-    ext, errors = predict_table(model, table, root, size, classes, progress=progress)
+    ext, errors = predict_table(model, table, root, size, classes, progress=progress,
+                                 lung_crop=inputs.settings(cfg))
     if ext.empty:
         raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")
     test = with_groups(runs.read_predictions(run), _seen(run))

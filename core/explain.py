@@ -828,7 +828,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
 
-    from core import images, runs
+    from core import images, inputs, runs
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)
@@ -855,9 +855,11 @@ def main(argv=None) -> int:
         return fail(str(exc))
     size = input_size(model)
     try:
-        img = images.load(src, size=size[0] or cfg.get("size"))
+        img, box, fell_back, film = inputs.load(src, size[0] or cfg.get("size"), inputs.settings(cfg))
     except images.ImageError as exc:
         return fail(f"cannot read image {exc.name}: {exc.reason}")
+    if fell_back:
+        print(f"warning: {inputs.FALLBACK_WARNING}", file=sys.stderr)
     t0 = time.perf_counter()
     probs = np.asarray(model(img[None, :, :, None], training=False))[0]
     try:
@@ -866,7 +868,8 @@ def main(argv=None) -> int:
         return fail(str(exc))
     seconds = time.perf_counter() - t0
     out = Path(args.out)
-    _write_png(out, overlay(img, heat, args.alpha, args.colormap))
+    # drawn on the original film: the map goes back onto the region the network saw
+    _write_png(out, overlay(film, inputs.to_film(heat, box, film.shape), args.alpha, args.colormap))
     result = {
         "image": str(src),
         "run": str(run),
@@ -875,6 +878,8 @@ def main(argv=None) -> int:
         "class_index": ci,
         "layer": args.layer or default_layer(model),
         "p_covid": float(probs[config.COVID_INDEX]),
+        "box": list(box),
+        "lung_crop_fell_back": fell_back,
         "probabilities": {c: float(v) for c, v in zip(classes, probs, strict=False)},
         "out": str(out),
         "seconds": round(seconds, 3),

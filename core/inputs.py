@@ -130,6 +130,24 @@ def load(src, size: int, lung_crop: dict | None = None, name: str | None = None,
     return x[0], tuple(float(v) for v in boxes[0]), bool(fb[0]), film
 
 
+def load_many(srcs, size: int, lung_crop: dict | None = None, lung_model=None):
+    """Decode and prepare a batch; bad files are skipped and reported.
+
+    Returns ``(x (n_ok, size, size), boxes (n_ok, 4), fell_back (n_ok,), kept, errors)``: ``kept``
+    are the indices of the inputs that loaded, ``errors`` one :class:`core.images.ImageError` per
+    input that did not.
+    """
+    films, kept, errors = [], [], []
+    for i, src in enumerate(srcs):
+        try:
+            films.append(images.decode(src))
+            kept.append(i)
+        except images.ImageError as err:
+            errors.append(err)
+    x, boxes, fell_back = prepare(films, size, lung_crop, lung_model)
+    return x, boxes, fell_back, kept, errors
+
+
 def to_film(heatmap: np.ndarray, box, shape) -> np.ndarray:
     """Put a heatmap (h, w) on the network's grid back onto a film of ``shape`` (H, W).
 

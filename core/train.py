@@ -211,19 +211,6 @@ def _write_cache(cfile: Path, cached: dict) -> None:
     os.replace(tmp, cfile)
 
 
-def _prepare_chunk(root: Path, rels: list[str], size: int, lung_crop: dict | None):
-    """Decode and prepare a few films; bad files become ImageErrors (reported, skipped)."""
-    films, ok, errors = [], [], []
-    for j, rel in enumerate(rels):
-        try:
-            films.append(images.decode(root / rel))
-            ok.append(j)
-        except images.ImageError as err:
-            errors.append(err)
-    x, boxes, fell_back = inputs.prepare(films, size, lung_crop)
-    return ok, x, boxes, fell_back, errors
-
-
 def prepare_images(root, paths: list[str], size: int, lung_crop: dict | None = None, cache_dir=None,
                    progress: bool = True):
     """Decode and prepare ``paths`` (relative to ``root``) once, through :func:`core.inputs.prepare`.
@@ -260,8 +247,8 @@ def prepare_images(root, paths: list[str], size: int, lung_crop: dict | None = N
 
             pbar = tqdm(total=len(todo), desc="preparing", unit="img", file=sys.stderr)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            jobs = pool.map(lambda c: (c, _prepare_chunk(root, [paths[i] for i in c], size, lung_crop)), chunks)
-            for chunk, (ok, x, boxes, fb, errs) in jobs:
+            jobs = pool.map(lambda c: (c, inputs.load_many([root / paths[i] for i in c], size, lung_crop)), chunks)
+            for chunk, (x, boxes, fb, ok, errs) in jobs:
                 for j, k in enumerate(ok):
                     out[chunk[k]] = (x[j], boxes[j], bool(fb[j]))
                 errors.extend(errs)
