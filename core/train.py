@@ -59,8 +59,8 @@ AUGMENT = {
     # Every knob survives the per-image standardisation inside the model (a linear brightness or
     # contrast change would not: standardisation undoes it exactly).
     # rot: degrees; scale: random resized crop, (min, max) share of the side kept; shift: fraction of
-    # the side; gamma: log range; window: share of the grey range an intensity window may cut at
-    # each end; noise: Gaussian sigma as a share of 255; jpeg: probability of a JPEG re-encoding
+    # the side; gamma: log range; window: largest share of each image's pixels an intensity window clips at
+    # each end (window/level); noise: Gaussian sigma as a share of 255; jpeg: probability of a JPEG re-encoding
     # (quality 30-90); cutout: probability of one blanked rectangle (up to 1/3 of each side);
     # lowres: probability of a down- then up-scaled copy.
     "none": dict(rot=0.0, scale=(1.0, 1.0), shift=0.0, gamma=0.0, window=0.0, noise=0.0, jpeg=0.0,
@@ -369,14 +369,23 @@ def _affine(x, u, p: dict, size: int, hflip: bool):
 
 
 def _intensity(x, u, p: dict):
-    """Gamma and a random intensity window: non-linear grey-level changes a standardisation keeps."""
+    """A random intensity window and gamma: non-linear grey-level changes a standardisation keeps.
+
+    The window clips a random share (up to ``window``) of each image's darkest and brightest
+    pixels, found from the image's own sorted values, and stretches the rest: as a radiologist's
+    window/level, it always changes the picture, whatever the film's own range.
+    """
     import tensorflow as tf
 
     v = tf.clip_by_value(x / 255.0, 0.0, 1.0)
     if p["window"]:
-        lo = tf.reshape(u(5, 0.0, p["window"]), [-1, 1, 1, 1])
-        hi = tf.reshape(u(6, 1.0 - p["window"], 1.0), [-1, 1, 1, 1])
-        v = tf.clip_by_value((v - lo) / (hi - lo), 0.0, 1.0)
+        flat = tf.sort(tf.reshape(v, [tf.shape(v)[0], -1]), axis=1)
+        n = tf.cast(tf.shape(flat)[1] - 1, tf.float32)
+        lo_i = tf.cast(tf.round(u(5, 0.0, p["window"]) * n), tf.int32)
+        hi_i = tf.cast(tf.round(u(6, 1.0 - p["window"], 1.0) * n), tf.int32)
+        lo = tf.reshape(tf.gather(flat, lo_i, batch_dims=1), [-1, 1, 1, 1])
+        hi = tf.reshape(tf.gather(flat, hi_i, batch_dims=1), [-1, 1, 1, 1])
+        v = tf.clip_by_value((v - lo) / tf.maximum(hi - lo, 1e-3), 0.0, 1.0)
     if p["gamma"]:
         g = tf.reshape(tf.exp(u(7, -p["gamma"], p["gamma"])), [-1, 1, 1, 1])
         v = tf.pow(v + 1e-6, g)
@@ -896,12 +905,14 @@ def _predictions(model, oof_logits: np.ndarray, calibration: dict, data: dict, c
     oof = dev[ok].assign(split="val")
     p_oof = apply_calibration(oof_logits[ok], calibration)
     p_rest = model_lib.probabilities(model, data["x_rest"], batch_size=64)
-    cols = ["path", "source", "patient_id", "label", "class", "split", "fold", "box_y0", "box_x0", "box_y1",
-            "box_x1", "crop_fell_back"]
-    out = pd.concat([oof[cols], rest[cols]], ignore_index=True)
+    cols = ["path", "source", "patient_id", "label", "class", "split"]
+    extra = ["fold", "box_y0", "box_x0", "box_y1", "box_x1", "crop_fell_back"]
+    both = pd.concat([oof, rest], ignore_index=True)
+    out = both[cols].copy()
     probs = np.concatenate([p_oof, p_rest]) if len(p_rest) else p_oof
     for j, c in enumerate(classes):
         out[f"p_{c}"] = probs[:, j].astype(float)
+    out[extra] = both[extra].to_numpy()
     return out
 
 

@@ -88,7 +88,7 @@ def test_augmentation_none_is_identity_and_default_is_seeded():
 
 def test_no_horizontal_flip_by_default():
     """The heart is on the left: default augmentation keeps the left/right layout."""
-    geo = dict(train.AUGMENT["default"], bright=0.0, contrast=0.0, gamma=0.0, lowres=0.0)
+    geo = dict(train.AUGMENT["none"], rot=10.0, scale=(0.8, 1.0), shift=0.05)
     for step in range(5):
         _, out = _batch(geo, step=step)
         assert (out[:, :, :16].mean(axis=(1, 2, 3)) > out[:, :, 16:].mean(axis=(1, 2, 3))).all()
@@ -97,6 +97,41 @@ def test_no_horizontal_flip_by_default():
         _, out = _batch(geo, hflip=True, step=step)
         flipped += int((out[:, :, :16].mean(axis=(1, 2, 3)) < out[:, :, 16:].mean(axis=(1, 2, 3))).sum())
     assert flipped > 0
+
+
+def _standardise(x):
+    """What the model's first layer does to every image: zero mean, unit variance."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
+
+
+@pytest.mark.parametrize("knob", [k for k, v in train.AUGMENT["default"].items() if v != train.AUGMENT["none"][k]])
+def test_every_augmentation_survives_the_in_model_standardisation(knob):
+    """A knob whose effect per-image standardisation removes exactly (a linear brightness or
+    contrast change) teaches the network nothing; every knob of the default augmentation must
+    change the standardised image."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(120, 40, (16, 32, 32, 1)), 0, 255).astype(np.float32)
+    x[:, 8:20, 6:14] += 60.0
+    x = np.clip(x, 0, 255)
+    params = dict(train.AUGMENT["none"], **{knob: train.AUGMENT["strong"][knob]})
+    if knob == "jpeg":
+        params[knob] = 1.0  # every image re-encoded
+    if knob in ("cutout", "lowres"):
+        params[knob] = 1.0
+    fn = train._augment_fn(params, 32, False, seed=3)
+    out, _, _ = fn(tf.constant(1), tf.constant(x), tf.zeros((16, 2)), tf.ones(16))
+    change = np.abs(_standardise(out.numpy()) - _standardise(x)).mean(axis=1)
+    assert (change > 0.02).mean() >= 0.5, f"{knob}: standardised images barely change ({np.round(change, 3)})"
+
+
+def test_a_linear_brightness_change_is_undone_by_standardisation():
+    """Why brightness/contrast jitter was removed: the standardised image is the same."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 200, (4, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_standardise(1.3 * x + 20.0), _standardise(x), atol=1e-6)
 
 
 def test_cli_help():
@@ -125,6 +160,10 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
     pred = runs.read_predictions(tiny_run)
     assert list(pred.columns[:8]) == ["path", "source", "patient_id", "label", "class", "split", "p_covid", "p_other"]
     assert set(pred["split"]) == {"val", "test"}
+    # val rows are out-of-fold: each predicted by the member that left its fold out
+    val = pred[pred["split"] == "val"]
+    assert set(val["fold"].astype(int)) == set(range(cfg["members"]))
+    assert len(val) == cfg["n_val"] and cfg["n_train"] >= len(val)
     np.testing.assert_allclose(pred["p_covid"] + pred["p_other"], 1.0, atol=1e-5)
     assert (pred.loc[pred["label"] == "covid", "class"] == "covid").all()
     assert (pred.loc[pred["label"] != "covid", "class"] == "other").all()
@@ -134,7 +173,9 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
     # patient-level: no patient in two splits
     assert split.groupby("patient_id")["split"].nunique().max() == 1
     hist = runs.read_history(tiny_run)
-    assert hist["epoch"].tolist() == list(range(1, len(hist) + 1))
+    for member, h in hist.groupby("member"):
+        assert h["epoch"].tolist() == list(range(1, cfg["epochs"] + 1)), member
+    assert sorted(set(hist["member"])) == list(range(cfg["members"]))
     assert {"loss", "val_auc", "val_ws_auc", "val_loss"} <= set(hist.columns)
     env = runs.read_env(tiny_run)
     assert env["packages"]["keras"] and "git_commit" in env
@@ -144,7 +185,7 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
 
 def test_same_seed_same_metrics(tiny_run, cxr_root, tmp_path):
     cfg = runs.read_config(tiny_run)
-    same = {k: cfg[k] for k in ("size", "limit", "epochs", "batch_size", "seed", "patience", "name")}
+    same = {k: cfg[k] for k in ("size", "limit", "epochs", "batch_size", "seed", "folds", "members", "name")}
     again = train.train(data=str(cxr_root), runs=str(tmp_path), verbose=0, evaluate=False, **same)
     a, b = runs.read_predictions(tiny_run), runs.read_predictions(again)
     assert a["path"].tolist() == b["path"].tolist()
@@ -191,9 +232,11 @@ def test_holdout_source_and_lung_mask(cxr_root, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_killed_run(cxr_root, tmp_path):
+    """Killed while the second member trains: the first member is kept, the second continues."""
     cmd = [
         sys.executable, "-m", "core.train", "--data", str(cxr_root), "--runs", str(tmp_path), "--size", "64",
-        "--limit", "3", "--epochs", "4", "--batch-size", "16", "--name", "killed", "--quiet", "--no-evaluate",
+        "--limit", "3", "--epochs", "4", "--batch-size", "16", "--folds", "2", "--members", "2", "--name", "killed",
+        "--quiet", "--no-evaluate",
     ]
     proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = None
@@ -206,7 +249,7 @@ def test_resume_after_a_killed_run(cxr_root, tmp_path):
                     state = json.loads(found[0].read_text())
                 except json.JSONDecodeError:
                     state = None
-                if state and state["epoch"] >= 2:
+                if state and state["member"] == 1 and state["epoch"] >= 2:
                     break
             if proc.poll() is not None:
                 break
@@ -215,18 +258,20 @@ def test_resume_after_a_killed_run(cxr_root, tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert state and 2 <= state["epoch"] < 4, "the run should be killed mid-way"
+    assert state and state["member"] == 1 and 2 <= state["epoch"] < 4, "the run should be killed mid-way"
+    assert state["done"] == [0]
     run = next(tmp_path.glob("*-killed"))
     assert not (run / "model.keras").exists()
     before = runs.read_history(run)
     resumed = train.train(resume=str(run), verbose=0, evaluate=False)
     assert resumed == run
     hist = runs.read_history(run)
-    assert hist["epoch"].tolist() == [1, 2, 3, 4]
+    assert hist[["member", "epoch"]].values.tolist() == [[m, e] for m in (0, 1) for e in (1, 2, 3, 4)]
     pd.testing.assert_frame_equal(hist.iloc[: len(before)], before)  # history kept
     cfg = runs.read_config(run)
     assert cfg["resumed_from"] == str(run) and cfg["epochs_run"] == 4
     assert not (run / "checkpoint").exists()
+    assert len(runs.read_predictions(run).query("split == 'val'")) == cfg["n_val"]
 
 
 @pytest.mark.slow
