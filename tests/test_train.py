@@ -216,6 +216,8 @@ def test_holdout_source_and_lung_mask(cxr_root, tmp_path):
         holdout_source="nih",
         lung_mask=str(lung_path),
         name="holdout",
+        folds=2,
+        members=1,
     )
     pred = runs.read_predictions(run)
     ext = pred[pred["split"] == "external"]
@@ -226,6 +228,7 @@ def test_holdout_source_and_lung_mask(cxr_root, tmp_path):
     assert cfg["holdout_source"] == "nih" and cfg["lung_mask"] == str(lung_path)
     model = runs.load_model(run)  # safe_mode load of the gated model
     assert "lung_gate" in [layer.name for layer in model.layers]
+    assert cfg["lung_crop"] is not None  # the gate works on the lung-cropped film too
     with pytest.raises(ValueError, match="holdout source"):
         train.train(data=str(cxr_root), runs=str(tmp_path / "runs"), holdout_source="mars", verbose=0, limit=2)
 
