@@ -96,6 +96,7 @@ DEFAULTS = dict(
     hflip=False,
     balance="source",
     holdout_source=None,
+    exclude_sources=None,
     limit=None,
     strategy=None,
     logical_cpus=None,
@@ -318,6 +319,12 @@ def prepare_table(cfg: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     table = splits.prepare(root, seed=cfg["split_seed"], split_file=cfg.get("split_file"),
                            fractions=SPLIT_FRACTIONS).copy()
+    excluded = set(cfg.get("exclude_sources") or [])
+    if excluded - set(table["source"]):
+        raise ValueError(f"excluded source(s) {sorted(excluded - set(table['source']))} not in the data; "
+                         f"sources: {sorted(set(table['source']))}")
+    # dropped after the split is made, so every other image keeps the split it has in the full data
+    table = table[~table["source"].isin(excluded)].copy()
     hold = cfg.get("holdout_source")
     if hold:
         if hold not in set(table["source"]):
@@ -905,6 +912,7 @@ def _predictions(model, oof_logits: np.ndarray, calibration: dict, data: dict, c
     oof = dev[ok].assign(split="val")
     p_oof = apply_calibration(oof_logits[ok], calibration)
     p_rest = model_lib.probabilities(model, data["x_rest"], batch_size=64)
+    nets = model_lib.members(model)
     cols = ["path", "source", "patient_id", "label", "class", "split"]
     extra = ["fold", "box_y0", "box_x0", "box_y1", "box_x1", "crop_fell_back"]
     both = pd.concat([oof, rest], ignore_index=True)
@@ -913,6 +921,11 @@ def _predictions(model, oof_logits: np.ndarray, calibration: dict, data: dict, c
     for j, c in enumerate(classes):
         out[f"p_{c}"] = probs[:, j].astype(float)
     out[extra] = both[extra].to_numpy()
+    # Each member's own (calibrated) P(covid) on the test/external rows: what one network alone
+    # would have said, so that the ensemble's gain can be read from one run.
+    for k, net in enumerate(nets):
+        p_k = apply_calibration(_logits(net, data["x_rest"]), calibration) if len(rest) else np.zeros((0, 2))
+        out[f"p_covid_member{k}"] = np.r_[np.full(len(oof), np.nan), p_k[:, config.COVID_INDEX]]
     return out
 
 
@@ -921,7 +934,8 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
 
     both = pd.concat([data["dev"], data["rest"]], ignore_index=True)
     keys = ("task", "preset", "backbone", "weights", "size", "seed", "split_seed", "epochs", "batch_size", "lr",
-            "folds", "members", "adversarial", "augment", "hflip", "balance", "holdout_source", "limit", "strategy",
+            "folds", "members", "adversarial", "augment", "hflip", "balance", "holdout_source", "exclude_sources",
+            "limit", "strategy",
             "calibrate")
     out = {k: cfg.get(k) for k in keys}
     out.update(
@@ -1095,6 +1109,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", choices=["class", "source", "none"], default=DEFAULTS["balance"],
                    help="sample weights: equal per class, or per class and source within a class")
     p.add_argument("--holdout-source", help="leave this source out of training; report it as 'external'")
+    p.add_argument("--exclude-sources", type=lambda v: [s.strip() for s in v.split(",") if s.strip()],
+                   help="comma-separated sources left out of the run entirely (e.g. to measure what a new "
+                   "collection adds); the other images keep their split")
     p.add_argument("--limit", type=int, help="at most N images per split, source and label (quick runs)")
     p.add_argument("--strategy", choices=["default", "mirrored"], help="tf.distribute strategy")
     p.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices (to test mirrored)")
