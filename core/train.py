@@ -41,13 +41,10 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -117,57 +114,6 @@ SPLIT_FRACTIONS = (0.8, 0.0, 0.2)
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- environment
-def git_commit() -> str | None:
-    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=config.REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=config.REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment() -> dict:
-    """Python, platform, package versions and git commit, for env.json."""
-    pkgs = {}
-    for name in (
-        "tensorflow",
-        "tensorflow-cpu",
-        "keras",
-        "numpy",
-        "pandas",
-        "scikit-learn",
-        "opencv-python-headless",
-        "pillow",
-        "pydicom",
-        "tf-keras-vis",
-    ):
-        try:
-            pkgs[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "packages": pkgs,
-        "git_commit": git_commit(),
-        "argv": sys.argv,
-    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -957,7 +903,7 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
         prepare_seconds=round(timing["prepare"], 2),
         train_seconds=round(timing["train"], 2),
         resumed_from=cfg.get("resume"),
-        git_commit=git_commit(),
+        **{k: v for k, v in runs.provenance().items() if k != "source_files"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         model_sha256=runs.sha256(run / "model.keras"),
         model_bytes=(run / "model.keras").stat().st_size,
@@ -1012,7 +958,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
     runs.atomic_save_model(model, run / "model.keras")
     timing = {"prepare": data["prepare_seconds"], "train": train_s, "replicas": strategy.num_replicas_in_sync}
     runs.write_json(run / "config.json", _final_config(cfg, state, data, calibration, model, run, timing))
-    runs.write_json(run / "env.json", environment())
+    runs.write_json(run / "env.json", runs.environment())
     shutil.rmtree(ckpt, ignore_errors=True)
     if cfg.get("evaluate"):
         from core.evaluate import evaluate_run
