@@ -43,61 +43,57 @@ def test_ramp_rises_from_zero_to_the_weight():
     assert train._ramp(0.5, 10, 10) == pytest.approx(0.5, abs=1e-3)
 
 
-def _marked(n: int, rng, side: int = 32):
-    """Two collections: class 1 has a soft blob; collection "b" stamps a bright corner marker.
-    Collection b holds most of class 1, so the marker is a shortcut to the label."""
+def _marked(n: int, rng, p_b=(0.15, 0.85), side: int = 32, amp: float = 10.0):
+    """Two collections: class 1 has a faint blob; collection "b" stamps a bright corner marker.
+
+    ``p_b`` is the share of each class from collection b: (0.15, 0.85) makes the marker a
+    shortcut to the label (the faint blob alone is a weaker cue); (0.85, 0.15) reverses it.
+    """
     yy, xx = np.mgrid[:side, :side]
     x = np.clip(rng.normal(100, 20, (n, side, side)), 0, 255).astype(np.float32)
     cls = rng.integers(0, 2, n)
-    src = np.where(rng.random(n) < np.where(cls == 1, 0.8, 0.2), "b", "a")
+    src = np.where(rng.random(n) < np.where(cls == 1, p_b[1], p_b[0]), "b", "a")
     for i in range(n):
         if cls[i]:
             cy, cx = rng.integers(10, 22, 2)
-            x[i] += 70 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+            x[i] += amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
         if src[i] == "b":
             x[i, 1:6, 1:6] = 250.0
     table = pd.DataFrame({"class": np.where(cls == 0, "covid", "other"), "y": cls, "source": src})
     return np.clip(x, 0, 255), table
 
 
-def _within_class_probe(features: np.ndarray, table: pd.DataFrame) -> float:
-    """Cross-validated AUC of a logistic probe for the collection, within each class (mean)."""
-    from sklearn.linear_model import LogisticRegression
+def _reversed_auc(adversarial: float, seed: int, data) -> float:
+    """AUC on images whose marker-label link is reversed, of a network trained where it holds."""
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import cross_val_predict
-    from sklearn.preprocessing import StandardScaler
 
-    aucs = []
-    for _, g in table.groupby("y"):
-        f = StandardScaler().fit_transform(features[g.index])
-        s = (g["source"] == "b").to_numpy().astype(int)
-        p = cross_val_predict(LogisticRegression(C=0.1, max_iter=2000), f, s, cv=5, method="predict_proba")[:, 1]
-        aucs.append(roc_auc_score(s, p))
-    return float(np.mean(aucs))
+    from core import model as model_lib
+
+    (x, table), (xr, tr) = data
+    cfg = {**train.DEFAULTS, "size": 32, "epochs": 15, "lr": 3e-3, "width": 0.5, "crop": 0.0,
+           "adversarial": adversarial}
+    keras.utils.set_random_seed(seed)
+    steps = int(np.ceil(len(x) / 32))
+    model, net = train.build_member(cfg, 32, ["a", "b"], steps * cfg["epochs"])
+    y = train._targets(table, 2, ["a", "b"], adversarial > 0)
+    w = np.ones(len(x), np.float32)
+    ds = train.make_dataset(x, y, {"probs": w, "source": w} if adversarial > 0 else w, 32, 0, "none")
+    for epoch in range(cfg["epochs"]):
+        if adversarial > 0:
+            model.get_layer("grl").lam.assign(train._ramp(adversarial, epoch, cfg["epochs"]))
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
+    return float(roc_auc_score(tr["y"], model_lib.probabilities(net, xr)[:, 1]))
 
 
 @pytest.mark.slow
-def test_adversarial_head_removes_a_collection_marker_from_the_features():
-    from core import model as model_lib
-
-    x, table = _marked(800, np.random.default_rng(0))
-    xt, tt = _marked(300, np.random.default_rng(1))
-    cfg = {**train.DEFAULTS, "size": 32, "epochs": 12, "lr": 3e-3, "width": 0.5, "crop": 0.0}
-    probes = {}
-    for adv in (0.0, 1.0):
-        keras.utils.set_random_seed(0)
-        cfg["adversarial"] = adv
-        steps = int(np.ceil(len(x) / 32))
-        model, net = train.build_member(cfg, 32, ["a", "b"], steps * cfg["epochs"])
-        y = train._targets(table, 2, ["a", "b"], adv > 0)
-        w = np.ones(len(x), np.float32)
-        ds = train.make_dataset(x, y, {"probs": w, "source": w} if adv > 0 else w, 32, 0, "none")
-        for epoch in range(cfg["epochs"]):
-            if adv > 0:
-                model.get_layer("grl").lam.assign(train._ramp(adv, epoch, cfg["epochs"]))
-            model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-        acc = float((model_lib.probabilities(net, xt).argmax(1) == tt["y"].to_numpy()).mean())
-        assert acc > 0.8, f"adversarial {adv}: the classifier did not learn the blob ({acc:.2f})"
-        probes[adv] = _within_class_probe(model_lib.features(net, xt), tt)
-    assert probes[0.0] > 0.8, f"without the head the marker should be in the features ({probes})"
-    assert probes[1.0] < probes[0.0] - 0.1, f"the source head did not remove the marker ({probes})"
+def test_adversarial_head_makes_the_network_lean_less_on_a_collection_marker():
+    """Trained where a corner marker mostly means class 1, tested where it mostly means class 0:
+    a network that uses the marker ranks the reversed images badly (AUC well below 0.5). With
+    the class-conditional source head, the mean over three seeds must be clearly better.
+    (Measured once: 0.29 without, 0.45 with the head at weight 0.3; the effect varies by seed
+    and at weights of 1 and more it vanished, which is why the default weight is small.)"""
+    data = (_marked(1200, np.random.default_rng(0)), _marked(400, np.random.default_rng(2), p_b=(0.85, 0.15)))
+    without = np.mean([_reversed_auc(0.0, s, data) for s in (0, 1, 2)])
+    with_head = np.mean([_reversed_auc(0.3, s, data) for s in (0, 1, 2)])
+    assert without < 0.4, f"the marker should be a shortcut without the head (reversed AUC {without:.2f})"
+    assert with_head > without + 0.08, f"reversed AUC {with_head:.2f} with the head vs {without:.2f} without"
