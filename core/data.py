@@ -105,6 +105,14 @@ def confounding(table: pd.DataFrame) -> tuple[list[str], dict]:
     for src, labels in table.groupby("source")["label"].unique().items():
         if len(labels) == 1 and table["source"].nunique() > 1:
             warnings.append(f"source {src} holds only {labels[0]} images: its label is predictable from the source")
+    by_label = {lb: set(table.loc[table["label"] == lb, "source"]) for lb in LABELS}
+    for i, a in enumerate(LABELS):
+        for b in LABELS[i + 1:]:
+            if by_label[a] and by_label[b] and not by_label[a] & by_label[b]:
+                warnings.append(
+                    f"no source holds both {a} and {b} images ({a}: {', '.join(sorted(by_label[a]))}; "
+                    f"{b}: {', '.join(sorted(by_label[b]))}): {a} vs {b} can be told apart by the source alone"
+                )
     known = table[table["age_group"] != "unknown"]
     share = pd.crosstab(known["label"], known["age_group"], normalize="index") if len(known) else pd.DataFrame()
     for a in share.index:
@@ -163,9 +171,9 @@ def audit(
 ) -> dict:
     """The dataset audit as a JSON-ready dict (see the module docstring).
 
-    Keys: counts, by_source, by_split, by_source_label_split, patients_by_source, views,
-    age_groups, dropped, duplicates {exact, near, pairs}, leaks, unreadable, sources_found,
-    warnings, source_predictability.
+    Keys: counts, by_source, by_split, by_source_label_split, patients_by_source,
+    patients_linked_across_sources, views, age_groups, sexes, dropped, duplicates {exact, near,
+    pairs}, leaks, unreadable, sources_found, warnings, source_predictability.
     """
     root = Path(root)
     table = prepare(root, seed=seed, split_file=split_file, near=near, progress=progress, label_map=label_map)
@@ -187,8 +195,10 @@ def audit(
         "by_split": {s: _nested(table[table["split"] == s], ["label"]) for s in SPLITS},
         "by_source_label_split": _nested(table, ["source", "label", "split"]),
         "patients_by_source": {str(k): int(v) for k, v in table.groupby("source")["patient_id"].nunique().items()},
+        "patients_linked_across_sources": int(table.attrs.get("linked_patients", 0)),
         "views": _nested(table, ["source", "view"]),
         "age_groups": _nested(table, ["source", "age_group"]),
+        "sexes": _nested(table, ["source", "sex"]) if "sex" in table.columns else {},
         "dropped": dict(sorted(table.attrs.get("dropped", {}).items())),
         "duplicates": {
             "exact": sum(d["kind"] == "exact" for d in dups),
@@ -218,6 +228,10 @@ def format_audit(rep: dict) -> str:
     lines.append("")
     lines.append("Views:      " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["views"].items()))
     lines.append("Age groups: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["age_groups"].items()))
+    lines.append("Sex:        " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["sexes"].items()))
+    if rep["patients_linked_across_sources"]:
+        lines.append(f"Linked:     {rep['patients_linked_across_sources']} patients have films in two sources "
+                     "(one patient id, one split group)")
     lines.append("Dropped:    " + (", ".join(f"{k}: {v}" for k, v in rep["dropped"].items()) or "none"))
     d = rep["duplicates"]
     lines.append(f"Duplicates: {d['exact']} exact (dropped from fresh splits), {d['near']} near (kept in one split)")

@@ -7,9 +7,11 @@ Conventions used everywhere in this module:
 - ``y`` is 1 for the positive class (covid) and 0 otherwise; ``p`` is the predicted
   probability of the positive class, P(covid).
 - An image is called positive when ``p >= threshold``.
-- ``groups`` (patient ids) define the resampling unit of the bootstrap: images of one patient
-  are correlated, so a CI that resamples images would be too narrow. Each bootstrap resample
-  draws patients with replacement and keeps all images of a drawn patient (as often as drawn).
+- ``groups`` define the resampling unit of the bootstrap: images of one patient are correlated,
+  so a CI that resamples images would be too narrow. Callers pass the split file's ``group``
+  (patients merged through duplicate images and cross-source links, what the split kept
+  together; :func:`core.evaluate._groups`), else patient ids. Each bootstrap resample draws
+  groups with replacement and keeps all images of a drawn group (as often as drawn).
 - Every metric is returned as ``{"value", "ci_low", "ci_high"}`` (percentile 95% CI, widened
   if needed to contain the point value; NaN with a ``"reason"`` when fewer than half of the
   resamples define the metric, e.g. a rare class missing from most of them). A metric

@@ -369,9 +369,10 @@ def prepare(
     """The table training and evaluation use: images, labels and a ``split`` column.
 
     :func:`core.datasets.load_table`, then, if ``split_file`` exists, its splits are applied
-    (rows it does not list are dropped). Otherwise exact duplicates are dropped, unreadable
+    (rows it does not list are dropped). Otherwise patients are grouped through exact and near
+    duplicates on the full table (:func:`split_groups`), then exact duplicates and unreadable
     images are dropped (with ``near=True``, the default, every image is decoded once for the
-    near-duplicate check), near-duplicates are grouped, and a fresh seeded split is made; when
+    near-duplicate check), and a fresh seeded split of those groups is made; when
     ``split_file`` is given but absent, the new split is written there.
 
     ``sources`` and ``label_map`` are passed to :func:`core.datasets.load_table`. ``attrs``:
@@ -385,6 +386,9 @@ def prepare(
             raise ValueError(f"split file {split_file} lists none of the {len(table)} images under {root}")
         return out
     dups = find_duplicates(table, root, near=near, cache=cache, cache_dir=cache_dir, progress=progress)
+    # Group on the full table, then drop: two patients joined only by an exact copy stay one group
+    # even though the copy itself is dropped.
+    table = table.assign(group=split_groups(table, dups).to_numpy())
     table = drop_exact_duplicates(table, dups)
     unreadable = dups.attrs.get("unreadable", {})
     if unreadable:
@@ -392,7 +396,7 @@ def prepare(
         table = table[~table["path"].isin(unreadable)].reset_index(drop=True)
         table.attrs = attrs
         table.attrs["dropped"] = {**attrs.get("dropped", {}), "unreadable image": len(unreadable)}
-    out = make_split(table, seed=seed, fractions=fractions, duplicates=dups)
+    out = make_split(table, seed=seed, fractions=fractions, groups=table["group"])
     out.attrs["duplicates"] = dups.to_dict("records")
     out.attrs["unreadable"] = dict(unreadable)
     out.attrs["seed"] = int(seed)
