@@ -6,9 +6,9 @@ module measures that, per image and per explanation method, with checks a shortc
 
 - :func:`trust`: where a heatmap's energy lies: inside the lung fields (against the lungs'
   share of the image), in the border band and in the top band (where text and markers sit).
-- :func:`deletion_insertion`: deletion and insertion AUC (Petsiuk et al., RISE, BMVC 2018):
-  does removing the hottest pixels first drop the score fast, and does inserting them first
-  raise it fast? All steps run in one batched forward pass.
+- :func:`deletion_insertion`: deletion and insertion AUC (Petsiuk et al., RISE, BMVC 2018),
+  kept for comparison (``--di-methods``); the blank it leaves is itself a signal, so the audit
+  scores faithfulness with ROAD (:mod:`core.road`) instead.
 - :func:`sanity_check`: the model randomisation test (Adebayo et al., NeurIPS 2018): maps of the
   trained model against the same network with its learned weights re-initialised, compared by
   Spearman rank correlation. Rule: a method **passes** if the mean correlation is below 0.5
@@ -16,14 +16,21 @@ module measures that, per image and per explanation method, with checks a shortc
 - :func:`probes`: the counterfactual test of DeGrave et al., offline: re-predict every image
   with the lungs blanked and with everything but the lungs blanked; the ROC AUC (COVID-19 vs
   the rest) that survives each, with patient-bootstrap CIs. High AUC without lungs = shortcuts.
-- :func:`run_audit` runs all of it over a run's test split and writes ``audit.csv`` (per image
-  and method), ``audit.json`` (summary + a plain-words verdict) and ``audit_maps/`` (mean
-  heatmaps per class and per source as ``.npy``) into the run folder.
+- :func:`run_audit` runs all of it over a run's test split, one named step after another
+  (:func:`open_run`, :func:`load_images`, :func:`explain_all`, :func:`trust_table`,
+  :func:`sanity_checks`, :func:`probes`, :func:`road_step`, :func:`pointing_step`,
+  :func:`source_probe_step`, :func:`slices_step`, then :func:`core.findings.findings`), and
+  writes ``audit.csv`` (per image and method), ``audit.json`` (summary, the findings as cards
+  and a plain-words verdict) and ``audit_maps/`` (mean heatmaps per class and per source as
+  ``.npy``) into the run folder. Images are prepared through ``core.inputs``: a lung-crop run
+  is audited on what its network sees, with the lung masks and expert boxes mapped into that
+  view by ``inputs.from_film``.
 
-CLI::
+CLI (``--json`` prints the summary with the same findings; ``--markdown FILE`` rewrites the
+generated block of ``assets/AUDIT.md``; audit_maps.png is drawn unless ``--no-png``)::
 
     python -m core.audit --run assets/model --data ../shared/cxr [--methods gradcam,scorecam_fast]
-                         [--limit N] [--json]
+                         [--limit N] [--json] [--markdown assets/AUDIT.md]
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ import pandas as pd
 
 from core import config, findings, pointing, road, slices, source_probe
 
-DEFAULT_METHODS = ("gradcam", "gradcam_pp", "layercam", "scorecam_fast", "saliency")
+# LayerCAM is left out by default: at a last convolution followed by global pooling its maps equal
+# Grad-CAM++'s; full Score-CAM (scorecam_fast's slow original) and SmoothGrad (20 passes per map) would
+# each add a minute or more to the audit on two cores (--methods adds any of them).
+DEFAULT_METHODS = ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
 SANITY_THRESHOLD = 0.5  # mean Spearman correlation below this -> the method passes
 SANITY_N = 8  # images per method for the randomisation check
 MIN_MEAN_N = 10  # never draw a "mean" image over fewer images than this (it would be a copy)
@@ -780,6 +790,8 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     with _timed(timing, "sanity_s"):
         rand = randomised_copy(clf, seed)
         sanity = sanity_checks(clf, x, methods, sanity_n, rand, seed)
+        for v in sanity.values():
+            v["paths"] = test["path"].to_numpy()[v["_pick"]].tolist()
     with _timed(timing, "probes_s"):
         pr = probes(clf, x, lung, test["y"].to_numpy(), test["patient_id"].to_numpy(), test["source"].to_numpy(),
                     n_boot=n_boot)
@@ -798,8 +810,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     summary = _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods)
     summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
     summary["verdict"] = verdict(summary)
-    summary["findings"] = findings.findings(summary, table, {m: test["path"].to_numpy()[s["_pick"]].tolist()
-                                                              for m, s in sanity.items()})
+    summary["findings"] = findings.findings(summary, table)
     timing["total_s"] = time.time() - t_start
     summary["timing"] = {k: round(v, 2) for k, v in timing.items()}
     if write:

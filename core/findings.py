@@ -26,7 +26,7 @@ import cv2
 import pandas as pd
 
 SEVERITIES = ("high", "medium", "low", "ok")
-MAX_PATHS = 24
+MAX_PATHS = 48
 MAX_SLICE_CARDS = 8
 RULES = {
     "probe": "lungs-blanked AUC >= 0.8: high; >= 0.65: medium; else ok",
@@ -202,7 +202,7 @@ def _pointing_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
     return out
 
 
-def _sanity_cards(s: dict, sanity_paths: dict) -> list[dict]:
+def _sanity_cards(s: dict) -> list[dict]:
     out = []
     for name, info in (s.get("methods") or {}).items():
         sc = info.get("sanity")
@@ -212,34 +212,52 @@ def _sanity_cards(s: dict, sanity_paths: dict) -> list[dict]:
         claim = (f"{info.get('title', name)} maps {'change' if ok else 'barely change'} when the learned weights are "
                  f"re-initialised (mean Spearman {sc['spearman_mean']:.2f} over {sc['n']} images; passes below "
                  f"{sc['threshold']})" + ("." if ok else ": they show image structure, not what the model learned."))
-        out.append(_card(f"sanity:{name}", "sanity", "ok" if ok else "medium", claim, sanity_paths.get(name, []),
+        out.append(_card(f"sanity:{name}", "sanity", "ok" if ok else "medium", claim, sc.get("paths", []),
                          "the films of the randomisation check", name, sc["spearman_mean"]))
     return out
 
 
 def _slice_cards(s: dict, method) -> list[dict]:
+    """Cards of flagged slices. The simplest slices come first, and among them the one with the most
+    errors of the flagged kind (false positives for specificity, false negatives for sensitivity);
+    a slice whose such errors are mostly (>= 80%) those of a card already kept for the same
+    metric adds nothing and is left out (a sub-slice of ``source=ieee8023`` repeats it)."""
     sl = s.get("slices") or {}
     names = {"roc_auc": "ROC AUC", "sensitivity": "Sensitivity", "specificity": "Specificity"}
-    cards = []
+    errors = {"specificity": ("false_positives",), "sensitivity": ("false_negatives",),
+              "roc_auc": ("false_positives", "false_negatives")}
+    cand = []
     for sc in sl.get("slices", []):
         for m in sc.get("flags", []):
-            v, rest = sc["metrics"][m], sc["rest"][m]
-            gap = rest - _v(v)
-            cards.append(_card(f"slice:{sc['name']}:{m}", "slice", "high" if gap >= 0.3 else "medium",
-                               f"{names[m]} on {sc['name']} ({sc['n']} images) is {fmt_ci(v)}, against {rest:.2f} "
-                               f"on the other test images (threshold {sl.get('threshold', 0.5):.2f}).",
-                               sc.get("paths", []), "the misclassified films of this slice", method, gap))
+            wrong = [p for k in errors[m] for p in sc.get(k, [])] or list(sc.get("paths", []))
+            cand.append((len(sc["columns"]), -len(wrong), sc, m, wrong))
+    cand.sort(key=lambda t: (t[0], t[1]))
+    kept: dict[str, list[set]] = {}
+    cards = []
+    for _, _, sc, m, wrong in cand:
+        ws = set(wrong)
+        if any(ws and len(ws & k) >= 0.8 * len(ws) for k in kept.get(m, [])):
+            continue
+        kept.setdefault(m, []).append(ws)
+        v, rest = sc["metrics"][m], sc["rest"][m]
+        gap = rest - _v(v)
+        kind = {"specificity": "the films of this slice wrongly called COVID-19",
+                "sensitivity": "the COVID-19 films of this slice that were missed"}.get(m, "its misclassified films")
+        cards.append(_card(f"slice:{sc['name']}:{m}", "slice", "high" if gap >= 0.3 else "medium",
+                           f"{names[m]} on {sc['name']} ({sc['n']} images) is {fmt_ci(v)}, against {rest:.2f} "
+                           f"on the other test images (threshold {sl.get('threshold', 0.5):.2f}).",
+                           wrong, kind, method, gap))
     cards.sort(key=lambda c: -c["strength"])
     return cards[:MAX_SLICE_CARDS]
 
 
-def findings(summary: dict, table: pd.DataFrame | None = None, sanity_paths: dict | None = None) -> list[dict]:
+def findings(summary: dict, table: pd.DataFrame | None = None) -> list[dict]:
     """The audit's findings as cards (module docstring), ranked by severity, then by strength."""
     method = next(iter(summary.get("methods") or {}), None)
     rows = _rows(table, method)
     cards = (_probe_cards(summary, rows, method) + _source_cards(summary, rows, method)
              + _road_cards(summary, table) + _pointing_cards(summary, table)
-             + _sanity_cards(summary, sanity_paths or {}) + _slice_cards(summary, method))
+             + _sanity_cards(summary) + _slice_cards(summary, method))
     n_fb = summary.get("n_fell_back") or 0
     if n_fb:
         cards.append(_card("fell_back", "fell_back", "low",

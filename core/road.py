@@ -244,7 +244,7 @@ def road(model, images: np.ndarray, maps: dict[str, np.ndarray], class_index: in
     def flush():
         if not pending:
             return
-        p = cxr_model.probabilities(model, np.concatenate(pending), batch_size=64)[:, class_index]
+        p = cxr_model.probabilities(model, np.concatenate(pending), batch_size=32)[:, class_index]
         for k, i in enumerate(owners):
             deltas[i] = (p[k * per:(k + 1) * per] - p0[i]).reshape(len(names), 2, nf)
         pending.clear()

@@ -27,7 +27,7 @@ METRICS = ("roc_auc", "sensitivity", "specificity")
 MIN_N = 10
 MIN_CLASS = 5
 MIN_GAP = 0.10
-MAX_PATHS = 24  # misclassified images kept per flagged slice
+MAX_PATHS = 200  # misclassified images kept per flagged slice
 
 
 def _needs(metric: str, n_pos: int, n_neg: int) -> bool:
@@ -59,7 +59,7 @@ def slice_metrics(table: pd.DataFrame, y, p, groups, threshold: float, columns=N
     Returns ``{threshold, columns, rule, slices: [...], flagged: [...]}``; each slice holds
     ``name``, ``columns``, ``n``, ``n_pos``, ``n_neg``, ``metrics`` (value/ci_low/ci_high),
     ``rest`` (point values on the other images), ``flags`` and, when flagged, ``paths`` (its
-    misclassified images).
+    misclassified images), ``false_positives`` and ``false_negatives``.
     """
     from core import metrics
 
@@ -82,9 +82,12 @@ def slice_metrics(table: pd.DataFrame, y, p, groups, threshold: float, columns=N
         s = {"name": name, "columns": spec, "n": int(mask.sum()), "n_pos": n_pos, "n_neg": n_neg,
              "metrics": m, "rest": {k: v["value"] for k, v in rest.items()}}
         s["flags"] = flag(s)
-        if s["flags"]:
-            wrong = mask & ((p >= threshold) != (y == 1))
-            s["paths"] = table.loc[wrong, "path"].astype(str).tolist()[:MAX_PATHS] if "path" in table else []
+        if s["flags"] and "path" in table:
+            called = p >= threshold
+            fp, fn = mask & called & (y == 0), mask & ~called & (y == 1)
+            s["false_positives"] = table.loc[fp, "path"].astype(str).tolist()[:MAX_PATHS]
+            s["false_negatives"] = table.loc[fn, "path"].astype(str).tolist()[:MAX_PATHS]
+            s["paths"] = table.loc[fp | fn, "path"].astype(str).tolist()[:MAX_PATHS]
         out.append(s)
     return {"threshold": float(threshold), "columns": cols, "rule": RULE,
             "slices": out, "flagged": [s["name"] for s in out if s["flags"]]}

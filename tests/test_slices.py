@@ -44,3 +44,17 @@ def test_small_or_healthy_slices_are_not_flagged():
     p2[:] = 1 - p2  # all wrong, but each slice is too small to flag
     assert all(not s["flags"] or s["n"] >= slices.MIN_N
                for s in slices.slice_metrics(t2, y2, p2, t2["path"], 0.5, n_boot=50)["slices"])
+
+
+def test_a_sub_slice_repeating_a_flagged_slice_gets_no_card_of_its_own():
+    from core import findings
+
+    t, y, p = _table()
+    bad = (t["source"] == "B").to_numpy()
+    p = np.where(bad & (y == 0), 0.9, p)  # every negative of source B is called COVID-19
+    res = slices.slice_metrics(t, y, p, t["path"], 0.5, n_boot=100)
+    flagged = {s["name"] for s in res["slices"] if "specificity" in s["flags"]}
+    assert {"source=B", "source=B & view=PA"} <= flagged
+    cards = [c for c in findings.findings({"slices": res}) if c["kind"] == "slice" and c["id"].endswith("specificity")]
+    assert [c["id"] for c in cards] == ["slice:source=B:specificity"]
+    assert cards[0]["severity"] == "high" and set(cards[0]["paths"]) == set(t["path"][bad & (y == 0)])

@@ -16,6 +16,13 @@ def test_macro_auc_known_values():
     assert source_probe.macro_auc(codes, perfect) == pytest.approx(1.0)
     assert source_probe.macro_auc(codes, np.full((6, 3), 1 / 3)) == pytest.approx(0.5)
     assert source_probe.macro_auc(codes, 1 - perfect) == pytest.approx(0.0)
+    rng = np.random.default_rng(2)
+    probs = rng.random((6, 3))
+    w = np.stack([np.ones(6), [2, 0, 1, 1, 0, 2]])  # the second: a bootstrap resample by counts
+    boot = source_probe.macro_auc(codes, probs, w)
+    assert boot[0] == pytest.approx(source_probe.macro_auc(codes, probs))
+    idx = np.repeat(np.arange(6), [2, 0, 1, 1, 0, 2])
+    assert boot[1] == pytest.approx(source_probe.macro_auc(codes[idx], probs[idx]))
 
 
 def test_probe_on_pure_noise_features_is_at_chance():
