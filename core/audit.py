@@ -55,6 +55,7 @@ from core import config, findings, pointing, road, slices, source_probe
 DEFAULT_METHODS = ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
 SANITY_THRESHOLD = 0.5  # mean Spearman correlation below this -> the method passes
 SANITY_N = 8  # images per method for the randomisation check
+RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline
 MIN_MEAN_N = 10  # never draw a "mean" image over fewer images than this (it would be a copy)
 
 
@@ -651,12 +652,23 @@ def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions
     return summary, {name: r["combined"] for name, r in res.items()}
 
 
+def _point(heat: np.ndarray, region: np.ndarray) -> dict:
+    """:func:`core.pointing.point` of one map, or the mean over a stack of (baseline) maps."""
+    if heat.ndim == 2:
+        return pointing.point(heat, region)
+    pts = [pointing.point(h, region) for h in heat]
+    return {k: float(np.mean([p[k] for p in pts])) for k in ("hit", "mass", "area")}
+
+
 def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: int = 1000,
                   seed: int = config.SEED) -> tuple[dict, pd.DataFrame]:
     """Step 7: pointing game and heat mass of every method (and a random-map baseline) against the
     expert lung boxes (images that have them) and against the lung masks (every image)."""
     n = len(test)
-    rand = road.random_maps(n, lung.shape[1:], seed + 1) if n else np.zeros(lung.shape)
+    # The baseline: RANDOM_PER_IMAGE random maps per image, averaged (a random peak lands in a region
+    # with a chance equal to its area; several draws keep that baseline from being noisy).
+    rand = road.random_maps(n * RANDOM_PER_IMAGE, lung.shape[1:], seed + 1).reshape(
+        (n, RANDOM_PER_IMAGE) + lung.shape[1:]) if n else np.zeros((0, RANDOM_PER_IMAGE) + lung.shape[1:])
     with_box = np.array([e is not None for e in expert], bool)
     cols = {}
     summary = {"rule": "hit: the map's maximum lies in the region; mass: share of the map's energy inside",
@@ -665,7 +677,7 @@ def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: in
     g = test["patient_id"].to_numpy()
     for name, heat in {**maps, "random": rand}.items():
         for region, masks, sel in (("boxes", expert, with_box), ("lungs", list(lung), np.ones(n, bool))):
-            pts = [pointing.point(heat[i], masks[i]) if sel[i] else {"hit": np.nan, "mass": np.nan, "area": np.nan}
+            pts = [_point(heat[i], masks[i]) if sel[i] else {"hit": np.nan, "mass": np.nan, "area": np.nan}
                    for i in range(n)]
             hit = np.array([p["hit"] for p in pts])
             mass = np.array([p["mass"] for p in pts])

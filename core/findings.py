@@ -35,7 +35,7 @@ RULES = {
     "source_probe_all": "over all images (label and source confounded): low when above chance, else ok",
     "road": "ROAD of a method not above the random-map baseline (CI of the difference reaches 0): medium; else ok",
     "road_lungs": "ROAD of the lung map below 0 (CI): high; not above the random map: medium; else ok",
-    "pointing": "expert-box hit rate below the random map's (CI): medium; not above it: low; else ok",
+    "pointing": "hit rate (expert boxes; lung masks) below the random map's (CI): medium; not above it: low; else ok",
     "sanity": "randomisation check failed: medium; else ok",
     "slice": "flagged slice (see the slices rule): high when the gap is >= 0.3, else medium",
     "fell_back": "films on which no lungs were found (lung-crop runs): low",
@@ -180,25 +180,28 @@ def _road_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
 
 
 def _pointing_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
-    pg = (s.get("pointing_game") or {}).get("boxes") or {}
-    ms = pg.get("methods") or {}
-    rand = (ms.get("random") or {}).get("hit")
+    pg = s.get("pointing_game") or {}
     titles = {k: v.get("title", k) for k, v in (s.get("methods") or {}).items()}
     out = []
-    for name, d in ms.items():
-        if name == "random" or not _finite(_v(d.get("hit"))):
-            continue
-        hit, r = d["hit"], _v(rand)
-        sev = "medium" if _hi(hit) < r else ("low" if not _lo(hit) > r else "ok")
-        claim = (f"{titles.get(name, name)}'s peak falls inside the expert lung boxes on {fmt_ci(hit, pct=True)} of "
-                 f"{pg.get('n')} annotated films; a random map's does on {fmt_ci(rand, pct=True)} "
-                 f"(the boxes cover {d.get('area', float('nan')):.0%} of the view).")
-        paths = []
-        if table is not None and "boxes_hit" in table:
-            rows = _rows(table, name)
-            paths = rows[rows["boxes_hit"] < 0.5]["path"].tolist()
-        out.append(_card(f"pointing:{name}", "pointing", sev, claim, paths,
-                         "annotated films whose peak lies outside the lung boxes", name, r - _v(hit)))
+    for region, what, note in (("boxes", "the expert lung boxes", "annotated films"),
+                               ("lungs", "the lung fields (lung-net masks)", "films")):
+        block = pg.get(region) or {}
+        ms = block.get("methods") or {}
+        rand = (ms.get("random") or {}).get("hit")
+        for name, d in ms.items():
+            if name == "random" or not _finite(_v(d.get("hit"))):
+                continue
+            hit, r = d["hit"], _v(rand)
+            sev = "medium" if _hi(hit) < r else ("low" if not _lo(hit) > r else "ok")
+            claim = (f"{titles.get(name, name)}'s peak falls inside {what} on {fmt_ci(hit, pct=True)} of "
+                     f"{block.get('n')} {note}; a random map's does on {fmt_ci(rand, pct=True)} "
+                     f"(the region covers {d.get('area', float('nan')):.0%} of the view).")
+            paths = []
+            if table is not None and f"{region}_hit" in table:
+                rows = _rows(table, name)
+                paths = rows[rows[f"{region}_hit"] < 0.5]["path"].tolist()
+            out.append(_card(f"pointing:{region}:{name}", "pointing", sev, claim, paths,
+                             f"{note} whose peak lies outside {what}", name, r - _v(hit)))
     return out
 
 

@@ -198,9 +198,14 @@ def random_maps(n: int, shape: tuple[int, int], seed: int = config.SEED, scale: 
     """
     rng = np.random.default_rng(seed)
     h, w = shape
+    sigma = max(1.0, scale * max(h, w))
+    pad = int(np.ceil(3 * sigma))
     out = np.empty((n, h, w), np.float32)
     for i in range(n):
-        m = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), max(1.0, scale * max(h, w)))
+        # Blur a larger canvas and keep its centre: a mirrored border would make the edges vary
+        # more, and so hold the maxima more often than their share of the image.
+        big = cv2.GaussianBlur(rng.random((h + 2 * pad, w + 2 * pad)).astype(np.float32), (0, 0), sigma)
+        m = big[pad:pad + h, pad:pad + w]
         lo, hi = float(m.min()), float(m.max())
         out[i] = (m - lo) / (hi - lo) if hi > lo else 0.0
     return out

@@ -88,3 +88,12 @@ def test_road_on_the_lungs_fails_for_the_marker_model_only(models):
     assert out["lung"] > 0.2
     assert out["marker"] < 0.05
     assert out["lung"] > out["marker"] + 0.2
+
+
+def test_random_maps_peak_anywhere_with_equal_chance():
+    """The baseline map's maximum is as likely in any region as that region's share of the image."""
+    maps = road.random_maps(600, (32, 32), seed=5)
+    assert maps.min() == 0.0 and maps.max() == 1.0
+    peaks = np.array([np.unravel_index(m.argmax(), m.shape) for m in maps])
+    centre = ((peaks >= 8) & (peaks < 24)).all(axis=1).mean()  # the central quarter of the area
+    assert 0.17 < centre < 0.33
