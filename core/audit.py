@@ -464,7 +464,7 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
     Returns a context dict: ``run``, ``cfg``, ``model``, ``size``, ``classes``, ``crop`` (the
     run's lung-crop settings or None), ``root`` (data root), ``test`` and ``external`` tables.
     """
-    from core import explain, inputs, runs
+    from core import evaluate, explain, inputs, runs
     from core import model as cxr_model
 
     run = runs.resolve_run(run)
@@ -472,7 +472,9 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
     unknown = [m for m in methods if m not in explain.METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
-    preds = runs.read_predictions(run)
+    split = runs.read_split(run) if (run / "split.csv").is_file() else None
+    # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
+    preds = evaluate.with_groups(runs.read_predictions(run), split)
     test = preds[preds["split"] == "test"]
     if test.empty:
         raise runs.RunError(f"run {run.name}: predictions.csv has no test rows to audit")
@@ -545,7 +547,7 @@ def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | 
 
 
 def test_rows(ctx: dict, loaded: dict) -> pd.DataFrame:
-    """Step 2b: the test rows that loaded, with ``y`` (1 = the explained class) and resampling ``group``."""
+    """Step 2b: the test rows that loaded, with ``y`` (1 = the explained class) and the resampling ``group``."""
     test = ctx["test"].iloc[loaded["kept"]].reset_index(drop=True)
     if len(test) == 0:
         raise FileNotFoundError(f"none of the {len(ctx['test'])} test images could be read under {ctx['root']}")
@@ -557,6 +559,9 @@ def test_rows(ctx: dict, loaded: dict) -> pd.DataFrame:
         test["patient_id"] = test["path"]
     # Images without a patient id are their own resampling unit.
     test["patient_id"] = test["patient_id"].where(test["patient_id"].notna(), test["path"]).astype(str)
+    if "group" not in test:
+        test["group"] = test["patient_id"]
+    test["group"] = test["group"].where(test["group"].notna(), test["patient_id"]).astype(str)
     test["y"] = (test["class"].astype(str) == ctx["classes"][0]).astype(int)
     return test
 
@@ -582,7 +587,7 @@ def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), s
         for i in range(len(test)):
             r = test.iloc[i]
             row = {"path": r["path"], "source": r["source"], "label": r["label"], "class": r["class"],
-                   "patient_id": r["patient_id"], "method": method, **trust(heat[i], lung[i])}
+                   "patient_id": r["patient_id"], "group": r["group"], "method": method, **trust(heat[i], lung[i])}
             if method in di_methods:
                 row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
                     model, x[i], heat[i], config.COVID_INDEX, steps)
@@ -622,7 +627,7 @@ def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -
     for name, sel in [("all", ok)] + [(c, ok & (test["class"] == c).to_numpy()) for c in classes] + \
             [(f"source:{s}", ok & (test["source"] == s).to_numpy()) for s in sorted(test["source"].unique())]:
         if sel.any():
-            out[name] = _mean_ci(values[sel], test["patient_id"].to_numpy()[sel], n_boot)
+            out[name] = _mean_ci(values[sel], test["group"].to_numpy()[sel], n_boot)
     return out
 
 
@@ -647,7 +652,7 @@ def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions
         d = {k: _group_means(r[k], test, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
         d["curve"] = {"morf": r["morf"].mean(axis=0).tolist(), "lerf": r["lerf"].mean(axis=0).tolist()}
         if name != "random":
-            d["vs_random"] = _mean_ci(r["combined"] - res["random"]["combined"], test["patient_id"].to_numpy(), n_boot)
+            d["vs_random"] = _mean_ci(r["combined"] - res["random"]["combined"], test["group"].to_numpy(), n_boot)
         summary["maps"][name] = d
     return summary, {name: r["combined"] for name, r in res.items()}
 
@@ -674,7 +679,7 @@ def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: in
     summary = {"rule": "hit: the map's maximum lies in the region; mass: share of the map's energy inside",
                "boxes": {"n": int(with_box.sum()), "methods": {}},
                "lungs": {"n": n, "methods": {}}}
-    g = test["patient_id"].to_numpy()
+    g = test["group"].to_numpy()
     for name, heat in {**maps, "random": rand}.items():
         for region, masks, sel in (("boxes", expert, with_box), ("lungs", list(lung), np.ones(n, bool))):
             pts = [_point(heat[i], masks[i]) if sel[i] else {"hit": np.nan, "mass": np.nan, "area": np.nan}
@@ -699,10 +704,12 @@ def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | No
     random-weights copy (the floor), over the test images plus any external ones."""
     from core import model as cxr_model
 
-    pool = test[["path", "source", "label", "patient_id"]]
+    cols = ["path", "source", "label", "group"]
+    pool = test[cols]
     xs = x
     if ext is not None and len(ext["x"]):
-        pool = pd.concat([pool, ext["rows"][["path", "source", "label", "patient_id"]]], ignore_index=True)
+        rows = ext["rows"].assign(group=ext["rows"].get("group", ext["rows"]["patient_id"]))
+        pool = pd.concat([pool, rows[cols]], ignore_index=True)
         xs = np.concatenate([x, ext["x"]])
     out = {"n": int(len(pool)), "n_external": int(len(pool) - len(test)), "min_images": source_probe.MIN_IMAGES,
            "folds": source_probe.FOLDS}
@@ -713,7 +720,7 @@ def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | No
         except ValueError as exc:  # a network without a ``gap`` layer has no penultimate features
             return {**out, "reason": f"no penultimate features: {exc}"}, {}
         out["n_features"] = int(feats.shape[1])
-        res = source_probe.source_probes(feats, pool["source"], pool["label"], pool["patient_id"].astype(str),
+        res = source_probe.source_probes(feats, pool["source"], pool["label"], pool["group"].astype(str),
                                          n_boot, seed)
         p_true[name] = {k: v.pop("_p_true")[: len(test)] for k, v in res.items()}
         out[name] = res
@@ -737,7 +744,7 @@ def slices_step(ctx: dict, test: pd.DataFrame, p: np.ndarray, n_boot: int = 1000
         threshold = float(runs.read_metrics(ctx["run"])["threshold"]["value"])
     except (runs.RunError, KeyError, TypeError, ValueError):
         pass
-    return slices.slice_metrics(meta, test["y"], p, test["patient_id"], threshold, n_boot=n_boot, seed=seed)
+    return slices.slice_metrics(meta, test["y"], p, test["group"], threshold, n_boot=n_boot, seed=seed)
 
 
 def _methods_summary(table: pd.DataFrame, classes, sanity: dict, n_boot: int) -> dict:
@@ -753,7 +760,7 @@ def _methods_summary(table: pd.DataFrame, classes, sanity: dict, n_boot: int) ->
             if sub.empty:
                 continue
             d = {"n": int(len(sub)),
-                 "in_lung_share": _mean_ci(sub["in_lung_share"], sub["patient_id"].astype(str).to_numpy(), n_boot),
+                 "in_lung_share": _mean_ci(sub["in_lung_share"], sub["group"].astype(str).to_numpy(), n_boot),
                  **{k: float(sub[k].mean()) for k in ("lung_area_share", "lung_ratio", "border_share", "top_share")}}
             if "deletion_auc" in sub and sub["deletion_auc"].notna().any():
                 d["deletion_auc"] = float(sub["deletion_auc"].mean())
@@ -805,7 +812,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
         for v in sanity.values():
             v["paths"] = test["path"].to_numpy()[v["_pick"]].tolist()
     with _timed(timing, "probes_s"):
-        pr = probes(clf, x, lung, test["y"].to_numpy(), test["patient_id"].to_numpy(), test["source"].to_numpy(),
+        pr = probes(clf, x, lung, test["y"].to_numpy(), test["group"].to_numpy(), test["source"].to_numpy(),
                     n_boot=n_boot)
         p_by = pr.pop("_p")
     with _timed(timing, "road_s"):

@@ -293,7 +293,7 @@ def test_source_probe_and_road_on_an_ensemble(blob_model):
     assert len(cxr_model.members(ens)) == 2
     x, y = _blob_data(24, seed=11)
     test = pd.DataFrame({"path": [f"i{i}" for i in range(24)], "source": np.where(np.arange(24) % 4 < 2, "A", "B"),
-                         "label": np.where(y == 0, "covid", "normal"), "patient_id": [str(i) for i in range(24)]})
+                         "label": np.where(y == 0, "covid", "normal"), "group": [str(i) for i in range(24)]})
     res, p_true = audit.source_probe_step(ens, audit.randomised_copy(ens), x, test, None, n_boot=20)
     assert res["n_features"] == 32  # the members' features side by side
     assert "auc" in res["model"]["all"] and len(p_true["model"]["all"]) == 24
