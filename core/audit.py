@@ -670,8 +670,10 @@ def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: in
     """Step 7: pointing game and heat mass of every method (and a random-map baseline) against the
     expert lung boxes (images that have them) and against the lung masks (every image)."""
     n = len(test)
-    # The baseline: RANDOM_PER_IMAGE random maps per image, averaged (a random peak lands in a region
-    # with a chance equal to its area; several draws keep that baseline from being noisy).
+    # The baseline: RANDOM_PER_IMAGE smooth random maps per image, averaged (several draws keep it from
+    # being noisy). The peak of any smooth map over a bounded image lies on its edge more often than
+    # the edge's share of the area, so a random map hits a central region somewhat less often than
+    # that region's area share: compare a method with this baseline, not with the area.
     rand = road.random_maps(n * RANDOM_PER_IMAGE, lung.shape[1:], seed + 1).reshape(
         (n, RANDOM_PER_IMAGE) + lung.shape[1:]) if n else np.zeros((0, RANDOM_PER_IMAGE) + lung.shape[1:])
     with_box = np.array([e is not None for e in expert], bool)
