@@ -238,7 +238,7 @@ if table is not None and not table.empty:
     root = state.data_root()
     if not state.has_data(root):
         st.info(state.NO_DATA)
-    elif not worst.empty:
+    elif not worst.empty and st.toggle("Show these films with their heatmaps", key="sc_worst_show"):
         cases = state.audit_cases(run, str(root), tuple(worst["path"].head(8)), method)
         shares = dict(zip(worst["path"], worst["in_lung_share"], strict=False))
         cols = st.columns(4)
