@@ -533,18 +533,43 @@ def seed_spread(results: list[dict]) -> dict:
     return out
 
 
+# Training settings that define "one configuration": runs that differ only in ``seed`` (and in
+# bookkeeping such as dates and hashes) are seeds of one configuration.
+CONFIG_KEYS = ("task", "preset", "size", "epochs", "batch_size", "lr", "augment", "hflip", "balance", "monitor",
+               "patience", "holdout_source", "limit", "model_kwargs", "lung_mask", "lung_crop", "split_seed",
+               "calibrate")
+
+
+def seed_runs(run, candidates=()) -> pd.DataFrame:
+    """``run`` and the ``candidates`` trained with its settings (:data:`CONFIG_KEYS`), i.e. its seeds.
+
+    One row per run folder that has a readable config.json and metrics.json, sorted by folder:
+    ``run``, ``seed``, ``n_test``, ``roc_auc`` and one ``within_<source>_roc_auc`` column per
+    source with a within-source AUC. Feed the runs' metrics to :func:`seed_spread` for mean +- sd.
+    """
+    run = Path(run)
+    key = {k: runs.read_config(run).get(k) for k in CONFIG_KEYS}
+    rows = []
+    for other in sorted({run.resolve(), *(Path(c).resolve() for c in candidates)}):
+        try:
+            cfg, m = runs.read_config(other), runs.read_metrics(other)
+        except runs.RunError:
+            continue
+        if {k: cfg.get(k) for k in CONFIG_KEYS} != key:
+            continue
+        row = {"run": str(other), "seed": cfg.get("seed"), "n_test": m.get("n_test"),
+               "roc_auc": _point(m.get("roc_auc"))}
+        for src, w in (m.get("within_source") or {}).items():
+            row[f"within_{src}_roc_auc"] = _point(w.get("roc_auc"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["run", "seed", "n_test", "roc_auc"])
+
+
 # ----------------------------------------------------------------------------- output
 
 
 def _fmt(d) -> str:
-    if not isinstance(d, dict):
-        return "-"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(v):
-        return "n/a" + (f" ({d['reason']})" if d.get("reason") else "")
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{v:.3f}"
-    return f"{v:.3f}  [{lo:.3f}, {hi:.3f}]"
+    return metrics.fmt(d, digits=3, reason=True)
 
 
 def format_result(r: dict) -> str:

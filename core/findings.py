@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import pandas as pd
 
+from core import metrics
+
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
 MAX_SLICE_CARDS = 8
@@ -47,17 +49,13 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fmt_ci(d, pct: bool = False) -> str:
-    """``0.78 (95% CI 0.68-0.85)`` from ``{"value", "ci_low", "ci_high"}`` (``78% (...)`` with ``pct``)."""
+def pct(d) -> str:
+    """:func:`core.metrics.fmt` of a share, in per cent: ``81% [69, 94]``."""
     if not isinstance(d, dict) or not _finite(d.get("value")):
-        return "n/a"
-
-    def f(v):
-        return f"{100 * v:.0f}%" if pct else f"{v:.2f}"
-
-    if not (_finite(d.get("ci_low")) and _finite(d.get("ci_high"))):
-        return f(d["value"])
-    return f"{f(d['value'])} (95% CI {f(d['ci_low'])}-{f(d['ci_high'])})"
+        return metrics.fmt(d)
+    scaled = {k: 100 * v for k, v in d.items() if k in ("value", "ci_low", "ci_high") and _finite(v)}
+    text = metrics.fmt(scaled, digits=0)
+    return text.replace(" [", "% [", 1) if " [" in text else text + "%"
 
 
 def _v(d) -> float:
@@ -100,8 +98,8 @@ def _probe_cards(s: dict, rows: pd.DataFrame, method) -> list[dict]:
                                                                                        ascending=False)
             paths = pos[pos["p_covid_lungs_blanked"] >= 0.5]["path"].tolist()
         out.append(_card("probe:lungs_blanked", "probe", sev,
-                         f"With the lungs blanked, the model {verb} COVID-19 from the rest with ROC AUC {fmt_ci(b)}, "
-                         f"against {fmt_ci(auc.get('original'))} on the intact images.",
+                         f"With the lungs blanked, the model {verb} COVID-19 from the rest with ROC AUC {metrics.fmt(b)}, "
+                         f"against {metrics.fmt(auc.get('original'))} on the intact images.",
                          paths, "COVID-19 films still called COVID-19 (p >= 0.5) with the lungs blanked", method,
                          _v(b)))
     for src, w in (pr.get("within_source") or {}).items():
@@ -112,7 +110,7 @@ def _probe_cards(s: dict, rows: pd.DataFrame, method) -> list[dict]:
         sub = rows[rows["source"] == src] if "source" in rows else rows
         out.append(_card(f"probe:within:{src}", "probe_within", sev,
                          f"Within {src} ({w.get('n')} images, both classes), the lungs alone separate COVID-19 from "
-                         f"the rest with ROC AUC {fmt_ci(only)} (intact images: {fmt_ci(w.get('original'))}).",
+                         f"the rest with ROC AUC {metrics.fmt(only)} (intact images: {metrics.fmt(w.get('original'))}).",
                          sub["path"].tolist(), f"the {src} test films", method, 1 - _v(only)))
     return out
 
@@ -133,8 +131,8 @@ def _source_cards(s: dict, rows: pd.DataFrame, method) -> list[dict]:
         else:
             sev = "high" if lo > 0.8 else ("medium" if lo > 0.6 else ("low" if r.get("above_chance") else "ok"))
             where = f"Within the {key.split(':', 1)[1]} films ({r['n']} images)"
-        claim = (f"{where}, a linear probe on the model's features tells {names} apart with AUC {fmt_ci(auc)} "
-                 f"(chance 0.50; a random-weights network of the same architecture: {fmt_ci(floor)}).")
+        claim = (f"{where}, a linear probe on the model's features tells {names} apart with AUC {metrics.fmt(auc)} "
+                 f"(chance 0.50; a random-weights network of the same architecture: {metrics.fmt(floor)}).")
         col = "source_p_all" if key == "all" else "source_p_label"
         paths = []
         if col in rows:
@@ -158,7 +156,7 @@ def _road_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
             sev = "high" if _hi(comb) < 0 else ("medium" if not _lo(diff) > 0 else "ok")
             verb = "more" if _v(comb) > 0 else "less"
             claim = (f"Removing the lungs first (filled by noisy linear imputation) moves P(COVID-19) {verb} than "
-                     f"removing the rest first: ROAD of the lung map {fmt_ci(comb)}, random map {fmt_ci(rand)}.")
+                     f"removing the rest first: ROAD of the lung map {metrics.fmt(comb)}, random map {metrics.fmt(rand)}.")
             paths = []
             if table is not None and "road_combined_lungs" in table:
                 r = _rows(table, None).sort_values("road_combined_lungs")
@@ -170,7 +168,7 @@ def _road_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
         sev = "medium" if not _lo(diff) > 0 else "ok"
         better = "more" if _lo(diff) > 0 else ("less" if _hi(diff) < 0 else "no more")
         claim = (f"{titles.get(name, name)} maps are {better} faithful than random maps by ROAD: "
-                 f"{fmt_ci(comb)} against {fmt_ci(rand)} (difference {fmt_ci(diff)}; higher = more faithful).")
+                 f"{metrics.fmt(comb)} against {metrics.fmt(rand)} (difference {metrics.fmt(diff)}; higher = more faithful).")
         paths = []
         if table is not None and "road_combined" in table:
             paths = _rows(table, name).sort_values("road_combined")["path"].tolist()
@@ -193,8 +191,8 @@ def _pointing_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
                 continue
             hit, r = d["hit"], _v(rand)
             sev = "medium" if _hi(hit) < r else ("low" if not _lo(hit) > r else "ok")
-            claim = (f"{titles.get(name, name)}'s peak falls inside {what} on {fmt_ci(hit, pct=True)} of "
-                     f"{block.get('n')} {note}; a random map's does on {fmt_ci(rand, pct=True)} "
+            claim = (f"{titles.get(name, name)}'s peak falls inside {what} on {pct(hit)} of "
+                     f"{block.get('n')} {note}; a random map's does on {pct(rand)} "
                      f"(the region covers {d.get('area', float('nan')):.0%} of the view).")
             paths = []
             if table is not None and f"{region}_hit" in table:
@@ -247,7 +245,7 @@ def _slice_cards(s: dict, method) -> list[dict]:
         kind = {"specificity": "the films of this slice wrongly called COVID-19",
                 "sensitivity": "the COVID-19 films of this slice that were missed"}.get(m, "its misclassified films")
         cards.append(_card(f"slice:{sc['name']}:{m}", "slice", "high" if gap >= 0.3 else "medium",
-                           f"{names[m]} on {sc['name']} ({sc['n']} images) is {fmt_ci(v)}, against {rest:.2f} "
+                           f"{names[m]} on {sc['name']} ({sc['n']} images) is {metrics.fmt(v)}, against {rest:.2f} "
                            f"on the other test images (threshold {sl.get('threshold', 0.5):.2f}).",
                            wrong, kind, method, gap))
     cards.sort(key=lambda c: -c["strength"])
@@ -274,7 +272,7 @@ def findings(summary: dict, table: pd.DataFrame | None = None) -> list[dict]:
 def _fig(rows, key, section, figure, d):
     if isinstance(d, dict):
         rows.append({"key": key, "section": section, "figure": figure, "value": _v(d), "ci_low": _lo(d),
-                     "ci_high": _hi(d), "text": fmt_ci(d)})
+                     "ci_high": _hi(d), "text": metrics.fmt(d)})
     elif _finite(d):
         rows.append({"key": key, "section": section, "figure": figure, "value": float(d), "ci_low": float("nan"),
                      "ci_high": float("nan"), "text": f"{d:.2f}"})
@@ -435,7 +433,7 @@ def markdown(summary: dict, metrics: dict | None = None) -> str:
              "### Findings, most severe first", ""]
     for f in summary.get("findings") or []:
         lines.append(f"- **{f['severity']}**: {f['claim']}")
-    lines += ["", "### Key figures (95% patient-bootstrap CIs)", "", "| section | figure | value |", "|---|---|---|"]
+    lines += ["", "### Key figures ([low, high]: 95% patient-bootstrap CI)", "", "| section | figure | value |", "|---|---|---|"]
     fig = figures(summary, metrics)
     for r in fig[fig["section"].isin(KEY_SECTIONS)].itertuples():
         lines.append(f"| {r.section} | {r.figure} | {r.text} |")

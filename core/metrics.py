@@ -530,3 +530,32 @@ def multiclass_metrics(
         "confusion": cm,
         "classes": classes,
     }
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _finite(x) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def fmt(d, digits: int = 2, reason: bool = False) -> str:
+    """A metric as people read it: ``'0.91 [0.85, 0.96]'`` from ``{"value", "ci_low", "ci_high"}``.
+
+    The one formatter of the CLIs, the audit's verdict and the dashboard. A plain number is shown
+    alone; an undefined interval leaves just the value; a missing or undefined value is ``'n/a'``,
+    followed by its ``reason`` in brackets when ``reason`` is True and the dict has one.
+    """
+    if not isinstance(d, dict):
+        d = {"value": d}
+    v, lo, hi = (_finite(d.get(k)) for k in ("value", "ci_low", "ci_high"))
+    if v is None:
+        why = d.get("reason") if reason else None
+        return "n/a" + (f" ({why})" if why else "")
+    if lo is None or hi is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

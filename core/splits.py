@@ -15,7 +15,6 @@ the first call decodes every image (~8 s for the 946 images of ../shared/cxr).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, images
+from core import config, images, runs
 from core.datasets import _UnionFind, abspath, load_table
 
 SPLITS = ("train", "val", "test")
@@ -81,14 +80,6 @@ def _write_cache(path: Path, entries: dict[str, tuple]) -> None:
         print(f"note: could not write fingerprint cache {path}: {exc}", file=sys.stderr)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprints(
     table: pd.DataFrame,
     root: str | os.PathLike,
@@ -132,7 +123,7 @@ def fingerprints(
                 errors[i] = "unreadable image (cached)"
             continue
         try:
-            shas[i] = _sha256(p)
+            shas[i] = runs.sha256(p)
         except OSError as exc:
             shas[i], errors[i] = f"unreadable:{i}", f"cannot read file ({exc.strerror or exc})"
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,19 +177,16 @@ def test_jsonable_handles_nan_numpy_and_paths(tmp_path):
 # ----------------------------------------------------------------------------- real tiny run
 
 
-@pytest.fixture
-def real_tiny_run(request):
-    try:
-        return request.getfixturevalue("tiny_run")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_run fixture yet")
-
-
 @pytest.mark.slow
-def test_real_tiny_run_internal_and_external(real_tiny_run, cxr_root, tmp_path):
-    run = real_tiny_run
+def test_real_tiny_run_internal_and_external(tiny_run, cxr_root, tmp_path):
+    run = tiny_run
     r = evaluate.evaluate_run(run, n_boot=200, write=False)
-    assert r["n_test"] > 0 and 0 <= r["roc_auc"]["value"] <= 1 or math.isnan(r["roc_auc"]["value"])
+    assert r["n_test"] > 0
+    test = runs.read_predictions(run).query("split == 'test'")
+    if test["label"].eq("covid").any() and test["label"].ne("covid").any():
+        assert 0 <= r["roc_auc"]["value"] <= 1
+    else:  # one class only: an AUC that is undefined must say so, not pass as a number
+        assert math.isnan(r["roc_auc"]["value"]) and r["roc_auc"]["reason"]
     # External validation: a data root holding images the run never saw (kermany images not in split.csv).
     seen = runs.read_split(run)
     from core import datasets
@@ -196,8 +194,7 @@ def test_real_tiny_run_internal_and_external(real_tiny_run, cxr_root, tmp_path):
     table = datasets.load_table(cxr_root, sources=["kermany"])
     seen_patients = set(seen["patient_id"].astype(str)) if "patient_id" in seen.columns else set()
     unseen = table[~table["path"].isin(set(seen["path"])) & ~table["patient_id"].isin(seen_patients)].head(12)
-    if unseen.empty:
-        pytest.skip("the tiny run saw every kermany image")
+    assert not unseen.empty, "the tiny run (5 images per cell) cannot have seen every kermany image"
     root = tmp_path / "other"
     for rel in unseen["path"]:
         dst = root / "NORMAL" if "NORMAL" in rel.upper() else root / "PNEUMONIA"
@@ -313,3 +310,29 @@ def test_external_text_and_json_name_the_exclusions():
          "excluded": {"patient seen by the run": 2, "near-duplicate of an image of the run (thumbnail r >= 0.97)": 3}}
     text = evaluate.format_result(r)
     assert "Excluded as seen by the run: 5 (patient seen by the run: 2; near-duplicate" in text
+
+
+def _seed_run(root: Path, name: str, seed: int, auc: float, **cfg) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    runs.write_json(run / "config.json", {"task": "binary", "size": 64, "epochs": 2, "seed": seed, **cfg})
+    runs.write_json(run / "metrics.json", {"roc_auc": {"value": auc}, "n_test": 10,
+                                          "within_source": {"ieee8023": {"roc_auc": {"value": auc - 0.2}}}})
+    return run
+
+
+def test_seed_runs_are_the_runs_that_differ_only_in_their_seed(tmp_path):
+    a = _seed_run(tmp_path, "a", 1, 0.8)
+    b = _seed_run(tmp_path, "b", 2, 0.9)
+    _seed_run(tmp_path, "other-size", 3, 0.7, size=128)  # another configuration
+    no_metrics = tmp_path / "c"
+    shutil.copytree(b, no_metrics)
+    (no_metrics / "metrics.json").unlink()  # not evaluated: left out
+    table = evaluate.seed_runs(a, sorted(tmp_path.iterdir()))
+    assert table["run"].tolist() == [str(a.resolve()), str(b.resolve())]
+    assert table["seed"].tolist() == [1, 2] and table["roc_auc"].tolist() == [0.8, 0.9]
+    assert table["within_ieee8023_roc_auc"].tolist() == pytest.approx([0.6, 0.7])
+    spread = evaluate.seed_spread([runs.read_metrics(r) for r in table["run"]])
+    assert spread["roc_auc"]["n"] == 2 and spread["roc_auc"]["mean"] == pytest.approx(0.85)
+    alone = evaluate.seed_runs(a)
+    assert alone["run"].tolist() == [str(a.resolve())]

@@ -27,7 +27,7 @@ def test_cards_are_ranked_and_worded_with_their_numbers():
     cards = findings.findings(_summary(0.85, 0.97))
     assert [c["severity"] for c in cards] == ["high", "high"]
     claims = " ".join(c["claim"] for c in cards)
-    assert "0.85 (95% CI 0.75-0.90)" in claims and "kermany / nih" in claims and "0.70" in claims
+    assert "0.85 [0.75, 0.90]" in claims and "kermany / nih" in claims and "0.70" in claims
     low = findings.findings(_summary(0.55, None))
     assert [c["severity"] for c in low] == ["ok"] and "separates" in low[0]["claim"]
 

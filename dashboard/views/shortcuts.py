@@ -8,8 +8,8 @@ import plotly.express as px
 import streamlit as st
 
 from core import findings, report, runs
+from core.metrics import fmt
 from dashboard import state
-from dashboard.components import fmt
 
 BADGE = {"high": ":red-background[**high**]", "medium": ":orange-background[**medium**]",
          "low": ":blue-background[**low**]", "ok": ":green-background[**ok**]"}
@@ -99,9 +99,9 @@ if sp.get("model"):
         floor = (sp.get("random") or {}).get(key) or {}
         rows.append({"images": "all" if key == "all" else key.replace("label:", "within "), "n": r.get("n"),
                      "sources": " / ".join(r.get("sources", {})) or "-",
-                     "source AUC, model": findings.fmt_ci(r.get("auc")) if "auc" in r else r.get("reason", ""),
-                     "source AUC, random-weights floor": findings.fmt_ci(floor.get("auc")),
-                     "accuracy (chance)": f"{findings.fmt_ci(r.get('accuracy'))} ({r['chance_accuracy']:.2f})"
+                     "source AUC, model": fmt(r.get("auc")) if "auc" in r else r.get("reason", ""),
+                     "source AUC, random-weights floor": fmt(floor.get("auc")),
+                     "accuracy (chance)": f"{fmt(r.get('accuracy'))} ({r['chance_accuracy']:.2f})"
                      if "accuracy" in r else ""})
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_source")
     st.caption("A cross-validated logistic probe on the network's penultimate features predicts each image's "
@@ -118,10 +118,10 @@ titles.update({"random": "random map (baseline)", "lungs": "lung map (remove the
 if rd:
     st.subheader("ROAD: does removing what a map calls relevant move the score?")
     st.dataframe(pd.DataFrame([{
-        "map": titles.get(k, k), "ROAD combined": findings.fmt_ci((d.get("combined") or {}).get("all")),
-        "MoRF change": findings.fmt_ci((d.get("morf_mean") or {}).get("all")),
-        "LeRF change": findings.fmt_ci((d.get("lerf_mean") or {}).get("all")),
-        "minus random map": findings.fmt_ci(d.get("vs_random"))} for k, d in rd.items()]),
+        "map": titles.get(k, k), "ROAD combined": fmt((d.get("combined") or {}).get("all")),
+        "MoRF change": fmt((d.get("morf_mean") or {}).get("all")),
+        "LeRF change": fmt((d.get("lerf_mean") or {}).get("all")),
+        "minus random map": fmt(d.get("vs_random"))} for k, d in rd.items()]),
         hide_index=True, key="sc_road")
     r = summary["road"]
     st.caption(f"Removal with noisy linear imputation (Rong et al. 2022, as pytorch-grad-cam) at "
@@ -135,10 +135,10 @@ if pg:
         b = (pg.get("boxes") or {}).get("methods", {}).get(name) or {}
         m = (pg.get("lungs") or {}).get("methods", {}).get(name) or {}
         rows.append({"map": titles.get(name, name),
-                     f"peak in expert boxes (n={pg.get('boxes', {}).get('n', 0)})": findings.fmt_ci(b.get("hit"), True),
-                     "heat in expert boxes": findings.fmt_ci(b.get("mass"), True),
-                     f"peak in lung mask (n={pg.get('lungs', {}).get('n', 0)})": findings.fmt_ci(m.get("hit"), True),
-                     "heat in lung mask": findings.fmt_ci(m.get("mass"), True)})
+                     f"peak in expert boxes (n={pg.get('boxes', {}).get('n', 0)})": findings.pct(b.get("hit")),
+                     "heat in expert boxes": findings.pct(b.get("mass")),
+                     f"peak in lung mask (n={pg.get('lungs', {}).get('n', 0)})": findings.pct(m.get("hit")),
+                     "heat in lung mask": findings.pct(m.get("mass"))})
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_pointing")
     area = ((pg.get("boxes") or {}).get("methods", {}).get("random") or {}).get("area")
     st.caption("Expert lung boxes: ieee8023's COCO annotations, mapped into the network's view."
