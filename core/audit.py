@@ -376,6 +376,9 @@ def _save_maps(folder: Path, sums: dict, counts: dict) -> list[str]:
         np.save(tmp, (arr / n).astype(np.float32))
         os.replace(tmp, path)
         written.append(path.name)
+    for old in folder.glob("*.npy"):  # maps of methods or groups this audit no longer has
+        if old.name not in written:
+            old.unlink()
     return written
 
 
