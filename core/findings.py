@@ -4,8 +4,9 @@
 into a list of cards, ranked by severity: each holds ``id`` (stable across runs, so two runs'
 cards can be matched), ``kind``, ``severity`` (``high`` > ``medium`` > ``low`` > ``ok``), a
 one-sentence ``claim`` with its number and CI, ``paths`` (the test images behind it, relative
-to the data root), ``paths_note`` (what those images are) and ``method`` (whose heatmaps to
-show beside them). The severity rules are in :data:`RULES`.
+to the data root, at most :data:`MAX_PATHS`, the clearest first), ``n_paths`` (how many there
+are in all), ``paths_note`` (what those images are) and ``method`` (whose heatmaps to show
+beside them). The severity rules are in :data:`RULES`.
 
 :func:`figures` flattens every figure of a summary into one table (``key``, ``section``,
 ``figure``, ``value``, ``ci_low``, ``ci_high``, ``text``); :func:`compare` joins two such tables
@@ -71,8 +72,10 @@ def _hi(d) -> float:
 
 
 def _card(id_, kind, severity, claim, paths=(), note="", method=None, strength=0.0) -> dict:
-    return {"id": id_, "kind": kind, "severity": severity, "claim": claim, "paths": list(paths)[:MAX_PATHS],
-            "paths_note": note, "method": method, "strength": float(strength) if _finite(strength) else 0.0}
+    paths = list(paths)
+    return {"id": id_, "kind": kind, "severity": severity, "claim": claim, "paths": paths[:MAX_PATHS],
+            "n_paths": len(paths), "paths_note": note, "method": method,
+            "strength": float(strength) if _finite(strength) else 0.0}
 
 
 def _rows(table: pd.DataFrame | None, method: str | None) -> pd.DataFrame:

@@ -41,7 +41,7 @@ def show_cases(card: dict, key: str) -> None:
         st.info(state.NO_DATA)
         return
     method = card.get("method") or next(iter(summary.get("methods") or {"gradcam": 0}))
-    st.caption(f"{card.get('paths_note', '')}: {min(SHOW, len(paths))} of {len(paths)}, with their "
+    st.caption(f"{card.get('paths_note', '')}: {min(SHOW, len(paths))} of {card.get('n_paths', len(paths))}, with their "
                f"{method} heatmaps (class COVID-19).")
     cols = st.columns(4)
     for i, case in enumerate(state.audit_cases(run, str(root), tuple(paths[:SHOW]), method)):
@@ -58,10 +58,11 @@ def card(c: dict, key: str) -> None:
     with st.container(border=True):
         st.markdown(f"{BADGE.get(c['severity'], c['severity'])} severity · {c['claim']}")
         n = len(c.get("paths") or [])
+        total = c.get("n_paths", n)
         if n:
             opened = st.session_state.get("sc_open") == c["id"]
-            if st.button(("Hide" if opened else "Show") + f" the {n} image{'s' if n > 1 else ''} behind it",
-                         key=f"sc_card_{key}"):
+            label = f"the {n} image{'s' if n > 1 else ''}" if total <= n else f"{n} of the {total} images"
+            if st.button(("Hide " if opened else "Show ") + label + " behind it", key=f"sc_card_{key}"):
                 st.session_state["sc_open"] = None if opened else c["id"]
                 st.rerun()
             if opened:
