@@ -157,6 +157,18 @@ def _cell(d: dict | None) -> str:
     return f"{d['value']:.3f}{ci}"
 
 
+def table_rows(result: dict):
+    """The leave-one-source-out table as a DataFrame of plain-words columns (for the dashboard)."""
+    import pandas as pd
+
+    rows = []
+    for s, r in result["folds"].items():
+        rows.append({"held-out source": s, "images": r["n"], "AUC vs other class [95% CI]": _cell(r["roc_auc"]),
+                     "specificity": _cell(r.get("specificity")), "sensitivity": _cell(r.get("sensitivity")),
+                     "AUC compares": r.get("roc_auc_definition") or ""})
+    return pd.DataFrame(rows)
+
+
 def format_table(result: dict) -> str:
     """The leave-one-source-out table as Markdown."""
     lines = ["| held-out source | n | AUC vs other class [95% CI] | specificity | sensitivity |",

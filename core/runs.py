@@ -274,6 +274,11 @@ def read_metrics(run) -> dict:
     return _read_json(run, "metrics.json")
 
 
+def read_crossval(run) -> dict:
+    """The run's crossval.json: the leave-one-source-out table of its recipe (core.crossval)."""
+    return _read_json(run, "crossval.json")
+
+
 def load_model(run=None, check_hash: bool = True):
     """Load the run's model.keras with ``safe_mode=True``; verify its sha256 if config has one."""
     import keras

@@ -149,6 +149,16 @@ def _split(run: str, file_stamp: tuple | None) -> pd.DataFrame:
     return runs.read_split(run)
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def _crossval(run: str, file_stamp: tuple | None) -> dict:
+    return runs.read_crossval(run)
+
+
+def run_crossval(run: Path) -> dict:
+    """crossval.json of a run: its recipe's leave-one-source-out table (RunError when missing)."""
+    return _crossval(str(run), _stamp(run, "crossval.json"))
+
+
 def run_config(run: Path) -> dict:
     """config.json of a run (RunError when missing or corrupt)."""
     return _config(str(run), _stamp(run, "config.json"))

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import evaluate, metrics, runs
+from core.crossval import table_rows as crossval_table
 from core.metrics import fmt
 from dashboard import state
 
@@ -27,6 +28,23 @@ except runs.RunError as exc:
     st.error(state.error_sentence(exc) + " Run `python -m core.evaluate --run RUN` to write it.")
     st.stop()
 
+
+# ------------------------------------------------------------------ the headline: unseen collections
+st.subheader("On collections it never saw (leave-one-source-out)")
+try:
+    cv = state.run_crossval(run)
+except runs.RunError:
+    st.info("This run has no leave-one-source-out table (crossval.json). Make one for its recipe with "
+            "`python -m core.crossval --data DIR` and copy its crossval.json into the run folder.")
+else:
+    st.dataframe(crossval_table(cv), hide_index=True, key="eval_crossval")
+    worst = cv.get("worst_roc_auc")
+    if worst is not None:
+        st.caption(
+            f"The recipe was trained once per row with that collection left out entirely; each row is "
+            f"judged at the threshold its run chose on its own out-of-fold predictions. Mean AUC "
+            f"{cv.get('mean_roc_auc', float('nan')):.2f}, worst {worst:.2f} ({cv.get('worst_source')}). "
+            "This, not the internal test below, is what to expect on a new hospital's films.")
 
 # ------------------------------------------------------------------ the checks that matter
 st.subheader("Does it detect COVID-19, or the collection an image came from?")
