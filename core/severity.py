@@ -391,7 +391,7 @@ def write_figure(oof: dict, path: Path, side: int = 360) -> Path:
         img = np.full((side, side, 3), 255, np.uint8)
         pad = 40
 
-        def pt(a, b, top=top):
+        def pt(a, b, top=top, pad=pad):
             return (int(pad + a / top * (side - 2 * pad)), int(side - pad - b / top * (side - 2 * pad)))
 
         cv2.rectangle(img, pt(0, 0), pt(top, top), (120, 120, 120), 1)

@@ -233,11 +233,11 @@ def image_rows(warnings: list[str]) -> list[dict]:
              checks.WARN_INVERTED if inverted else "It is not inverted (the lungs are darker than the midline)."),
     ]
     if any(w in (checks.WARN_PHOTO, checks.WARN_LOW_CONTRAST) for w in other):
-        rows.append(_row("xray", "An X-ray?", "red", " ".join(other)))
+        rows.append(_row("xray", "An X-ray", "red", " ".join(other)))
     elif other:
-        rows.append(_row("xray", "An X-ray?", "amber", " ".join(other)))
+        rows.append(_row("xray", "An X-ray", "amber", " ".join(other)))
     else:
-        rows.append(_row("xray", "An X-ray?", "green", "It looks like a grey X-ray of usable size and contrast."))
+        rows.append(_row("xray", "An X-ray", "green", "It looks like a grey X-ray of usable size and contrast."))
     return rows
 
 
@@ -313,7 +313,7 @@ def load_reference(run) -> dict | None:
 
 def ood_row(ref: dict | None, features: np.ndarray | None, model_sha256: str | None) -> dict:
     """The ``ood`` row: is this film's feature vector like those of the training films?"""
-    title = "Like the training films?"
+    title = "Like the training films"
     if ref is None or features is None:
         return _row("ood", title, "amber", "This run has no out-of-distribution reference "
                     "(`python -m core.trust reference --run RUN`), so it cannot say whether the film is unlike "
@@ -335,6 +335,20 @@ def ood_row(ref: dict | None, features: np.ndarray | None, model_sha256: str | N
     if d > q_a:
         return _row("ood", title, "amber", f"Somewhat unusual for this model: {text}.", value)
     return _row("ood", title, "green", f"Typical of the training films: {text}.", value)
+
+
+def panel(heatmap: np.ndarray, lung_mask: np.ndarray | None, faith: dict, *, method: str,
+          audit_summary: dict | None, model_sha256: str | None, warnings: list[str],
+          reference: dict | None, features: np.ndarray | None, class_name: str = "covid") -> list[dict]:
+    """Every row of the trust panel of one map (on the network's grid, with the lung mask there)."""
+    return [
+        lung_row(heatmap, lung_mask),
+        border_row(heatmap),
+        sanity_row(audit_summary, method, model_sha256),
+        faithfulness_row(faith, class_name),
+        *image_rows(warnings),
+        ood_row(reference, features, model_sha256),
+    ]
 
 
 def overall(rows: list[dict]) -> str:

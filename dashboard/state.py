@@ -258,15 +258,94 @@ def lung_mask(image: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def trust(hmap: np.ndarray, mask: np.ndarray | None) -> dict | None:
-    """Where the heat lies relative to the lungs (``in_lung_share`` etc.), None without a mask."""
-    if mask is None:
-        return None
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def prepared(run: str, film: np.ndarray) -> tuple[np.ndarray, tuple, bool]:
+    """The network's input for a decoded film through :func:`core.inputs.prepare` (the run's own
+    lung crop or the whole film): ``(x (size, size), box, fell_back)``."""
+    from core import inputs
+
+    m = model(Path(run))
+    x, boxes, fb = inputs.prepare([film], int(m.input_shape[1]), inputs.settings(run_config(Path(run))))
+    return x[0], tuple(float(v) for v in boxes[0]), bool(fb[0])
+
+
+def display_film(film: np.ndarray) -> np.ndarray:
+    """The film at display resolution (its own, downscaled above core.explain.DISPLAY_MAX)."""
+    from core import explain
+
+    return explain.display_film(film)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def image_warnings(film: np.ndarray, data: bytes | None = None) -> list[str]:
+    """Plausibility warnings of one film (core.checks)."""
+    from core import checks
+
+    return checks.image_warnings(film, data)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def faithfulness(run: str, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
+    """core.trust.faithfulness of one map (one batched forward pass)."""
+    from core import trust
+
+    return trust.faithfulness(model(Path(run)), x, hmap, class_index)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def features(run: str, x: np.ndarray) -> np.ndarray:
+    """Penultimate features (1, d) of the network's input (core.model.features)."""
+    from core import model as cmodel
+
+    return cmodel.features(model(Path(run)), x)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _ood_reference(run: str, _mt: float) -> dict | None:
+    from core import trust
+
+    return trust.load_reference(run)
+
+
+def ood_reference(run: Path) -> dict | None:
+    """The run's OOD reference (ood_reference.npz), None when absent."""
+    from core import trust
+
+    return _ood_reference(str(run), _mtime(run, trust.REFERENCE_FILE))
+
+
+def model_sha256(run: Path) -> str | None:
+    """The model file's sha256 as recorded in config.json (load_model checks the file against it)."""
     try:
-        from core import audit
-    except ImportError:  # the audit module is optional for the Explain page
+        return run_config(run).get("model_sha256")
+    except runs.RunError:
         return None
-    return audit.trust(hmap, mask)
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def _severity_record(path: str, _mt: float) -> dict | None:
+    from core import severity
+
+    try:
+        return severity.load(path)
+    except severity.SeverityError:
+        return None
+
+
+def severity_record() -> dict | None:
+    """The shipped severity model (assets/severity/severity.json), None when missing or corrupt."""
+    from core import severity
+
+    path = severity.ASSET_DIR / "severity.json"
+    return _severity_record(str(path), _mtime(path.parent, path.name))
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def severity(run: str, film: np.ndarray) -> dict:
+    """Severity estimate of one film (core.severity.estimate) with the shipped severity model."""
+    from core import severity as sev
+
+    return sev.estimate(severity_record(), film, model(Path(run)), run_config(Path(run)))
 
 
 # --------------------------------------------------------------------------- images
