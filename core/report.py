@@ -228,6 +228,7 @@ def case_report_pdf(
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
     pdf.set_creator("covid-cxr")  # no author or subject: nothing about the patient
+    pdf.set_compression(False)  # page text stays readable in the file (the privacy tests search it)
     pdf.add_page()
     width = pdf.w - pdf.l_margin - pdf.r_margin
 
