@@ -144,8 +144,11 @@ def figure(pics: list[np.ndarray], titles: list[str], height: int = FIG_HEIGHT):
     fig = make_subplots(rows=1, cols=len(pics), subplot_titles=titles, horizontal_spacing=0.01)
     for i, pic in enumerate(pics):
         fig.add_trace(go.Image(source=report.data_uri(pic), hoverinfo="skip", name=titles[i]), 1, i + 1)
-    fig.update_xaxes(visible=False, matches="x", constrain="domain")
-    fig.update_yaxes(visible=False, matches="y", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, scaleanchor="x", constrain="domain")
+    for i in range(2, len(pics) + 1):  # one zoom box moves every picture
+        fig.update_xaxes(matches="x", row=1, col=i)
+        fig.update_yaxes(matches="y", row=1, col=i)
     fig.update_layout(height=height, margin={"l": 0, "r": 0, "t": 28, "b": 0}, dragmode="zoom",
                       paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)")
     return fig
@@ -196,8 +199,9 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
     probs_d = {c: float(p) for c, p in zip(classes, probs, strict=False)}
     case = {"run": run, "x": x, "film": shown, "box": box, "mask": mask_film, "maps": maps, "probs": probs_d,
             "warnings": warnings, "severity": est, "severity_note": note, "case_id": case_id,
-            "class_name": classes[ci]}
+            "class_name": classes[ci], "threshold": state.threshold(run), "run_label": state.run_label(str(run))}
     _views(case, key)
+    downloads(case, key)
     with st.expander("What the network sees"):
         st.image(x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
     st.caption("Heatmaps show which pixels moved the model's score, not where disease is. "
@@ -206,12 +210,11 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
 
 @st.fragment
 def _views(case: dict, key: str) -> None:
-    """The redraw-only part of a case: view controls, one figure and trust panel per map, downloads."""
+    """The redraw-only part of a case: view controls, one figure and trust panel per map."""
     from core import explain
 
     v = view_controls(key)
     outline = case["mask"] if v["outline"] else None
-    first = None
     for m in case["maps"]:
         if m["rows"][0]["mark"] == "red":
             st.warning(f"{m['title']}: {m['rows'][0]['sentence']}")
@@ -227,21 +230,45 @@ def _views(case: dict, key: str) -> None:
                        f"{case['film'].shape[1]}x{case['film'].shape[0]} px (drag to zoom, double-click to reset)")
         with right:
             trust_panel(m["rows"])
-        if first is None:
-            first = (m, explain.film_views(case["film"], m["heat"], "overlay", v["alpha"], v["colormap"],
-                                           outline, case["box"])[0])
-    m, over = first
-    args = dict(probs=case["probs"], threshold=state.threshold(case["run"]), run_id=state.run_label(str(case["run"])),
-                method=m["method"], trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
-                warnings=case["warnings"], case_id=case["case_id"])
-    x = case["x"]
+    case["view"] = v  # read by the downloads at click time (they live outside this fragment)
+
+
+def downloads(case: dict, key: str) -> None:
+    """Overlay PNG and case report (HTML, PDF) of the first map with the view settings in force
+    when clicked; generated on click (deferred), so redraws stay cheap."""
+    from core import explain
+
+    def first_overlay():
+        v = case["view"]
+        m = case["maps"][0]
+        outline = case["mask"] if v["outline"] else None
+        return m, explain.film_views(case["film"], m["heat"], "overlay", v["alpha"], v["colormap"], outline,
+                                     case["box"])[0]
+
+    def report_args(m):
+        return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
+                    trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
+                    warnings=case["warnings"], case_id=case["case_id"])
+
+    def png():
+        return report.png_bytes(first_overlay()[1])
+
+    def html():
+        m, over = first_overlay()
+        return report.case_report_html(case["x"], over, **report_args(m))
+
+    def pdf():
+        m, over = first_overlay()
+        return report.case_report_pdf(case["x"], over, **report_args(m))
+
+    method = case["maps"][0]["method"]
     d1, d2, d3 = st.columns(3)
-    d1.download_button("Download overlay (PNG)", lambda: report.png_bytes(over), file_name=f"overlay-{m['method']}.png",
-                       mime="image/png", key=f"{key}_dl_png", on_click="ignore")
-    d2.download_button("Download case report (HTML)", lambda: report.case_report_html(x, over, **args),
-                       file_name="case-report.html", mime="text/html", key=f"{key}_dl_html", on_click="ignore")
-    d3.download_button("Download case report (PDF)", lambda: report.case_report_pdf(x, over, **args),
-                       file_name="case-report.pdf", mime="application/pdf", key=f"{key}_dl_pdf", on_click="ignore")
+    d1.download_button("Download overlay (PNG)", png, file_name=f"overlay-{method}.png", mime="image/png",
+                       key=f"{key}_dl_png", on_click="ignore")
+    d2.download_button("Download case report (HTML)", html, file_name="case-report.html", mime="text/html",
+                       key=f"{key}_dl_html", on_click="ignore")
+    d3.download_button("Download case report (PDF)", pdf, file_name="case-report.pdf", mime="application/pdf",
+                       key=f"{key}_dl_pdf", on_click="ignore")
 
 
 def fmt(d, digits: int = 2) -> str:
