@@ -703,13 +703,12 @@ def _to_rgb(image) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    if img.ndim != 3 or img.shape[-1] != 3:
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
         raise ValueError(f"expected a grey (H, W) or RGB (H, W, 3) image; got shape {np.shape(image)}")
     if img.dtype != np.uint8:
-        img = np.clip(np.nan_to_num(img.astype(np.float32)), 0, 255).round().astype(np.uint8)
-    return img
+        img = np.nan_to_num(img.astype(np.float32, copy=False), copy=False)
+        img = (np.clip(img, 0, 255) + 0.5).astype(np.uint8)
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img
 
 
 def colorize(heatmap, colormap: str = "jet", size: tuple[int, int] | None = None) -> np.ndarray:
@@ -755,14 +754,21 @@ def display_film(film, max_side: int = DISPLAY_MAX) -> np.ndarray:
 
 
 def draw_outline(rgb: np.ndarray, mask, colour=OUTLINE_RGB, thickness: int | None = None) -> np.ndarray:
-    """A copy of ``rgb`` with the outline of the boolean ``mask`` (resized to it) drawn on it."""
+    """A copy of ``rgb`` with the outline of the boolean ``mask`` drawn on it.
+
+    The mask may be smaller than the picture (a lung mask found on a small copy of the film):
+    its contour is traced at the mask's own size and scaled onto the picture, which is cheaper
+    and smoother than resizing the mask.
+    """
     out = np.ascontiguousarray(rgb).copy()
-    m = np.asarray(mask)
-    if m.shape != out.shape[:2]:
-        m = cv2.resize(m.astype(np.uint8), (out.shape[1], out.shape[0]), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours((m > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    sy, sx = out.shape[0] / m.shape[0], out.shape[1] / m.shape[1]
+    scale = np.array([sx, sy], np.float32)
+    shift = (scale - 1) / 2  # pixel centres: mask pixel k covers picture pixels k*s .. (k+1)*s
+    contours = [np.round(c.astype(np.float32) * scale + shift).astype(np.int32) for c in contours]
     t = thickness or max(1, round(max(out.shape[:2]) / 400))
-    cv2.drawContours(out, contours, -1, colour, t, cv2.LINE_AA)
+    cv2.polylines(out, contours, True, colour, t, cv2.LINE_AA)
     return out
 
 

@@ -92,7 +92,7 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     return call
 
 
-def severity_for(run: Path, film: np.ndarray, call: str) -> tuple[dict | None, str]:
+def severity_for(run: Path, film: np.ndarray, key: str, call: str) -> tuple[dict | None, str]:
     """The severity estimate for a film the classifier calls COVID-19, or None and why not."""
     from core import severity
 
@@ -104,7 +104,7 @@ def severity_for(run: Path, film: np.ndarray, call: str) -> tuple[dict | None, s
     why = severity.usable(record, state.model_sha256(run))
     if why:
         return None, f"No severity estimate: {why}."
-    return state.severity(str(run), film), severity.TRAINED_ON.format(
+    return state.severity(str(run), key, film), severity.TRAINED_ON.format(
         n=record["cv"]["n_images"], p=record["cv"]["n_patients"])
 
 
@@ -137,21 +137,24 @@ def trust_panel(rows: list[dict]) -> None:
 
 
 def figure(pics: list[np.ndarray], titles: list[str], height: int = FIG_HEIGHT):
-    """A plotly figure of one or two pictures with linked zoom (one zoom box moves both)."""
+    """A plotly figure of one or two pictures side by side with linked zoom (one zoom box moves both)."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=len(pics), subplot_titles=titles, horizontal_spacing=0.01)
+    n = len(pics)
+    traces, layout, notes = [], {}, []
     for i, pic in enumerate(pics):
-        fig.add_trace(go.Image(source=report.data_uri(pic), hoverinfo="skip", name=titles[i]), 1, i + 1)
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig.update_yaxes(visible=False, scaleanchor="x", constrain="domain")
-    for i in range(2, len(pics) + 1):  # one zoom box moves every picture
-        fig.update_xaxes(matches="x", row=1, col=i)
-        fig.update_yaxes(matches="y", row=1, col=i)
-    fig.update_layout(height=height, margin={"l": 0, "r": 0, "t": 28, "b": 0}, dragmode="zoom",
-                      paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)")
-    return fig
+        ax = "" if i == 0 else str(i + 1)
+        traces.append(go.Image(source=report.data_uri(pic), xaxis=f"x{ax}", yaxis=f"y{ax}", hoverinfo="skip"))
+        linked = {"matches": "x"} if i else {}
+        layout[f"xaxis{ax}"] = {"domain": [i / n + 0.005 * (i > 0), (i + 1) / n - 0.005 * (i < n - 1)],
+                                "visible": False, "constrain": "domain", **linked}
+        layout[f"yaxis{ax}"] = {"visible": False, "scaleanchor": f"x{ax}", "constrain": "domain",
+                                **({"matches": "y"} if i else {})}
+        notes.append({"text": titles[i], "xref": "paper", "yref": "paper", "x": (i + 0.5) / n, "y": 1.0,
+                      "yanchor": "bottom", "showarrow": False})
+    return go.Figure(traces, {**layout, "annotations": notes, "height": height, "dragmode": "zoom",
+                              "margin": {"l": 0, "r": 0, "t": 28, "b": 0},
+                              "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)"})
 
 
 def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id: str = "uploaded image",
@@ -171,11 +174,12 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
         st.info("Pick at least one explanation method.")
         return
     classes = state.run_classes(run)
-    x, box, fell_back = state.prepared(str(run), film)
-    shown = state.display_film(film)
-    warnings = state.image_warnings(film, data)
+    fk = state.film_key(film, data)
+    x, box, fell_back = state.prepared(str(run), fk, film)
+    shown = state.display_film(fk, film)
+    warnings = state.image_warnings(fk, film, data)
     probs = state.probabilities(str(run), x)
-    mask_film = state.lung_mask(shown)
+    mask_film = state.film_lungs(fk, film)
     mask_net = None if mask_film is None else inputs.from_film(mask_film, box, x.shape[0]) >= 0.5
     feats = state.features(str(run), x)
     ci = opts["class_index"]
@@ -193,7 +197,7 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
         call = show_probabilities(run, probs, warnings)
         if fell_back:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, film, call) if not warnings else (None, "")
+        est, note = severity_for(run, film, fk, call) if not warnings else (None, "")
         if not warnings:
             show_severity(est, note)
     probs_d = {c: float(p) for c, p in zip(classes, probs, strict=False)}

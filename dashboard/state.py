@@ -258,30 +258,57 @@ def lung_mask(image: np.ndarray) -> np.ndarray | None:
         return None
 
 
+LUNG_SIDE = 256  # the lung mask for the outline and the trust panel is found on a copy this size
+
+
+def film_key(film: np.ndarray, data: bytes | None = None) -> str:
+    """A content key of one film (of its file's bytes when given): the film-level caches below are
+    keyed by it, so a 4 MB film is hashed once per run of the page, not once per cached call."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(data if data is not None else np.ascontiguousarray(film).tobytes())
+    h.update(str(np.shape(film)).encode())
+    return h.hexdigest()
+
+
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def prepared(run: str, film: np.ndarray) -> tuple[np.ndarray, tuple, bool]:
+def prepared(run: str, key: str, _film: np.ndarray) -> tuple[np.ndarray, tuple, bool]:
     """The network's input for a decoded film through :func:`core.inputs.prepare` (the run's own
-    lung crop or the whole film): ``(x (size, size), box, fell_back)``."""
+    lung crop or the whole film): ``(x (size, size), box, fell_back)``. ``key``: :func:`film_key`."""
     from core import inputs
 
     m = model(Path(run))
-    x, boxes, fb = inputs.prepare([film], int(m.input_shape[1]), inputs.settings(run_config(Path(run))))
+    x, boxes, fb = inputs.prepare([_film], int(m.input_shape[1]), inputs.settings(run_config(Path(run))))
     return x[0], tuple(float(v) for v in boxes[0]), bool(fb[0])
 
 
-def display_film(film: np.ndarray) -> np.ndarray:
-    """The film at display resolution (its own, downscaled above core.explain.DISPLAY_MAX)."""
+@st.cache_data(max_entries=16, show_spinner=False)
+def display_film(key: str, _film: np.ndarray) -> np.ndarray:
+    """The film at display resolution (its own, downscaled above core.explain.DISPLAY_MAX), uint8."""
     from core import explain
 
-    return explain.display_film(film)
+    return (np.clip(explain.display_film(_film), 0, 255) + 0.5).astype(np.uint8)
 
 
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def image_warnings(film: np.ndarray, data: bytes | None = None) -> list[str]:
-    """Plausibility warnings of one film (core.checks)."""
+def image_warnings(key: str, _film: np.ndarray, _data: bytes | None = None) -> list[str]:
+    """Plausibility warnings of one film (core.checks); ``key`` covers the film and its bytes."""
     from core import checks
 
-    return checks.image_warnings(film, data)
+    return checks.image_warnings(_film, _data)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def film_lungs(key: str, _film: np.ndarray) -> np.ndarray | None:
+    """Lung mask (bool) of a film, found on a copy of at most LUNG_SIDE px (same aspect); None
+    without the lung model. Its fractions match the film's, so core.inputs.from_film applies."""
+    from core import explain, lungs
+
+    try:
+        return lungs.mask(explain.display_film(_film, LUNG_SIDE))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
 
 
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
@@ -341,11 +368,11 @@ def severity_record() -> dict | None:
 
 
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def severity(run: str, film: np.ndarray) -> dict:
+def severity(run: str, key: str, _film: np.ndarray) -> dict:
     """Severity estimate of one film (core.severity.estimate) with the shipped severity model."""
     from core import severity as sev
 
-    return sev.estimate(severity_record(), film, model(Path(run)), run_config(Path(run)))
+    return sev.estimate(severity_record(), _film, model(Path(run)), run_config(Path(run)))
 
 
 # --------------------------------------------------------------------------- images
