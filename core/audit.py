@@ -39,7 +39,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from core import config
+from core import config, metrics
+from core.metrics import fmt as _fmt
 
 DEFAULT_METHODS = ("gradcam", "scorecam_fast")
 SANITY_THRESHOLD = 0.5  # mean Spearman correlation below this -> the method passes
@@ -247,9 +248,10 @@ def blank(images: np.ndarray, lung_masks: np.ndarray, keep: str, fill: str = "me
         if keep == "outside" and dilate > 0:
             k = max(1, int(round(dilate * max(img.shape)))) * 2 + 1
             m = cv2.dilate(m.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
-        filler = baseline_image(img, "blur" if fill == "blur" else ("zero" if fill == "zero" else "mean"))
-        if fill == "blur":
+        if fill == "blur":  # a heavier blur than baseline_image's: nothing of the lungs survives it
             filler = cv2.GaussianBlur(img, (0, 0), max(img.shape) / 8)
+        else:
+            filler = baseline_image(img, "zero" if fill == "zero" else "mean")
         region = m if keep == "outside" else ~m
         out[i] = np.where(region, filler, img)
     return out
@@ -260,14 +262,7 @@ def _auc(y, p, groups=None, n_boot: int = 1000) -> dict:
     if len(np.unique(y)) < 2:
         return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                 "reason": "only one class present"}
-    try:
-        from core import metrics
-
-        return metrics.ci("roc_auc", y, p, groups, n_boot=n_boot)
-    except (ImportError, AttributeError):
-        from sklearn.metrics import roc_auc_score
-
-        return {"value": float(roc_auc_score(y, p)), "ci_low": float("nan"), "ci_high": float("nan")}
+    return metrics.ci("roc_auc", y, p, groups, n_boot=n_boot)
 
 
 def probes(model, images, lung_masks, y, groups=None, sources=None, class_index: int = config.COVID_INDEX,
@@ -307,15 +302,6 @@ def probes(model, images, lung_masks, y, groups=None, sources=None, class_index:
     return res
 
 
-def _fmt(d: dict) -> str:
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not np.isfinite(v):
-        return "n/a"
-    if lo is None or not np.isfinite(lo):
-        return f"{v:.2f}"
-    return f"{v:.2f} (95% CI {lo:.2f}-{hi:.2f})"
-
-
 def probe_verdict(res: dict) -> str:
     """Plain words for the probe results: does the model need the lungs?"""
     auc = res["auc"]
@@ -350,15 +336,7 @@ def _mean_ci(values, groups=None, n_boot: int = 1000) -> dict:
     v = v[np.isfinite(v)] if groups is None else v
     if len(v) == 0:
         return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    try:
-        from core import metrics
-
-        r = metrics.ci(lambda _y, p: float(np.nanmean(p)), np.zeros(len(v)), v, groups, n_boot=n_boot)
-    except (ImportError, AttributeError):
-        rng = np.random.default_rng(config.SEED)
-        boots = [np.nanmean(rng.choice(v, len(v))) for _ in range(n_boot)]
-        r = {"value": float(np.nanmean(v)), "ci_low": float(np.percentile(boots, 2.5)),
-             "ci_high": float(np.percentile(boots, 97.5))}
+    r = metrics.ci(lambda _y, p: float(np.nanmean(p)), np.zeros(len(v)), v, groups, n_boot=n_boot)
     return {**r, "n": int(len(v))}
 
 

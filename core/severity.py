@@ -145,10 +145,10 @@ def film_features(films: list[np.ndarray], model=None, cfg: dict | None = None, 
 
 
 def _small(film: np.ndarray) -> np.ndarray:
-    from core import images
+    """The film at most LUNG_SIDE px on its longer side (aspect kept), as the dashboard shows it."""
+    from core import explain
 
-    f = np.asarray(film, np.float32)
-    return images.resize(f, LUNG_SIDE) if max(f.shape) > LUNG_SIDE else f
+    return explain.display_film(np.asarray(film, np.float32), LUNG_SIDE)
 
 
 # --------------------------------------------------------------------------- ridge
@@ -491,12 +491,29 @@ def estimate(record: dict, film: np.ndarray, model=None, cfg: dict | None = None
     ``low``/``high`` add the 10th/90th percentile of the cross-validated residuals (an 80 %
     interval, clipped to the score's range).
     """
+    from core import inputs
+    from core import model as cmodel
+
+    x = None
+    if model is not None:
+        x = inputs.prepare([film], cmodel.input_size(model), inputs.settings(cfg))[0][0]
+    return estimate_prepared(record, x, _small(film), model)
+
+
+def estimate_prepared(record: dict, x: np.ndarray | None, small: np.ndarray, model=None) -> dict:
+    """:func:`estimate` from what the caller already has: the network's input ``x`` (through
+    :mod:`core.inputs`) and the film at most :data:`LUNG_SIDE` px (for the lung statistics)."""
+    from core import lungs
+
     kinds = {k for m in record["models"].values() for k in m["features"]}
     feats = {}
     if kinds & {"classifier", "both"}:
-        feats["classifier"] = film_features([film], model, cfg, "classifier")
+        from core import model as cmodel
+
+        feats["classifier"] = cmodel.features(model, np.asarray(x, np.float32)[None])
     if kinds & {"lungs", "both"}:
-        feats["lungs"] = film_features([film], kind="lungs")
+        small = np.asarray(small, np.float32)
+        feats["lungs"] = lung_features(small, lungs.mask(small))[None]
     if "both" in kinds:
         feats["both"] = np.concatenate([feats["classifier"], feats["lungs"]], axis=1)
     out = {}

@@ -6,7 +6,6 @@ through :mod:`dashboard.state`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     return call
 
 
-def severity_for(run: Path, film: np.ndarray, key: str, call: str) -> tuple[dict | None, str]:
+def severity_for(run: Path, x: np.ndarray, small: np.ndarray, call: str) -> tuple[dict | None, str]:
     """The severity estimate for a film the classifier calls COVID-19, or None and why not."""
     from core import severity
 
@@ -104,7 +103,7 @@ def severity_for(run: Path, film: np.ndarray, key: str, call: str) -> tuple[dict
     why = severity.usable(record, state.model_sha256(run))
     if why:
         return None, f"No severity estimate: {why}."
-    return state.severity(str(run), key, film), severity.TRAINED_ON.format(
+    return state.severity(str(run), x, small), severity.TRAINED_ON.format(
         n=record["cv"]["n_images"], p=record["cv"]["n_patients"])
 
 
@@ -174,12 +173,10 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
         st.info("Pick at least one explanation method.")
         return
     classes = state.run_classes(run)
-    fk = state.film_key(film, data)
-    x, box, fell_back = state.prepared(str(run), fk, film)
-    shown = state.display_film(fk, film)
-    warnings = state.image_warnings(fk, film, data)
+    f = state.film(str(run), film, data)
+    x, box, fell_back, shown, warnings, mask_film = (f[k] for k in ("x", "box", "fell_back", "shown", "warnings",
+                                                                    "lungs"))
     probs = state.probabilities(str(run), x)
-    mask_film = state.film_lungs(fk, film)
     mask_net = None if mask_film is None else inputs.from_film(mask_film, box, x.shape[0]) >= 0.5
     feats = state.features(str(run), x)
     ci = opts["class_index"]
@@ -197,7 +194,7 @@ def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id
         call = show_probabilities(run, probs, warnings)
         if fell_back:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, film, fk, call) if not warnings else (None, "")
+        est, note = severity_for(run, x, f["small"], call) if not warnings else (None, "")
         if not warnings:
             show_severity(est, note)
     probs_d = {c: float(p) for c, p in zip(classes, probs, strict=False)}
@@ -273,15 +270,3 @@ def downloads(case: dict, key: str) -> None:
                        key=f"{key}_dl_html", on_click="ignore")
     d3.download_button("Download case report (PDF)", pdf, file_name="case-report.pdf", mime="application/pdf",
                        key=f"{key}_dl_pdf", on_click="ignore")
-
-
-def fmt(d, digits: int = 2) -> str:
-    """'0.91 [0.85, 0.96]' from a {value, ci_low, ci_high} dict."""
-    if not isinstance(d, dict):
-        return "n/a" if d is None else f"{float(d):.{digits}f}"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        return f"{float(v):.{digits}f}"
-    return f"{float(v):.{digits}f} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"

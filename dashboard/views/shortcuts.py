@@ -8,8 +8,8 @@ import plotly.express as px
 import streamlit as st
 
 from core import images, report, runs
+from core.metrics import fmt
 from dashboard import state
-from dashboard.components import fmt
 
 st.title("Shortcut audit")
 st.caption("Does the model look at the lungs? Checks that a source shortcut cannot pass "
