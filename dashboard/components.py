@@ -135,11 +135,12 @@ def trust_panel(rows: list[dict]) -> None:
                "red = a reason to distrust it. Cut-offs: `core/trust.py` THRESHOLDS.")
 
 
-def figure(pics: list[np.ndarray], titles: list[str], height: int = FIG_HEIGHT):
+def figure(pics: list[np.ndarray], titles: list[str], height: int | None = None):
     """A plotly figure of one or two pictures side by side with linked zoom (one zoom box moves both)."""
     import plotly.graph_objects as go
 
     n = len(pics)
+    height = height or (FIG_HEIGHT if n == 1 else int(FIG_HEIGHT * 0.62))
     traces, layout, notes = [], {}, []
     for i, pic in enumerate(pics):
         ax = "" if i == 0 else str(i + 1)
@@ -148,6 +149,7 @@ def figure(pics: list[np.ndarray], titles: list[str], height: int = FIG_HEIGHT):
         layout[f"xaxis{ax}"] = {"domain": [i / n + 0.005 * (i > 0), (i + 1) / n - 0.005 * (i < n - 1)],
                                 "visible": False, "constrain": "domain", **linked}
         layout[f"yaxis{ax}"] = {"visible": False, "scaleanchor": f"x{ax}", "constrain": "domain",
+                                "constraintoward": "top",
                                 **({"matches": "y"} if i else {})}
         notes.append({"text": titles[i], "xref": "paper", "yref": "paper", "x": (i + 0.5) / n, "y": 1.0,
                       "yanchor": "bottom", "showarrow": False})
