@@ -265,26 +265,6 @@ def _heatmap(run: str, key: tuple, image: np.ndarray, method: str, class_index: 
     return explain.explain(model(Path(run)), image, method, class_index=class_index, layer=layer)
 
 
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def lung_mask(image: np.ndarray) -> np.ndarray | None:
-    """Lung mask (bool, H, W) of one image, or None when the lung model is not available."""
-    from core import lungs
-
-    try:
-        return lungs.mask(image)
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def trust(hmap: np.ndarray, mask: np.ndarray | None) -> dict | None:
-    """Where the heat lies relative to the lungs (``in_lung_share`` etc.), None without a mask."""
-    if mask is None:
-        return None
-    from core import audit
-
-    return audit.trust(hmap, mask)
-
-
 # --------------------------------------------------------------------------- one film (Explain page)
 
 
