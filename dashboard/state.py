@@ -518,3 +518,37 @@ def _mean_map(run: str, method: str, group: str, file_stamps: tuple) -> np.ndarr
         return None
     # Mean maps are averages of [0, 1] maps: rescale to the full colour range, as core.audit does.
     return explain.overlay(img, heat / max(float(heat.max()), 1e-8), alpha=0.45)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner="Explaining the images...")
+def _audit_cases(run: str, key: tuple, root: str, paths: tuple[str, ...], method: str,
+                 file_stamps: tuple) -> list[dict]:
+    from core import findings
+
+    return findings.case_images(model(Path(run)), run_config(Path(run)), root, list(paths), method)
+
+
+def audit_cases(run: Path, root: str, paths: tuple[str, ...], method: str) -> list[dict]:
+    """The films behind an audit finding with the run's heatmaps on them (core.findings.case_images)."""
+    from core import datasets
+
+    stamps = tuple(stamp(datasets.abspath(root, p)) for p in paths)
+    return _audit_cases(str(run), model_key(run), root, tuple(paths), method, stamps)
+
+
+def audited_runs() -> list[str]:
+    """Runs (as strings, the shipped model first) that have an audit.json."""
+    return [r for r in run_choices(str(runs_root())) if (Path(r) / "audit.json").is_file()]
+
+
+@st.cache_data(max_entries=8, show_spinner="Comparing the audits...")
+def _compare_runs(a: str, b: str, file_stamps: tuple):
+    from core import findings
+
+    return findings.compare_runs(a, b, (run_label(a), run_label(b)))
+
+
+def compare_runs(a: str, b: str):
+    """(figures, cards) of two audited runs side by side (core.findings.compare_runs)."""
+    stamps = tuple(_stamp(r, name) for r in (a, b) for name in ("audit.json", "metrics.json"))
+    return _compare_runs(a, b, stamps)

@@ -322,7 +322,8 @@ def test_corrupt_run_is_one_sentence(env, page, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
-    """Audit a copy of the run (24 test images, real lung net) and show it on the Shortcut audit page."""
+    """Audit a copy of the run (24 test images, real lung net), show its cards and the images behind one,
+    and compare it with a second audited copy."""
     if env["kind"] == "nodata":
         pytest.skip("auditing needs the images; the no-data case is test_page_loads[nodata-shortcuts]")
     from core import audit
@@ -330,7 +331,10 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
     request.getfixturevalue("shipped_lungs")  # the lung net is shipped: missing fails, never skips
     run = tmp_path / "runs" / env["run"].name
     shutil.copytree(env["run"], run, ignore=shutil.ignore_patterns("audit*"))
-    audit.run_audit(run, env["data"], methods=("gradcam",), limit=24, sanity_n=2, n_boot=50, progress=False)
+    summary = audit.run_audit(run, env["data"], methods=("gradcam",), limit=24, sanity_n=2, n_boot=50,
+                              progress=False)
+    other = tmp_path / "runs" / "candidate"
+    shutil.copytree(run, other)
     monkeypatch.setenv("CXR_RUNS_DIR", str(run.parent))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["run"] = str(run)
@@ -339,9 +343,30 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
     assert not at.exception and not at.error, [e.value for e in at.exception]
     t = texts(at)
     assert "ROC AUC, lungs blanked" in t and "Lung-blanked probes" in t
+    assert "Findings" in t and summary["findings"][0]["claim"] in t
     assert plotly_charts(at) == 1
     assert at.dataframe, "probe and method tables"
+    for title in ("Does the model know where a film came from?", "ROAD: does removing", "Pointing game",
+                  "Where does the model fail? Slices"):
+        assert title in t, title
     assert images_shown(at) >= 1, "mean heatmaps or worst cases"
+    # The button of a card with images lists them, each with its heatmap.
+    with_paths = [c for c in summary["findings"] if c["paths"]]
+    assert with_paths
+    shown = images_shown(at)
+    buttons = [b for b in at.button if b.key and b.key.startswith("sc_card_")]
+    assert buttons
+    buttons[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert images_shown(at) > shown
+    # Two audited runs: every figure and card side by side.
+    assert "Compare two audited runs" in texts(at)
+    at.selectbox(key="sc_cmp_a").set_value(str(run))
+    at.selectbox(key="sc_cmp_b").set_value(str(other)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    frames = [d.value for d in at.dataframe]
+    assert any("difference" in f.columns and len(f) > 20 for f in frames), "the figures side by side"
+    assert any("change" in f.columns for f in frames), "the cards side by side"
 
 
 def test_pages_folder_is_not_named_pages():
