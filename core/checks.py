@@ -115,13 +115,16 @@ def colour_stats(data: bytes) -> dict[str, float]:
     return {"saturated_share": share, "hue_spread": 1.0 - resultant}
 
 
-def image_warnings(image: np.ndarray, data: bytes | None = None) -> list[str]:
+def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarray | None = None) -> list[str]:
     """Plain-language warnings for an image that may not be a usable frontal chest X-ray.
 
     ``image`` is a raw grey array (H, W) in [0, 255] as returned by :func:`core.images.load`,
     best at its native size (the size check needs it). ``data`` are the original file bytes,
-    when available, for the colour check (the grey array has lost its colour). Returns an empty
-    list when no check fires.
+    when available, for the colour check (the grey array has lost its colour). ``lungs``, a lung
+    mask of the film (any size; core.lungs), puts the layout checks (midline, polarity) on the
+    lungs' bounding box: on the whole film they misread frames that are tilted, off-centre or
+    padded with black bars (about one in six Hannover and NIH frontal films), while a lateral
+    film still fails them inside its box. Returns an empty list when no check fires.
     """
     image = np.asarray(image, dtype=np.float32)
     out: list[str] = []
@@ -136,8 +139,15 @@ def image_warnings(image: np.ndarray, data: bytes | None = None) -> list[str]:
     if hi - lo < MIN_RANGE:
         out.append(WARN_LOW_CONTRAST)
         return out  # the layout checks below mean nothing on a flat image
-    if inversion_score(image) < INVERSION_MAX:
+    layout = image
+    if lungs is not None:
+        from core import inputs
+
+        box = inputs.lung_box(np.asarray(lungs, np.float32))
+        if box is not None:
+            layout = inputs.crop(image, box)
+    if inversion_score(layout) < INVERSION_MAX:
         out.append(WARN_INVERTED)
-    elif midline_contrast(image) < MIDLINE_MIN:
+    elif midline_contrast(layout) < MIDLINE_MIN:
         out.append(WARN_LATERAL)
     return out

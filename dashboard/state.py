@@ -305,7 +305,7 @@ def _film(run: str, key: tuple, config_stamp: tuple | None, image: np.ndarray, d
         mask = None
     return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fb[0]),
             "shown": (np.clip(explain.display_film(image), 0, 255) + 0.5).astype(np.uint8),
-            "small": small, "lungs": mask, "warnings": checks.image_warnings(image, data)}
+            "small": small, "lungs": mask, "warnings": checks.image_warnings(image, data, lungs=mask)}
 
 
 def faithfulness(run: str, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:

@@ -99,17 +99,38 @@ def frontal_sample(cxr_root):
             for f in meta[meta["view"].isin(["PA", "AP", "AP Supine"])]["filename"].drop_duplicates()]
     kermany = sorted((cxr_root / "kermany").glob("*/*"))
     nih = sorted((cxr_root / "nih").glob("*/*"))
+    hannover = sorted((cxr_root / "hannover" / "png").glob("*.png"))
     rng = np.random.default_rng(0)
-    pick = [list(rng.choice(np.array(x, dtype=object), 20, replace=False)) for x in (ieee, kermany, nih)]
+    pick = [list(rng.choice(np.array(x, dtype=object), 20, replace=False)) for x in (ieee, kermany, nih, hannover)]
     return [p for part in pick for p in part]
 
 
+def _lungs(img):
+    from core import lungs
+
+    return lungs.mask(images.resize(img, 256))
+
+
+LAYOUT = [checks.WARN_LATERAL, checks.WARN_INVERTED, checks.WARN_PHOTO, checks.WARN_LOW_CONTRAST]
+
+
 def test_real_frontal_films_are_rarely_flagged(frontal_sample):
-    layout = [checks.WARN_LATERAL, checks.WARN_INVERTED, checks.WARN_PHOTO, checks.WARN_LOW_CONTRAST]
-    flagged = [p for p in frontal_sample if set(checks.image_warnings(images.load(p), p.read_bytes())) & set(layout)]
-    share = len(flagged) / len(frontal_sample)
-    print(f"frontal films flagged: {len(flagged)}/{len(frontal_sample)}")
-    assert share <= 0.1, flagged
+    """With the lung mask (as the Explain page passes it) the layout checks look at the lungs' box:
+    tilted, off-centre and black-barred frontal films (Hannover, NIH) are no longer refused."""
+    def flagged(with_lungs):
+        out = []
+        for p in frontal_sample:
+            img = images.load(p)
+            w = checks.image_warnings(img, p.read_bytes(), lungs=_lungs(img) if with_lungs else None)
+            if set(w) & set(LAYOUT):
+                out.append(p)
+        return out
+
+    on_box, on_film = flagged(True), flagged(False)
+    print(f"frontal films flagged: {len(on_box)}/{len(frontal_sample)} on the lung box, "
+          f"{len(on_film)} on the whole film")
+    assert len(on_box) / len(frontal_sample) <= 0.05, on_box
+    assert len(on_box) < len(on_film)  # the whole film misreads some frontal frames
 
 
 def test_real_inverted_frontal_films_are_flagged(frontal_sample):
@@ -122,7 +143,10 @@ def test_real_lateral_films_are_mostly_flagged(cxr_root):
     meta = _ieee(cxr_root)
     files = [cxr_root / "ieee8023" / "images" / f for f in meta[meta["view"] == "L"]["filename"].drop_duplicates()]
     assert len(files) >= 30
-    hits = [bool(set(checks.image_warnings(images.load(f), f.read_bytes())) & {checks.WARN_LATERAL, checks.WARN_INVERTED})
-            for f in files]
+    hits = []
+    for f in files:
+        img = images.load(f)
+        w = checks.image_warnings(img, f.read_bytes(), lungs=_lungs(img))
+        hits.append(bool(set(w) & {checks.WARN_LATERAL, checks.WARN_INVERTED}))
     print(f"lateral films flagged: {sum(hits)}/{len(hits)}")
     assert np.mean(hits) >= 0.65

@@ -156,7 +156,7 @@ def test_page_loads(env, page):
         if has_data:
             assert at.dataframe, "the counts table"
             assert images_shown(at) >= 3
-            assert "comes from one source" in t  # the covid/ieee8023 confounding warning
+            assert "holds only covid images" in t  # the source/label confounding warning (hannover)
         else:
             assert "core.data download" in t and "CXR_DATA_DIR" in t
     elif page == "shortcuts":
