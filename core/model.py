@@ -47,6 +47,7 @@ DEFAULTS = {
     "contrast": "local",  # "standard" (per-image standardisation) or "local" (+ local contrast norm.)
     "width": 1.0,  # channel multiplier
     "dropout": 0.3,
+    "field": "global",  # "global": each output sees ~77 px of a 128 px film; "local": ~37 px
 }
 
 
@@ -134,9 +135,12 @@ def _default(
     contrast: str = DEFAULTS["contrast"],
     width: float = DEFAULTS["width"],
     dropout: float = DEFAULTS["dropout"],
+    field: str = DEFAULTS["field"],
     lung_model: keras.Model | None = None,
     lung_dilate: int = 7,
 ) -> keras.Model:
+    if field not in ("global", "local"):
+        raise ValueError(f"unknown field {field!r}; choose global or local")
     raw = keras.Input((size, size, 1), name="image")
     x = _preprocess(raw, size, crop, contrast, lung_model, lung_dilate)
 
@@ -146,8 +150,13 @@ def _default(
     x = _conv_bn(x, w(24), "stem", strides=2)  # strided first layer: 4x fewer pixels downstream
     for i, f in enumerate((32, 64, 96), start=1):
         x = _conv_bn(x, w(f), f"block{i}")
-        x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    x = layers.Conv2D(w(128), 3, padding="same", activation="relu", name="last_conv")(x)
+        if i < 3 or field == "global":
+            x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    # "local": no third pooling and a 1x1 last convolution, so every position of last_conv sees a
+    # patch of about 30 % of the film's side (a patch classifier averaged by the pooling, as in
+    # Oh, Park & Ye, IEEE TMI 2020): it can read lung texture, not the body's outline or size;
+    # its maps are twice as fine (16x16 at 128 px).
+    x = layers.Conv2D(w(128), 3 if field == "global" else 1, padding="same", activation="relu", name="last_conv")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(n_classes, name="logits")(x)
@@ -184,7 +193,7 @@ def build(preset: str = "default", task: str = "binary", size: int = config.DEFA
 
     ``preset`` is a key of :data:`PRESETS`; ``task`` a key of ``config.TASKS``; ``size`` the
     input side in pixels. Keyword options of ``default``: ``crop`` (border fraction blanked),
-    ``contrast`` ("standard" | "local"), ``width``, ``dropout``. Both presets take
+    ``contrast`` ("standard" | "local"), ``width``, ``dropout``, ``field`` ("global" | "local"). Both presets take
     ``lung_model``: a Keras model mapping raw (H, W, 1) pixels to a lung probability map; the
     classifier then only sees the image inside the frozen, slightly dilated soft lung mask.
     """

@@ -101,6 +101,7 @@ DEFAULTS = dict(
     contrast=None,
     width=None,
     dropout=None,
+    field=None,
     lung_mask=None,
     calibrate=True,
     cache=True,
@@ -572,7 +573,7 @@ def _strategy(name: str | None):
 
 
 def _model_kwargs(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("crop", "contrast", "width", "dropout") if cfg.get(k) is not None}
+    return {k: cfg[k] for k in ("crop", "contrast", "width", "dropout", "field") if cfg.get(k) is not None}
 
 
 def _load_lung_model(path):
@@ -1066,6 +1067,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="default preset: contrast normalisation (default local)")
     p.add_argument("--width", type=float, help="default preset: channel multiplier")
     p.add_argument("--dropout", type=float, help="default preset: dropout before the head")
+    p.add_argument("--field", choices=["global", "local"],
+                   help="default preset: receptive field of the last layer (local: ~30%% of the film's side, a patch "
+                   "classifier; global: ~60%%)")
     p.add_argument("--lung-mask", nargs="?", const=str(config.ASSETS_DIR / "lungs" / "lungs.keras"),
                    help="gate the image with a frozen lung-segmentation model (default path: assets/lungs/lungs.keras)")
     p.add_argument("--calibrate", choices=["platt", "temperature", "none"],
