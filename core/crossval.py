@@ -129,6 +129,7 @@ def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     root = config.data_dir(full.get("data"))
     full["data"] = str(root)
     table = splits.prepare(root, seed=full["split_seed"], split_file=full.get("split_file"))
+    table = table[~table["source"].isin(full.get("exclude_sources") or [])]
     can = eligible_sources(table, full["task"])
     todo = sources or can
     bad = sorted(set(todo) - set(can))
@@ -143,7 +144,7 @@ def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     result = summarise(folds)
     recipe = {k: full.get(k) for k in ("task", "preset", "backbone", "size", "epochs", "folds", "members",
                                           "lung_crop", "adversarial", "augment", "balance", "seed", "split_seed",
-                                          "limit")}
+                                          "exclude_sources", "limit", "field")}
     result.update(recipe=recipe, data_root=str(root), eligible_sources=can)
     runs.write_json(out / "crossval.json", result)
     return result

@@ -61,7 +61,7 @@ def shipped_lungs() -> Path:
 
 
 # Settings of the tiny training run shared by tests (model, train, predict, evaluate, explain...).
-TINY_RUN = dict(size=64, limit=5, epochs=2, batch_size=16, name="tiny", seed=7, folds=2, members=2)
+TINY_RUN = dict(size=64, limit=5, epochs=2, batch_size=16, name="tiny", seed=7, folds=2, members=2, task="binary")
 
 
 @pytest.fixture(scope="session")
