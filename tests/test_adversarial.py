@@ -70,7 +70,7 @@ def _reversed_auc(adversarial: float, seed: int, data) -> float:
     from core import model as model_lib
 
     (x, table), (xr, tr) = data
-    cfg = {**train.DEFAULTS, "size": 32, "epochs": 15, "lr": 3e-3, "width": 0.5, "crop": 0.0,
+    cfg = {**train.DEFAULTS, "task": "binary", "size": 32, "epochs": 15, "lr": 3e-3, "width": 0.5, "crop": 0.0,
            "adversarial": adversarial}
     keras.utils.set_random_seed(seed)
     steps = int(np.ceil(len(x) / 32))

@@ -282,7 +282,7 @@ def test_training_killed_mid_epoch_resumes_losing_at_most_that_epoch(tmp_path):
     data = synthetic_class_folders(tmp_path / "data", n_per_class=200)
     runs_root = tmp_path / "runs"
     epochs = 4
-    common = ["--runs", str(runs_root), "--size", "32", "--batch-size", "4", "--members", "1", "--folds", "2", "--no-lung-crop",
+    common = ["--runs", str(runs_root), "--size", "32", "--batch-size", "4", "--members", "1", "--folds", "2", "--no-lung-crop", "--task", "binary",
               "--augment", "none", "--no-evaluate", "--no-calibrate", "--no-cache"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     t0 = time.monotonic()

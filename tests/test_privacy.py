@@ -182,7 +182,8 @@ def test_training_cache_holds_no_tags(tmp_path):
     (root / "covid" / "a.dcm").write_bytes(phi_dicom())
     (root / "covid" / "b.dcm").write_bytes(phi_dicom(valid=False))
     cache = tmp_path / "runs" / ".cache"
-    pix, kept, errors = train.decode_images(root, ["covid/a.dcm", "covid/b.dcm"], 64, cache, progress=False)
+    pix, _, _, kept, errors = train.prepare_images(root, ["covid/a.dcm", "covid/b.dcm"], 64, None, cache,
+                                                   progress=False)
     assert len(kept) == 2 and not errors
     written = [p for p in cache.rglob("*") if p.is_file()]
     assert written, "expected a pixel cache file"

@@ -187,7 +187,7 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
 def test_same_seed_same_metrics(tiny_run, cxr_root, tmp_path):
     """Trains the tiny run a second time (15-30 s): slow."""
     cfg = runs.read_config(tiny_run)
-    same = {k: cfg[k] for k in ("size", "limit", "epochs", "batch_size", "seed", "folds", "members", "name")}
+    same = {k: cfg[k] for k in ("task", "size", "limit", "epochs", "batch_size", "seed", "folds", "members", "name")}
     again = train.train(data=str(cxr_root), runs=str(tmp_path), verbose=0, evaluate=False, **same)
     a, b = runs.read_predictions(tiny_run), runs.read_predictions(again)
     assert a["path"].tolist() == b["path"].tolist()

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     # ----- ours
     keras.utils.set_random_seed(0)
     t0 = time.perf_counter()
-    pix, kept, _ = train.decode_images(root, table["path"].tolist()[:n], a.size, cache_dir=None, progress=False)
+    pix, _, _, kept, _ = train.prepare_images(root, table["path"].tolist()[:n], a.size, None, cache_dir=None,
+                                              progress=False)
     decode_s = time.perf_counter() - t0
     yy = np.eye(2, dtype=np.float32)[1 - y[kept]]
     w = np.ones(len(kept), np.float32)
