@@ -41,7 +41,8 @@ from core import crossval, runs, train  # noqa: E402
 CONFIGS = {
     "shipped": {},
     "no_crop": {"lung_crop": False, "members": 1},
-    "binary": {"task": "binary", "members": 1},
+    "global_field": {"field": "global", "members": 1},
+    "multiclass": {"task": "multiclass", "members": 1},
     "adversarial": {"adversarial": 0.3, "members": 1},
     "no_hannover": {"exclude_sources": ["hannover"], "members": 1},
     "size192": {"size": 192, "members": 1},
