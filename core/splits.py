@@ -31,7 +31,7 @@ SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
 NEAR_THRESHOLD = 0.97
 THUMB_SIZE = 32
-SPLIT_COLUMNS = ["path", "split", "label", "source", "patient_id", "group", "fold"]
+SPLIT_COLUMNS = ["path", "split", "label", "source", "patient_id", "group"]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -296,7 +296,7 @@ def save_split(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the split file (CSV ``path,split,label,source,patient_id,group``) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = [c for c in SPLIT_COLUMNS if c in table.columns]
+    cols = [c for c in SPLIT_COLUMNS + ["fold"] if c in table.columns]  # fold: cross-validated runs
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
     with os.fdopen(fd, "w", newline="") as f:
         table[cols].sort_values("path").to_csv(f, index=False)

@@ -257,6 +257,26 @@ def reference(train_features: np.ndarray, val_features: np.ndarray) -> dict:
     return ref
 
 
+def reference_by_folds(features: np.ndarray, folds: np.ndarray) -> dict:
+    """OOD reference of a cross-validated run: every development film, and cut-off distances
+    measured fold by fold (each fold's films against statistics fitted without them).
+
+    Each development film was seen by most members of the ensemble, so new films sit farther
+    than these distances suggest: the amber/red marks err towards warning.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    f = np.asarray(features, np.float64)
+    folds = np.asarray(folds)
+    ref = reference(f, f[:0])
+    val = []
+    for k in np.unique(folds):
+        lw = LedoitWolf().fit(f[folds != k])
+        val.append(distance({"mean": lw.location_, "precision": lw.precision_}, f[folds == k]))
+    ref["val_distances"] = np.sort(np.concatenate(val))
+    return ref
+
+
 def distance(ref: dict, feats: np.ndarray) -> np.ndarray:
     """Mahalanobis distances (n,) of features (n, d) from the reference."""
     d = np.atleast_2d(np.asarray(feats, np.float64)) - np.asarray(ref["mean"])
@@ -264,7 +284,8 @@ def distance(ref: dict, feats: np.ndarray) -> np.ndarray:
 
 
 def write_reference(run=None, data=None, progress: bool = True) -> Path:
-    """Compute the OOD reference of a run (its train and val films from split.csv) into ``ood_reference.npz``."""
+    """Compute the OOD reference of a run into ``ood_reference.npz`` (from split.csv: train and val
+    films, or for a cross-validated run its development films, fold by fold)."""
     from core import images, inputs, runs
     from core import model as cmodel
 
@@ -276,23 +297,29 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
     if not (root / str(split["path"].iloc[0])).exists() and cfg.get("data_root"):
         root = Path(cfg["data_root"])
     size = cmodel.input_size(model)
-    feats = {}
-    for part in ("train", "val"):
-        paths = [root / p for p in split.loc[split["split"] == part, "path"]]
-        if progress:
-            print(f"{part}: {len(paths)} films", file=sys.stderr)
+
+    def features_of(rows):
         films = []
-        for p in paths:
+        for p in [root / p for p in rows["path"]]:
             try:
                 films.append(images.decode(p))
             except images.ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
         if not films:
-            raise FileNotFoundError(f"none of the {part} films of {run.name} could be read under {root}")
+            raise FileNotFoundError(f"none of the {len(rows)} films of {run.name} could be read under {root}")
         x = np.concatenate([inputs.prepare(films[i : i + 64], size, inputs.settings(cfg))[0]
                             for i in range(0, len(films), 64)])
-        feats[part] = cmodel.features(model, x)
-    ref = reference(feats["train"], feats["val"])
+        return cmodel.features(model, x)
+
+    if (split["split"] == "val").any():  # a run with a validation split: fitted on train, cut-offs from val
+        if progress:
+            print(f"train and val films: {int(split['split'].isin(['train', 'val']).sum())}", file=sys.stderr)
+        ref = reference(features_of(split[split["split"] == "train"]), features_of(split[split["split"] == "val"]))
+    else:  # a cross-validated run: its development films and their folds
+        dev = split[split["split"] == "train"]
+        if progress:
+            print(f"development films: {len(dev)}", file=sys.stderr)
+        ref = reference_by_folds(features_of(dev), dev["fold"].to_numpy())
     ref["model_sha256"] = np.array(runs.sha256(run / "model.keras"))
     path = run / REFERENCE_FILE
     tmp = run / f".{REFERENCE_FILE}.tmp.npz"

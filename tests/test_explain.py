@@ -378,9 +378,16 @@ def test_cli_on_tiny_run(tiny_run, cxr_root, tmp_path, capsys):
     rc = E.main([str(src), "--run", str(tiny_run), "--method", "scorecam_fast", "--out", str(out), "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
-    size = json.loads((tiny_run / "config.json").read_text())["size"]
-    assert cv2.imread(str(out)).shape == (size, size, 3)
+    from core import images, inputs
+
+    film = images.decode(src)
+    assert cv2.imread(str(out)).shape == film.shape + (3,)  # drawn on the original film
     assert abs(sum(res["probabilities"].values()) - 1.0) < 1e-4 and res["class"] == "covid"
+    # the network saw the film's lung box (the tiny run crops to the lungs) and the map went back there
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    _, box, _, _ = inputs.load(src, cfg["size"], inputs.settings(cfg))
+    assert res["box"] == pytest.approx(list(box)) and not res["lung_crop_fell_back"]
+    assert res["box"] != [0.0, 0.0, 1.0, 1.0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def test_readers_on_a_real_run(tiny_run):
     pred = runs.read_predictions(tiny_run)
     assert {"p_covid", "p_other", "split"} <= set(pred.columns)
     assert pred["patient_id"].map(type).eq(str).all()
-    assert set(runs.read_split(tiny_run)["split"]) == {"train", "val", "test"}
+    split = runs.read_split(tiny_run)
+    assert set(split["split"]) == {"train", "test"}  # validation comes from the folds of train
+    assert set(split.loc[split["split"] == "train", "fold"]) == {0, 1} and (split.loc[split["split"] == "test", "fold"] == -1).all()
     assert runs.read_env(tiny_run)["packages"]["keras"]
 
 

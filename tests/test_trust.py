@@ -184,8 +184,10 @@ def test_reference_file_is_plain_and_refused_for_another_model(tiny_run, cxr_roo
     assert str(ref["model_sha256"]) == sha
     model = runs.load_model(tiny_run)
     split = runs.read_split(tiny_run)
-    film = images.decode(cxr_root / split.loc[split["split"] == "val", "path"].iloc[0])
-    x, _, _ = inputs.prepare([film], cmodel.input_size(model))
+    dev = split[split["split"] == "train"]
+    assert len(ref["val_distances"]) == len(dev)  # cut-offs measured fold by fold on the development films
+    film = images.decode(cxr_root / dev["path"].iloc[0])
+    x, _, _ = inputs.prepare([film], cmodel.input_size(model), inputs.settings(runs.read_config(tiny_run)))
     row = trust.ood_row(ref, cmodel.features(model, x), sha)
     assert row["mark"] in ("green", "amber") and row["value"]["distance"] > 0
     assert trust.ood_row(ref, cmodel.features(model, x), "0" * 64)["mark"] == "amber"
