@@ -5,11 +5,15 @@ predictions and heatmaps in ``st.cache_data`` (in memory only, bounded by ``max_
 that hundreds of uploads do not grow the process). Cached values are keyed by content (arrays
 are hashed by Streamlit), so sessions never see each other's results under a wrong key.
 Nothing here computes a metric, touches pixels or builds a model: it only calls ``core``.
+Model work inside the cached calls runs in a :func:`core.work.slot` (a bounded, first-come
+first-served line shared by all sessions), so many sessions at once slow down instead of
+running out of memory; cache hits never wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import config, runs
+from core import config, runs, work
 
 NO_DATA = (
     "This page needs the chest X-ray images, which are not in the repository: get them with "
@@ -206,7 +210,19 @@ def seed_siblings(run: Path) -> list[Path]:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
 def _model(run: str, _mt: float):
-    return runs.load_model(run)
+    model = runs.load_model(run)
+    try:  # the Explain page needs it for every film: load it with the model, before the freeze
+        from core import lungs
+
+        lungs.lung_model()
+    except (FileNotFoundError, OSError, ValueError):
+        pass
+    # Streamlit collects garbage after every script run (gc.collect(2), and keras'
+    # clear_session() collects again): with TensorFlow's ~400k objects that is ~0.2-0.5 s each,
+    # holding the GIL, so each session's run stalls all the others. Freezing what is loaded now
+    # (modules, models) leaves those collections only the objects the sessions create.
+    gc.freeze()
+    return model
 
 
 def model(run: Path):
@@ -226,7 +242,9 @@ def probabilities(run: str, image: np.ndarray) -> np.ndarray:
     """Class probabilities (n_classes,) of one raw grey image at the model's size."""
     from core import model as cmodel
 
-    return cmodel.probabilities(model(Path(run)), image)[0]
+    m = model(Path(run))
+    with work.slot():
+        return cmodel.probabilities(m, image)[0]
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -244,7 +262,9 @@ def heatmap(run: str, image: np.ndarray, method: str, class_index: int = 0, laye
     """A [0, 1] heatmap (H, W) of ``method`` for one image (see :mod:`core.explain`)."""
     from core import explain
 
-    return explain.explain(model(Path(run)), image, method, class_index=class_index, layer=layer)
+    m = model(Path(run))
+    with work.slot():
+        return explain.explain(m, image, method, class_index=class_index, layer=layer)
 
 
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
@@ -253,7 +273,8 @@ def lung_mask(image: np.ndarray) -> np.ndarray | None:
     from core import lungs
 
     try:
-        return lungs.mask(image)
+        with work.slot():
+            return lungs.mask(image)
     except (FileNotFoundError, OSError, ValueError):
         return None
 
