@@ -10,7 +10,7 @@ rotation, zoom, shift, brightness/contrast/gamma, no horizontal flip by default 
 the left). Class weights (optionally balanced per source too), early stopping on a validation
 score with the best weights kept, a checkpoint every epoch (``--resume RUN`` continues a killed
 run with its optimizer state and history), fixed seeds (same seed, same metrics) and
-``--strategy mirrored`` (tf.distribute). ``--holdout-source NAME`` leaves one source out of
+``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`). ``--holdout-source NAME`` leaves one source out of
 training and validation entirely; its images become the "external" split of predictions.csv.
 
 The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv,
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, images, runs
+from core import config, distribute, images, runs
 
 AUGMENT = {
     # rotation (degrees), zoom (fraction), shift (fraction of side), brightness, contrast,
@@ -453,18 +453,6 @@ def _setup_tf(seed: int, logical_cpus: int | None):
         pass
 
 
-def _strategy(name: str | None):
-    import tensorflow as tf
-
-    if not name or name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    raise ValueError(f"unknown strategy {name!r}; choose default or mirrored")
-
-
 def _model_kwargs(cfg: dict) -> dict:
     kw = {k: cfg[k] for k in ("crop", "contrast", "width", "dropout") if cfg.get(k) is not None}
     return kw
@@ -542,8 +530,9 @@ def _epoch_callback(run: Path, ckpt: Path, val_table, x_val, monitor: str, patie
     return EpochEnd()
 
 
-def train(cfg: dict | None = None, **kw) -> Path:
-    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder."""
+def train(cfg: dict | None = None, **kw) -> Path | None:
+    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder
+    (``None`` on the non-chief workers of a multi-worker run, which write none)."""
     cfg = {**DEFAULTS, **(cfg or {}), **kw}
     resume = cfg.get("resume")
     state = {"epoch": 0, "best": None, "best_epoch": 0, "history": []}
@@ -561,6 +550,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
     if isinstance(cfg["augment"], str) and cfg["augment"] not in AUGMENT:
         raise ValueError(f"unknown augment {cfg['augment']!r}; choose one of {sorted(AUGMENT)}")
     config.classes(cfg["task"])  # validates the task
+    distribute.check(cfg.get("strategy"), resume=bool(resume))  # before any work (TF_CONFIG)
 
     _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
     import keras
@@ -568,7 +558,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
     from core import model as model_lib
 
     root = config.data_dir(cfg["data"])
-    runs_root = config.runs_dir(cfg["runs"])
+    runs_root = distribute.runs_root(config.runs_dir(cfg["runs"]), cfg.get("strategy"))  # chief only
     cfg["data"] = str(root)
     table, external = prepare_table(cfg, root)
     classes = config.classes(cfg["task"])
@@ -605,7 +595,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
         f"test {int((both['split'] == 'test').sum())}, external {int((both['split'] == 'external').sum())}"
     )
 
-    strategy = _strategy(cfg.get("strategy"))
+    strategy = distribute.strategy(cfg.get("strategy"))
     lung = cfg.get("lung_mask")
     with strategy.scope():
         if resume:
@@ -624,7 +614,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
             )
     batch = int(cfg["batch_size"])
     steps = max(1, math.ceil(len(tr) / batch))
-    ds = make_dataset(x_tr, y_tr, w_tr, batch, int(cfg["seed"]), cfg["augment"], bool(cfg["hflip"]))
+    ds = distribute.shard(make_dataset(x_tr, y_tr, w_tr, batch, int(cfg["seed"]), cfg["augment"], bool(cfg["hflip"])))
     if state["epoch"]:
         ds = ds.skip(state["epoch"] * steps)
     cb = _epoch_callback(run, ckpt, va, x_va, cfg["monitor"], int(cfg["patience"]), state, cfg["verbose"])
@@ -635,7 +625,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
             epochs=int(cfg["epochs"]),
             initial_epoch=int(state["epoch"]),
             steps_per_epoch=steps,
-            callbacks=[cb],
+            callbacks=distribute.callbacks(strategy, model) + [cb],
             verbose=1 if cfg["verbose"] else 0,
         )
     train_s = time.time() - t1
@@ -697,10 +687,15 @@ def train(cfg: dict | None = None, **kw) -> Path:
     runs.write_json(run / "config.json", final_cfg)
     runs.write_json(run / "env.json", environment())
     shutil.rmtree(ckpt, ignore_errors=True)
+    if not distribute.is_chief(cfg.get("strategy")):  # a worker of a multi-worker run: the chief wrote it
+        distribute.discard(run, cfg.get("strategy"))
+        distribute.barrier(strategy)  # stay in the cluster until the chief is done
+        return None
     if cfg.get("evaluate"):
         from core.evaluate import evaluate_run
 
         evaluate_run(run, progress=False)
+    distribute.barrier(strategy)
     log(f"run written to {run}")
     return run
 
@@ -785,7 +780,9 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=DEFAULTS["patience"])
     p.add_argument("--holdout-source", help="leave this source out of train/val; report it as 'external'")
     p.add_argument("--limit", type=int, help="at most N images per split and class (quick runs)")
-    p.add_argument("--strategy", choices=["default", "mirrored"], help="tf.distribute strategy")
+    p.add_argument("--strategy", choices=list(distribute.STRATEGIES),
+                   help="tf.distribute strategy: mirrored = local devices; multiworker = several hosts "
+                   "(TF_CONFIG on each, see README)")
     p.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices (to test mirrored)")
     p.add_argument("--crop", type=float, help="default preset: border fraction blanked (default 0.12)")
     p.add_argument(
@@ -840,6 +837,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log(f"error: {exc}")
         return 2
+    if run is None:  # a non-chief worker of a multi-worker run
+        log("worker finished; the chief wrote the run folder")
+        return 0
     result = {"run": str(run), "config": runs.read_config(run)}
     if (run / "metrics.json").is_file():
         result["metrics"] = runs.read_metrics(run)
