@@ -7,8 +7,10 @@ Reads ``--n`` real X-rays of every source (PNG and JPEG, as stored, mostly ~1000
 :func:`core.predict.predict_paths` on them for each ``--workers`` value (threads that decode and
 prepare films through ``core.inputs`` while the network scores the previous batch), after one
 warm-up batch. Also times the two halves alone: decoding + preparing every film in one thread,
-and the network on the prepared batch. Prints one JSON object (films/s, the load average before
-and after: the figures are only as quiet as the machine).
+and the network on the prepared batch. Prints one JSON object: films/s (wall), the CPU time per
+film of the whole process (all threads) and what it allows when every core works for this job
+(``cpu_bound_films_per_s`` = cores / CPU seconds per film: an upper bound, robust to other jobs
+on a shared machine), and the load average before and after.
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ def main(argv=None) -> int:
     out["network_only_films_per_s"] = round(len(files) / model_s, 1)
 
     for w in [int(v) for v in a.workers.split(",")]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         df, errors = predict.predict_paths(model, files, size, batch_size=a.batch_size, lung_crop=crop, workers=w)
-        s = time.perf_counter() - t
+        s, cpu = time.perf_counter() - t, time.process_time() - c
         out[f"workers_{w}"] = {"films_per_s": round(len(files) / s, 1), "seconds": round(s, 2),
+                               "cpu_ms_per_film": round(1000 * cpu / len(files), 2),
+                               "cpu_bound_films_per_s": round(os.cpu_count() * len(files) / cpu, 1),
                                "rows": len(df), "errors": len(errors)}
     out["load_avg_after"] = os.getloadavg()
     print(json.dumps(out))
