@@ -6,9 +6,9 @@ module measures that, per image and per explanation method, with checks a shortc
 
 - :func:`trust`: where a heatmap's energy lies: inside the lung fields (against the lungs'
   share of the image), in the border band and in the top band (where text and markers sit).
-- :func:`deletion_insertion`: deletion and insertion AUC (Petsiuk et al., RISE, BMVC 2018):
-  does removing the hottest pixels first drop the score fast, and does inserting them first
-  raise it fast? All steps run in one batched forward pass.
+- :func:`deletion_insertion`: deletion and insertion AUC (Petsiuk et al., RISE, BMVC 2018),
+  kept for comparison (``--di-methods``); the blank it leaves is itself a signal, so the audit
+  scores faithfulness with ROAD (:mod:`core.road`) instead.
 - :func:`sanity_check`: the model randomisation test (Adebayo et al., NeurIPS 2018): maps of the
   trained model against the same network with its learned weights re-initialised, compared by
   Spearman rank correlation. Rule: a method **passes** if the mean correlation is below 0.5
@@ -16,19 +16,27 @@ module measures that, per image and per explanation method, with checks a shortc
 - :func:`probes`: the counterfactual test of DeGrave et al., offline: re-predict every image
   with the lungs blanked and with everything but the lungs blanked; the ROC AUC (COVID-19 vs
   the rest) that survives each, with patient-bootstrap CIs. High AUC without lungs = shortcuts.
-- :func:`run_audit` runs all of it over a run's test split and writes ``audit.csv`` (per image
-  and method), ``audit.json`` (summary + a plain-words verdict) and ``audit_maps/`` (mean
-  heatmaps per class and per source as ``.npy``) into the run folder.
+- :func:`run_audit` runs all of it over a run's test split, one named step after another
+  (:func:`open_run`, :func:`load_images`, :func:`explain_all`, :func:`trust_table`,
+  :func:`sanity_checks`, :func:`probes`, :func:`road_step`, :func:`pointing_step`,
+  :func:`source_probe_step`, :func:`slices_step`, then :func:`core.findings.findings`), and
+  writes ``audit.csv`` (per image and method), ``audit.json`` (summary, the findings as cards
+  and a plain-words verdict) and ``audit_maps/`` (mean heatmaps per class and per source as
+  ``.npy``) into the run folder. Images are prepared through ``core.inputs``: a lung-crop run
+  is audited on what its network sees, with the lung masks and expert boxes mapped into that
+  view by ``inputs.from_film``.
 
-CLI::
+CLI (``--json`` prints the summary with the same findings; ``--markdown FILE`` rewrites the
+generated block of ``assets/AUDIT.md``; audit_maps.png is drawn unless ``--no-png``)::
 
     python -m core.audit --run assets/model --data ../shared/cxr [--methods gradcam,scorecam_fast]
-                         [--limit N] [--json]
+                         [--limit N] [--json] [--markdown assets/AUDIT.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -39,11 +47,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from core import config
+from core import config, findings, metrics, pointing, road, slices, source_probe
+from core.metrics import fmt as _fmt
 
-DEFAULT_METHODS = ("gradcam", "scorecam_fast")
+# LayerCAM is left out by default: at a last convolution followed by global pooling its maps equal
+# Grad-CAM++'s; full Score-CAM (scorecam_fast's slow original) and SmoothGrad (20 passes per map) would
+# each add a minute or more to the audit on two cores (--methods adds any of them).
+DEFAULT_METHODS = ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
 SANITY_THRESHOLD = 0.5  # mean Spearman correlation below this -> the method passes
 SANITY_N = 8  # images per method for the randomisation check
+RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline
 MIN_MEAN_N = 10  # never draw a "mean" image over fewer images than this (it would be a copy)
 
 
@@ -247,9 +260,10 @@ def blank(images: np.ndarray, lung_masks: np.ndarray, keep: str, fill: str = "me
         if keep == "outside" and dilate > 0:
             k = max(1, int(round(dilate * max(img.shape)))) * 2 + 1
             m = cv2.dilate(m.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
-        filler = baseline_image(img, "blur" if fill == "blur" else ("zero" if fill == "zero" else "mean"))
-        if fill == "blur":
+        if fill == "blur":  # a heavier blur than baseline_image's: nothing of the lungs survives it
             filler = cv2.GaussianBlur(img, (0, 0), max(img.shape) / 8)
+        else:
+            filler = baseline_image(img, "zero" if fill == "zero" else "mean")
         region = m if keep == "outside" else ~m
         out[i] = np.where(region, filler, img)
     return out
@@ -260,14 +274,7 @@ def _auc(y, p, groups=None, n_boot: int = 1000) -> dict:
     if len(np.unique(y)) < 2:
         return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
                 "reason": "only one class present"}
-    try:
-        from core import metrics
-
-        return metrics.ci("roc_auc", y, p, groups, n_boot=n_boot)
-    except (ImportError, AttributeError):
-        from sklearn.metrics import roc_auc_score
-
-        return {"value": float(roc_auc_score(y, p)), "ci_low": float("nan"), "ci_high": float("nan")}
+    return metrics.ci("roc_auc", y, p, groups, n_boot=n_boot)
 
 
 def probes(model, images, lung_masks, y, groups=None, sources=None, class_index: int = config.COVID_INDEX,
@@ -307,15 +314,6 @@ def probes(model, images, lung_masks, y, groups=None, sources=None, class_index:
     return res
 
 
-def _fmt(d: dict) -> str:
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not np.isfinite(v):
-        return "n/a"
-    if lo is None or not np.isfinite(lo):
-        return f"{v:.2f}"
-    return f"{v:.2f} (95% CI {lo:.2f}-{hi:.2f})"
-
-
 def probe_verdict(res: dict) -> str:
     """Plain words for the probe results: does the model need the lungs?"""
     auc = res["auc"]
@@ -350,15 +348,7 @@ def _mean_ci(values, groups=None, n_boot: int = 1000) -> dict:
     v = v[np.isfinite(v)] if groups is None else v
     if len(v) == 0:
         return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    try:
-        from core import metrics
-
-        r = metrics.ci(lambda _y, p: float(np.nanmean(p)), np.zeros(len(v)), v, groups, n_boot=n_boot)
-    except (ImportError, AttributeError):
-        rng = np.random.default_rng(config.SEED)
-        boots = [np.nanmean(rng.choice(v, len(v))) for _ in range(n_boot)]
-        r = {"value": float(np.nanmean(v)), "ci_low": float(np.percentile(boots, 2.5)),
-             "ci_high": float(np.percentile(boots, 97.5))}
+    r = metrics.ci(lambda _y, p: float(np.nanmean(p)), np.zeros(len(v)), v, groups, n_boot=n_boot)
     return {**r, "n": int(len(v))}
 
 
@@ -386,6 +376,9 @@ def _save_maps(folder: Path, sums: dict, counts: dict) -> list[str]:
         np.save(tmp, (arr / n).astype(np.float32))
         os.replace(tmp, path)
         written.append(path.name)
+    for old in folder.glob("*.npy"):  # maps of methods or groups this audit no longer has
+        if old.name not in written:
+            old.unlink()
     return written
 
 
@@ -438,165 +431,458 @@ def mean_maps_png(run, out=None, min_n: int = MIN_MEAN_N, tile: int = 224) -> Pa
     return out
 
 
-def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None,
-              di_methods=None, sanity_n: int = SANITY_N, steps: int = 16, n_boot: int = 1000,
-              write: bool = True, progress: bool = True, seed: int = config.SEED, lung_model=None) -> dict:
-    """Audit a run over its test split (``predictions.csv`` rows with split == test).
+@contextlib.contextmanager
+def _timed(timing: dict, key: str):
+    t0 = time.time()
+    yield
+    timing[key] = time.time() - t0
 
-    Images are read from ``data`` (paths are relative to the data root) at the model's size;
-    lungs come from :func:`core.lungs.masks`. Heatmaps explain class 0 (COVID-19) for every image.
-    ``di_methods`` (default: ``methods``) get deletion/insertion AUCs; ``lung_model`` replaces the
-    shipped lung net (tests). Writes ``audit.csv``,
-    ``audit.json`` and ``audit_maps/*.npy`` into the run (``write=True``) and returns the summary.
+
+# --------------------------------------------------------------------------- whole-run audit, step by step
+def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None, seed: int = config.SEED) -> dict:
+    """Step 1: the run, its model and settings, and the rows to audit (test; external for the source probe).
+
+    Returns a context dict: ``run``, ``cfg``, ``model``, ``size``, ``classes``, ``crop`` (the
+    run's lung-crop settings or None), ``root`` (data root), ``test`` and ``external`` tables.
     """
-    from tqdm import tqdm
-
-    from core import explain, images, lungs, runs
+    from core import evaluate, explain, inputs, runs
     from core import model as cxr_model
 
-    t_start = time.time()
     run = runs.resolve_run(run)
     cfg = runs.read_config(run)
-    clf = runs.load_model(run)
-    size = cxr_model.input_size(clf)
-    classes = list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
-    preds = runs.read_predictions(run)
+    unknown = [m for m in methods if m not in explain.METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
+    split = runs.read_split(run) if (run / "split.csv").is_file() else None
+    # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
+    preds = evaluate.with_groups(runs.read_predictions(run), split)
     test = preds[preds["split"] == "test"]
     if test.empty:
         raise runs.RunError(f"run {run.name}: predictions.csv has no test rows to audit")
     test = _pick(test, limit, seed)
+    external = preds[preds["split"] == "external"].reset_index(drop=True)
+    if limit:
+        external = external.head(0)
     root = config.data_dir(data if data is not None else None)
     if data is None and not (root / str(test["path"].iloc[0])).exists() and cfg.get("data_root"):
         root = Path(cfg["data_root"])  # fall back to where the run was trained
-    paths = [root / p for p in test["path"]]
-    methods = list(methods)
-    di_methods = methods if di_methods is None else list(di_methods)
-    unknown = [m for m in methods if m not in explain.METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
-    timing = {}
+    clf = runs.load_model(run)
+    return {"run": run, "cfg": cfg, "model": clf, "size": cxr_model.input_size(clf),
+            "classes": list(cfg.get("classes") or config.classes(cfg.get("task", "binary"))),
+            "crop": inputs.settings(cfg), "root": root, "test": test, "external": external,
+            "methods": list(methods), "limit": limit}
 
-    t0 = time.time()
-    imgs, kept, errors = images.load_many(paths, size)
-    test = test.iloc[list(kept)].reset_index(drop=True)
+
+def _small_film(film: np.ndarray, side: int = 256) -> np.ndarray:
+    """The film with its longer side at most ``side`` (aspect kept): enough for masks and boxes."""
+    h, w = film.shape
+    s = min(1.0, side / max(h, w))
+    if s >= 1.0:
+        return film
+    return cv2.resize(film, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | None = None,
+                lung_model=None, progress: bool = True, desc: str = "load") -> dict:
+    """Step 2: films -> what the network sees (``core.inputs``), with lungs and expert boxes in that view.
+
+    Returns ``x`` (n, size, size), ``boxes`` (n, 4; the region of each film the network sees),
+    ``fell_back`` (n,), ``lung`` (n, size, size) bool (the lung net's mask of the film, mapped
+    with ``inputs.from_film``), ``expert`` (list: the expert lung boxes as a mask in the same
+    view, None where the film has none), ``kept`` (row indices that loaded) and ``errors``.
+    """
+    from tqdm import tqdm
+
+    from core import images, inputs, lungs
+
+    boxes = boxes or {}
+    out = {"x": [], "boxes": [], "fell_back": [], "lung": [], "expert": [], "kept": [], "errors": []}
+    paths = table["path"].astype(str).tolist()
+    for start in tqdm(range(0, len(paths), 16), desc=desc, disable=not progress, file=sys.stderr):
+        films, idx = [], []
+        for i in range(start, min(start + 16, len(paths))):
+            try:
+                films.append(images.decode(root / paths[i]))
+                idx.append(i)
+            except images.ImageError as exc:
+                out["errors"].append({"path": paths[i], "reason": exc.reason})
+        if not films:
+            continue
+        x, bx, fb = inputs.prepare(films, size, crop, lung_model)
+        for film, b, i in zip(films, bx, idx, strict=True):
+            small = _small_film(film)
+            lung = lungs.mask(small, model=lung_model).astype(np.float32)
+            out["lung"].append(inputs.from_film(lung, b, size) >= 0.5)
+            ex = boxes.get(paths[i])
+            out["expert"].append(None if ex is None else
+                                 inputs.from_film(pointing.box_mask(ex, small.shape).astype(np.float32), b, size) >= 0.5)
+        out["x"].append(x)
+        out["boxes"].append(bx)
+        out["fell_back"].append(fb)
+        out["kept"] += idx
+    out["x"] = np.concatenate(out["x"]) if out["x"] else np.zeros((0, size, size), np.float32)
+    out["boxes"] = np.concatenate(out["boxes"]) if out["boxes"] else np.zeros((0, 4))
+    out["fell_back"] = np.concatenate(out["fell_back"]) if out["fell_back"] else np.zeros(0, bool)
+    out["lung"] = np.stack(out["lung"]) if out["lung"] else np.zeros((0, size, size), bool)
+    return out
+
+
+def test_rows(ctx: dict, loaded: dict) -> pd.DataFrame:
+    """Step 2b: the test rows that loaded, with ``y`` (1 = the explained class) and the resampling ``group``."""
+    test = ctx["test"].iloc[loaded["kept"]].reset_index(drop=True)
     if len(test) == 0:
-        raise FileNotFoundError(f"none of the {len(paths)} test images could be read under {root}")
-    timing["load_s"] = time.time() - t0
-
-    t0 = time.time()
-    lung = lungs.masks(imgs, model=lung_model)
-    timing["lungs_s"] = time.time() - t0
-
-    y = (test["label"].astype(str) == classes[0]).to_numpy().astype(int) if "label" in test else None
-    if "class" in test:
-        y = (test["class"].astype(str) == classes[0]).to_numpy().astype(int)
+        raise FileNotFoundError(f"none of the {len(ctx['test'])} test images could be read under {ctx['root']}")
+    if "class" not in test:
+        test["class"] = test["label"]
+    if "label" not in test:
+        test["label"] = test["class"]
     if "patient_id" not in test:
         test["patient_id"] = test["path"]
     # Images without a patient id are their own resampling unit.
     test["patient_id"] = test["patient_id"].where(test["patient_id"].notna(), test["path"]).astype(str)
-    groups = test["patient_id"].to_numpy()
+    if "group" not in test:
+        test["group"] = test["patient_id"]
+    test["group"] = test["group"].where(test["group"].notna(), test["patient_id"]).astype(str)
+    test["y"] = (test["class"].astype(str) == ctx["classes"][0]).astype(int)
+    return test
 
+
+def explain_all(model, x: np.ndarray, methods, progress: bool = True) -> dict[str, np.ndarray]:
+    """Step 3: every method's maps of the explained class (COVID-19) for every image, (n, size, size)."""
+    from core import explain
+
+    out = {}
+    for method in methods:
+        t0 = time.time()
+        out[method] = explain.explain_many(model, x, method, class_index=config.COVID_INDEX)
+        if progress:
+            print(f"audit: {method} maps for {len(x)} images in {time.time() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), steps: int = 16) -> pd.DataFrame:
+    """Step 4: one row per image and method: where the heat lies (:func:`trust`), and deletion/insertion
+    AUCs for ``di_methods``."""
     rows = []
+    for method, heat in maps.items():
+        for i in range(len(test)):
+            r = test.iloc[i]
+            row = {"path": r["path"], "source": r["source"], "label": r["label"], "class": r["class"],
+                   "patient_id": r["patient_id"], "group": r["group"], "method": method, **trust(heat[i], lung[i])}
+            if method in di_methods:
+                row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
+                    model, x[i], heat[i], config.COVID_INDEX, steps)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_maps(test: pd.DataFrame, x, lung, maps: dict) -> tuple[dict, dict]:
+    """Step 4b: sums and counts of images, lung masks and heatmaps per class and per source."""
     sums, counts = {}, {}
 
     def add(key, arr):
-        sums[key] = sums.get(key, 0) + arr
+        sums[key] = sums.get(key, 0) + arr.astype(np.float64)
         counts[key] = counts.get(key, 0) + 1
 
-    group_keys = [[f"class-{c}", f"source-{s}"] for c, s in zip(test["class"], test["source"], strict=True)]
-    for i in range(len(test)):
-        for g in group_keys[i]:
-            add(f"image__{g}", imgs[i].astype(np.float64))
-            add(f"lungs__{g}", lung[i].astype(np.float64))
-    for method in methods:
-        t0 = time.time()
-        it = tqdm(range(len(test)), desc=f"audit {method}", disable=not progress, file=sys.stderr)
-        for i in it:
-            heat = explain.explain(clf, imgs[i], method, class_index=config.COVID_INDEX)
-            row = {"path": test["path"][i], "source": test["source"][i], "label": test.get("label", test["class"])[i],
-                   "class": test["class"][i], "patient_id": test["patient_id"][i],
-                   "method": method, **trust(heat, lung[i])}
-            if method in di_methods:
-                row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
-                    clf, imgs[i], heat, config.COVID_INDEX, steps)
-            rows.append(row)
-            for g in group_keys[i]:
-                add(f"heat__{method}__{g}", heat.astype(np.float64))
-        timing[f"{method}_s"] = time.time() - t0
+    for i, (c, s) in enumerate(zip(test["class"], test["source"], strict=True)):
+        for g in (f"class-{c}", f"source-{s}"):
+            add(f"image__{g}", x[i])
+            add(f"lungs__{g}", lung[i])
+            for method, heat in maps.items():
+                add(f"heat__{method}__{g}", heat[i])
+    return sums, counts
 
-    t0 = time.time()
-    sanity = {}
-    if sanity_n:
-        rand = randomised_copy(clf, seed)
-        pick = np.random.default_rng(seed).choice(len(test), size=min(sanity_n, len(test)), replace=False)
-        for method in methods:
-            sanity[method] = sanity_check(clf, imgs[pick], method, random_model=rand)
-    timing["sanity_s"] = time.time() - t0
 
-    t0 = time.time()
-    pr = probes(clf, imgs, lung, y, groups, test["source"].to_numpy(), n_boot=n_boot)
-    p_by = pr.pop("_p")
-    timing["probes_s"] = time.time() - t0
+def sanity_checks(model, x, methods, n: int, random_model, seed: int = config.SEED) -> dict:
+    """Step 5: the randomisation check (:func:`sanity_check`) of each method on ``n`` images."""
+    if not n:
+        return {}
+    pick = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
+    return {m: {**sanity_check(model, x[pick], m, random_model=random_model), "_pick": pick} for m in methods}
 
-    table = pd.DataFrame(rows)
-    for k, v in p_by.items():
-        table[f"p_covid_{k}"] = np.tile(v, len(methods))
-    pcol = f"p_{classes[0]}"
-    if pcol in test:
-        diff = np.abs(test[pcol].to_numpy(float) - p_by["original"])
-        consistency = float(np.nanmax(diff)) if len(diff) else 0.0
-    else:
-        consistency = None
 
-    summary_methods = {}
-    for method in methods:
+def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -> dict:
+    """Mean with a patient-bootstrap CI over all images, per class and per source (finite values only)."""
+    out = {}
+    ok = np.isfinite(values)
+    for name, sel in [("all", ok)] + [(c, ok & (test["class"] == c).to_numpy()) for c in classes] + \
+            [(f"source:{s}", ok & (test["source"] == s).to_numpy()) for s in sorted(test["source"].unique())]:
+        if sel.any():
+            out[name] = _mean_ci(values[sel], test["group"].to_numpy()[sel], n_boot)
+    return out
+
+
+def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions=road.FRACTIONS,
+              n_boot: int = 1000, seed: int = config.SEED, progress: bool = True) -> tuple[dict, dict]:
+    """Step 6: ROAD (:mod:`core.road`) of every method, of a random-map baseline and of the lungs.
+
+    The ``lungs`` map ranks pixels by how deep inside the lung mask they lie: its ROAD says
+    whether removing the lungs (with imputation) moves the score more than removing the rest.
+    Returns the summary and per-image columns ``{name: combined (n,)}``.
+    """
+    from tqdm import tqdm
+
+    all_maps = {**maps, "random": road.random_maps(len(x), x.shape[1:], seed),
+                "lungs": np.stack([road.region_map(m) for m in lung]) if len(lung) else np.zeros(x.shape)}
+    bar = tqdm(total=len(x), desc="audit ROAD", disable=not progress, file=sys.stderr)
+    res = road.road(model, x, all_maps, config.COVID_INDEX, fractions, seed=seed, progress=bar.update)
+    bar.close()
+    summary = {"fractions": list(fractions), "grid": road.GRID, "noise": road.NOISE, "score": "P(COVID-19)",
+               "maps": {}}
+    for name, r in res.items():
+        d = {k: _group_means(r[k], test, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
+        d["curve"] = {"morf": r["morf"].mean(axis=0).tolist(), "lerf": r["lerf"].mean(axis=0).tolist()}
+        if name != "random":
+            d["vs_random"] = _mean_ci(r["combined"] - res["random"]["combined"], test["group"].to_numpy(), n_boot)
+        summary["maps"][name] = d
+    return summary, {name: r["combined"] for name, r in res.items()}
+
+
+def _point(heat: np.ndarray, region: np.ndarray) -> dict:
+    """:func:`core.pointing.point` of one map, or the mean over a stack of (baseline) maps."""
+    if heat.ndim == 2:
+        return pointing.point(heat, region)
+    pts = [pointing.point(h, region) for h in heat]
+    return {k: float(np.mean([p[k] for p in pts])) for k in ("hit", "mass", "area")}
+
+
+def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: int = 1000,
+                  seed: int = config.SEED) -> tuple[dict, pd.DataFrame]:
+    """Step 7: pointing game and heat mass of every method (and a random-map baseline) against the
+    expert lung boxes (images that have them) and against the lung masks (every image)."""
+    n = len(test)
+    # The baseline: RANDOM_PER_IMAGE smooth random maps per image, averaged (several draws keep it from
+    # being noisy). The peak of any smooth map over a bounded image lies on its edge more often than
+    # the edge's share of the area, so a random map hits a central region somewhat less often than
+    # that region's area share: compare a method with this baseline, not with the area.
+    rand = road.random_maps(n * RANDOM_PER_IMAGE, lung.shape[1:], seed + 1).reshape(
+        (n, RANDOM_PER_IMAGE) + lung.shape[1:]) if n else np.zeros((0, RANDOM_PER_IMAGE) + lung.shape[1:])
+    with_box = np.array([e is not None for e in expert], bool)
+    cols = {}
+    summary = {"rule": "hit: the map's maximum lies in the region; mass: share of the map's energy inside",
+               "boxes": {"n": int(with_box.sum()), "methods": {}},
+               "lungs": {"n": n, "methods": {}}}
+    g = test["group"].to_numpy()
+    for name, heat in {**maps, "random": rand}.items():
+        for region, masks, sel in (("boxes", expert, with_box), ("lungs", list(lung), np.ones(n, bool))):
+            pts = [_point(heat[i], masks[i]) if sel[i] else {"hit": np.nan, "mass": np.nan, "area": np.nan}
+                   for i in range(n)]
+            hit = np.array([p["hit"] for p in pts])
+            mass = np.array([p["mass"] for p in pts])
+            area = np.array([p["area"] for p in pts])
+            if name != "random":
+                cols[(name, f"{region}_hit")] = hit
+                cols[(name, f"{region}_mass")] = mass
+            if not sel.any():
+                continue
+            summary[region]["methods"][name] = {
+                "hit": _mean_ci(hit[sel], g[sel], n_boot), "mass": _mean_ci(mass[sel], g[sel], n_boot),
+                "area": float(area[sel].mean())}
+    return summary, cols
+
+
+def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | None, n_boot: int = 1000,
+                      seed: int = config.SEED) -> tuple[dict, dict]:
+    """Step 8: the source probe (:mod:`core.source_probe`) on the trained features and on those of the
+    random-weights copy (the floor), over the test images plus any external ones."""
+    from core import model as cxr_model
+
+    cols = ["path", "source", "label", "group"]
+    pool = test[cols]
+    xs = x
+    if ext is not None and len(ext["x"]):
+        rows = ext["rows"].assign(group=ext["rows"].get("group", ext["rows"]["patient_id"]))
+        pool = pd.concat([pool, rows[cols]], ignore_index=True)
+        xs = np.concatenate([x, ext["x"]])
+    out = {"n": int(len(pool)), "n_external": int(len(pool) - len(test)), "min_images": source_probe.MIN_IMAGES,
+           "folds": source_probe.FOLDS}
+    p_true = {}
+    for name, net in (("model", model), ("random", random_model)):
+        try:
+            feats = cxr_model.features(net, xs)
+        except ValueError as exc:  # a network without a ``gap`` layer has no penultimate features
+            return {**out, "reason": f"no penultimate features: {exc}"}, {}
+        out["n_features"] = int(feats.shape[1])
+        res = source_probe.source_probes(feats, pool["source"], pool["label"], pool["group"].astype(str),
+                                         n_boot, seed)
+        p_true[name] = {k: v.pop("_p_true")[: len(test)] for k, v in res.items()}
+        out[name] = res
+    return out, p_true
+
+
+def slices_step(ctx: dict, test: pd.DataFrame, p: np.ndarray, n_boot: int = 1000, seed: int = config.SEED) -> dict:
+    """Step 9: AUC, sensitivity and specificity per metadata slice (:mod:`core.slices`) at the run's
+    validation-chosen threshold (0.5 without metrics.json)."""
+    from core import datasets, runs
+
+    meta = test[["path", "source", "label"]].copy()
+    try:
+        table = datasets.load_table(ctx["root"])
+        extra = [c for c in slices.COLUMNS if c in table.columns and c not in meta.columns]
+        meta = meta.merge(table[["path"] + extra].drop_duplicates("path"), on="path", how="left")
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    threshold = 0.5
+    try:
+        threshold = float(runs.read_metrics(ctx["run"])["threshold"]["value"])
+    except (runs.RunError, KeyError, TypeError, ValueError):
+        pass
+    return slices.slice_metrics(meta, test["y"], p, test["group"], threshold, n_boot=n_boot, seed=seed)
+
+
+def _methods_summary(table: pd.DataFrame, classes, sanity: dict, n_boot: int) -> dict:
+    """Per method: trust measures per group (all, class, source), and its sanity check."""
+    from core import explain
+
+    out = {}
+    for method in table["method"].unique():
         t = table[table["method"] == method]
         per = {}
         for name, sub in [("all", t)] + [(c, t[t["class"] == c]) for c in classes] + \
                          [(f"source:{s}", t[t["source"] == s]) for s in sorted(t["source"].unique())]:
             if sub.empty:
                 continue
-            g = sub["patient_id"].astype(str).to_numpy()
             d = {"n": int(len(sub)),
-                 "in_lung_share": _mean_ci(sub["in_lung_share"], g, n_boot),
-                 "lung_area_share": float(sub["lung_area_share"].mean()),
-                 "lung_ratio": float(sub["lung_ratio"].mean()),
-                 "border_share": float(sub["border_share"].mean()),
-                 "top_share": float(sub["top_share"].mean())}
+                 "in_lung_share": _mean_ci(sub["in_lung_share"], sub["group"].astype(str).to_numpy(), n_boot),
+                 **{k: float(sub[k].mean()) for k in ("lung_area_share", "lung_ratio", "border_share", "top_share")}}
             if "deletion_auc" in sub and sub["deletion_auc"].notna().any():
                 d["deletion_auc"] = float(sub["deletion_auc"].mean())
                 d["insertion_auc"] = float(sub["insertion_auc"].mean())
             per[name] = d
-        summary_methods[method] = {"title": getattr(explain, "TITLES", {}).get(method, method),
-                                   "groups": per, "sanity": sanity.get(method)}
-    summary = {
-        "run": run.name,
+        s = sanity.get(method)
+        out[method] = {"title": explain.TITLES.get(method, method), "groups": per,
+                       "sanity": None if s is None else {k: v for k, v in s.items() if k != "_pick"}}
+    return out
+
+
+def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None,
+              di_methods=(), sanity_n: int = SANITY_N, steps: int = 16, n_boot: int = 1000,
+              write: bool = True, progress: bool = True, seed: int = config.SEED, lung_model=None,
+              road_fractions=road.FRACTIONS) -> dict:
+    """Audit a run over its test split (``predictions.csv`` rows with split == test).
+
+    The steps, each a function of this module: :func:`open_run`, :func:`load_images` (through
+    ``core.inputs``, so a lung-crop run is audited on what its network sees), :func:`explain_all`,
+    :func:`trust_table` and :func:`mean_maps`, :func:`sanity_checks`, :func:`probes`,
+    :func:`road_step`, :func:`pointing_step`, :func:`source_probe_step`, :func:`slices_step`,
+    then the findings (:func:`core.findings.findings`). Heatmaps explain class 0 (COVID-19) for
+    every image; ``di_methods`` also get RISE deletion/insertion AUCs (off by default: ROAD
+    replaces them); ``lung_model`` replaces the shipped lung net (tests). Writes ``audit.csv``,
+    ``audit.json``, ``audit_maps/*.npy`` into the run (``write=True``) and returns the summary.
+    """
+    t_start = time.time()
+    timing: dict = {}
+    with _timed(timing, "open_s"):
+        ctx = open_run(run, data, methods, limit, seed)
+    clf, size, classes = ctx["model"], ctx["size"], ctx["classes"]
+    with _timed(timing, "load_s"):
+        boxes, box_counts = pointing.read_boxes(ctx["root"])
+        loaded = load_images(ctx["test"], ctx["root"], size, ctx["crop"], boxes, lung_model, progress)
+        test = test_rows(ctx, loaded)
+        x, lung = loaded["x"], loaded["lung"]
+        ext = None
+        if len(ctx["external"]):
+            e = load_images(ctx["external"], ctx["root"], size, ctx["crop"], None, lung_model, progress, "external")
+            ext = {"x": e["x"], "rows": ctx["external"].iloc[e["kept"]].reset_index(drop=True)}
+    with _timed(timing, "explain_s"):
+        maps = explain_all(clf, x, methods, progress)
+    with _timed(timing, "trust_s"):
+        table = trust_table(clf, test, x, lung, maps, di_methods or (), steps)
+        sums, counts = mean_maps(test, x, lung, maps)
+    with _timed(timing, "sanity_s"):
+        rand = randomised_copy(clf, seed)
+        sanity = sanity_checks(clf, x, methods, sanity_n, rand, seed)
+        for v in sanity.values():
+            v["paths"] = test["path"].to_numpy()[v["_pick"]].tolist()
+    with _timed(timing, "probes_s"):
+        pr = probes(clf, x, lung, test["y"].to_numpy(), test["group"].to_numpy(), test["source"].to_numpy(),
+                    n_boot=n_boot)
+        p_by = pr.pop("_p")
+    with _timed(timing, "road_s"):
+        road_res, road_cols = road_step(clf, test, x, lung, maps, classes, road_fractions, n_boot, seed, progress)
+    with _timed(timing, "pointing_s"):
+        point_res, point_cols = pointing_step(test, lung, loaded["expert"], maps, n_boot, seed)
+        point_res["boxes"]["counts"] = box_counts
+    with _timed(timing, "source_probe_s"):
+        source_res, p_true = source_probe_step(clf, rand, x, test, ext, n_boot, seed)
+    with _timed(timing, "slices_s"):
+        slices_res = slices_step(ctx, test, p_by["original"], n_boot, seed)
+
+    table = _per_image_columns(table, test, p_by, road_cols, point_cols, p_true)
+    summary = _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods)
+    summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
+    summary["verdict"] = verdict(summary)
+    summary["findings"] = findings.findings(summary, table)
+    timing["total_s"] = time.time() - t_start
+    summary["timing"] = {k: round(v, 2) for k, v in timing.items()}
+    if write:
+        from core import runs
+
+        summary["maps"] = _save_maps(ctx["run"] / "audit_maps", sums, counts)
+        runs.write_csv(ctx["run"] / "audit.csv", table)
+        runs.write_json(ctx["run"] / "audit.json", summary)
+    return summary
+
+
+def _per_image_columns(table: pd.DataFrame, test: pd.DataFrame, p_by: dict, road_cols: dict, point_cols: dict,
+                       p_true: dict) -> pd.DataFrame:
+    """audit.csv: the trust rows plus, per image, the probe probabilities, ROAD, pointing and source-probe columns."""
+    k = table["method"].nunique()
+    table = table.copy()
+    for name, v in p_by.items():
+        table[f"p_covid_{name}"] = np.tile(v, k)
+    for name, v in road_cols.items():
+        if (table["method"] == name).any():
+            table.loc[table["method"] == name, "road_combined"] = v
+        else:  # the baselines are per image: the same on every method's row
+            table[f"road_combined_{name}"] = np.tile(v, k)
+    for (method, col), v in point_cols.items():
+        table.loc[table["method"] == method, col] = v
+    for net, per in p_true.items():
+        suffix = "" if net == "model" else "_random"
+        within = np.full(len(test), np.nan)
+        for key, v in per.items():
+            if key.startswith("label:"):
+                within = np.where(np.isfinite(v), v, within)
+        table[f"source_p_all{suffix}"] = np.tile(per["all"], k)
+        table[f"source_p_label{suffix}"] = np.tile(within, k)
+    return table
+
+
+def _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods) -> dict:
+    from core import lungs
+
+    cfg = ctx["cfg"]
+    pcol = f"p_{ctx['classes'][0]}"
+    consistency = None
+    if pcol in test:
+        diff = np.abs(test[pcol].to_numpy(float) - table[table["method"] == table["method"].iloc[0]]
+                      ["p_covid_original"].to_numpy(float))
+        consistency = float(np.nanmax(diff)) if len(diff) else 0.0
+    return {
+        "run": ctx["run"].name,
         "run_name": cfg.get("name"),
         "model_sha256": cfg.get("model_sha256"),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "n_images": int(len(test)),
-        "n_unreadable": len(errors),
-        "limit": limit,
-        "classes": classes,
-        "explained_class": classes[0],
-        "methods": summary_methods,
+        "n_unreadable": len(loaded["errors"]),
+        "unreadable": loaded["errors"][:20],
+        "limit": ctx.get("limit"),
+        "classes": ctx["classes"],
+        "explained_class": ctx["classes"][0],
+        "lung_crop": ctx["crop"],
+        "n_fell_back": int(np.sum(loaded["fell_back"])),
+        "methods": _methods_summary(table, ctx["classes"], sanity, n_boot),
         "probes": pr,
         "lungs": {"model": str(lungs.MODEL_PATH.relative_to(config.REPO_ROOT)),
-                  "mean_area_share": float(np.mean([m.mean() for m in lung]))},
+                  "mean_area_share": float(np.mean([m.mean() for m in lung])) if len(lung) else float("nan")},
         "p_consistency_max_abs_diff": consistency,
-        "settings": {"steps": steps, "deletion_baseline": "image mean", "insertion_baseline": "Gaussian blur",
-                     "sanity_n": sanity_n, "sanity_threshold": SANITY_THRESHOLD, "border": 0.1, "top": 0.15,
+        "settings": {"steps": steps, "di_methods": list(di_methods or ()), "deletion_baseline": "image mean",
+                     "insertion_baseline": "Gaussian blur", "sanity_n": len(next(iter(sanity.values()))["_pick"])
+                     if sanity else 0, "sanity_threshold": SANITY_THRESHOLD, "border": 0.1, "top": 0.15,
                      "probe_fill": pr["fill"], "probe_lung_dilation": 0.03},
         "map_counts": {k: v for k, v in counts.items() if k.startswith("heat__")},
     }
-    summary["verdict"] = verdict(summary)
-    timing["total_s"] = time.time() - t_start
-    summary["timing"] = {k: round(v, 2) for k, v in timing.items()}
-    if write:
-        summary["maps"] = _save_maps(run / "audit_maps", sums, counts)
-        runs.write_csv(run / "audit.csv", table)
-        runs.write_json(run / "audit.json", summary)
-    return summary
 
 
 def verdict(summary: dict) -> str:
@@ -617,113 +903,49 @@ def verdict(summary: dict) -> str:
     return " ".join(parts)
 
 
-# --------------------------------------------------------------------------- comparing runs
-def figures(run) -> dict:
-    """The figures that decide between models, from a run's metrics.json and audit.json.
-
-    Internal test ROC AUC, within-source AUC (ieee8023: COVID-19 vs other pneumonia, the only
-    source holding both classes), the probe AUCs (lungs blanked / lungs only) and, per method,
-    the in-lung share, lung ratio and border share. Missing files give missing keys.
-    """
-    run = Path(run)
-    out = {"run": run.name}
-    try:
-        m = json.loads((run / "metrics.json").read_text())
-        out["roc_auc"] = m.get("roc_auc")
-        out["within_source"] = {s: v.get("roc_auc") for s, v in (m.get("within_source") or {}).items()}
-        if m.get("external"):
-            out["external"] = m["external"]
-    except (OSError, ValueError):
-        pass
-    try:
-        a = json.loads((run / "audit.json").read_text())
-    except (OSError, ValueError):
-        return out
-    out["probe_auc"] = a["probes"]["auc"]
-    out["probe_within_source"] = a["probes"].get("within_source", {})
-    out["methods"] = {
-        k: {"in_lung_share": v["groups"]["all"]["in_lung_share"], "lung_ratio": v["groups"]["all"]["lung_ratio"],
-            "border_share": v["groups"]["all"]["border_share"],
-            "deletion_auc": v["groups"]["all"].get("deletion_auc"),
-            "insertion_auc": v["groups"]["all"].get("insertion_auc"),
-            "sanity_passes": (v.get("sanity") or {}).get("passes")}
-        for k, v in a["methods"].items()
-    }
-    out["verdict"] = a.get("verdict")
-    return out
-
-
-def compare_markdown(runs_by_name: dict) -> str:
-    """A Markdown before/after table of :func:`figures` for ``{"label": run_folder, ...}``."""
-    figs = {name: figures(r) for name, r in runs_by_name.items()}
-
-    def cell(d):
-        return _fmt(d) if isinstance(d, dict) else "n/a"
-
-    methods = sorted({m for f in figs.values() for m in f.get("methods", {})})
-    header = ["figure"] + list(figs)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def row(label, fn):
-        vals = []
-        for f in figs.values():
-            try:
-                vals.append(fn(f))
-            except (KeyError, TypeError):
-                vals.append("n/a")
-        lines.append("| " + " | ".join([label] + vals) + " |")
-
-    row("run folder", lambda f: f"`{f['run']}`")
-    row("test ROC AUC (COVID-19 vs rest)", lambda f: cell(f["roc_auc"]))
-    row("within-source AUC, ieee8023 (COVID-19 vs other pneumonia)", lambda f: cell(f["within_source"]["ieee8023"]))
-    row("probe: AUC with the lungs blanked", lambda f: cell(f["probe_auc"]["lungs_blanked"]))
-    row("probe: AUC with only the lungs", lambda f: cell(f["probe_auc"]["lungs_only"]))
-    row("probe: ieee8023 AUC with the lungs blanked",
-        lambda f: cell(f["probe_within_source"]["ieee8023"]["lungs_blanked"]))
-    for m in methods:
-        row(f"{m}: in-lung share of heat (lungs' area share)",
-            lambda f, m=m: f"{cell(f['methods'][m]['in_lung_share'])} (ratio {f['methods'][m]['lung_ratio']:.2f})")
-        row(f"{m}: heat in the border band", lambda f, m=m: f"{f['methods'][m]['border_share']:.0%}")
-        row(f"{m}: deletion / insertion AUC",
-            lambda f, m=m: f"{f['methods'][m]['deletion_auc']:.2f} / {f['methods'][m]['insertion_auc']:.2f}")
-        row(f"{m}: randomisation check",
-            lambda f, m=m: {True: "passes", False: "fails", None: "n/a"}[f["methods"][m]["sanity_passes"]])
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m core.audit",
-        description="Shortcut audit of a run over its test split: heatmap trust measures, deletion/"
-                    "insertion, randomisation sanity check and lung-blanking probes. Writes audit.csv, "
-                    "audit.json and audit_maps/ into the run.",
+        description="Shortcut audit of a run over its test split: findings ranked by severity, from heatmap "
+                    "trust measures, ROAD, the pointing game against expert lung boxes, the randomisation "
+                    "check, lung-blanking probes, a source probe on the model's features and per-slice "
+                    "metrics. Writes audit.csv, audit.json, audit_maps/ and audit_maps.png into the run.",
     )
     parser.add_argument("--run", help="run folder or name (default: the shipped model, assets/model)")
     parser.add_argument("--data", help="data root (default: $CXR_DATA_DIR or data/)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated explanation methods (default: %(default)s)")
-    parser.add_argument("--di-methods", help="methods that get deletion/insertion AUCs (default: all of --methods)")
+    parser.add_argument("--di-methods", help="methods that also get RISE deletion/insertion AUCs (default: none; "
+                                             "ROAD replaces them)")
     parser.add_argument("--limit", type=int, help="audit only N test images (both classes kept)")
     parser.add_argument("--sanity-n", type=int, default=SANITY_N, help="images per method for the randomisation check")
-    parser.add_argument("--png", action="store_true", help="also draw audit_maps.png (mean maps over mean X-rays)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--no-png", action="store_true", help="do not draw audit_maps.png (mean maps over mean X-rays)")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="also rewrite the generated block of FILE (e.g. assets/AUDIT.md) with the findings "
+                             "and figures")
+    parser.add_argument("--json", action="store_true", help="print the summary (with its findings) as one JSON object")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    di = [m.strip() for m in args.di_methods.split(",")] if args.di_methods else None
+    di = [m.strip() for m in args.di_methods.split(",")] if args.di_methods else ()
+    from core import runs
+
     try:
         summary = run_audit(args.run, args.data, methods, args.limit, di, args.sanity_n, progress=not args.json)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, runs.RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.png:
-        from core import runs
-
-        mean_maps_png(runs.resolve_run(args.run))
+    run = runs.resolve_run(args.run)
+    if not args.no_png:
+        mean_maps_png(run)
+    if args.markdown:
+        findings.update_markdown(args.markdown, summary, run)
     if args.json:
         print(json.dumps(summary, default=float))
     else:
         print(summary["verdict"])
+        for f in summary["findings"]:
+            print(f"[{f['severity']}] {f['claim']}")
         print(f"({summary['n_images']} images, {summary['timing']['total_s']:.0f} s; written to "
               f"audit.csv / audit.json in the run)", file=sys.stderr)
     return 0

@@ -15,7 +15,6 @@ Every subcommand takes ``--data DIR`` (default ``$CXR_DATA_DIR`` or ``data/``) a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config
+from core import config, runs
 from core.datasets import LABELS, abspath
 from core.splits import FRACTIONS, SPLITS, find_duplicates, prepare, save_split
 
@@ -105,6 +104,14 @@ def confounding(table: pd.DataFrame) -> tuple[list[str], dict]:
     for src, labels in table.groupby("source")["label"].unique().items():
         if len(labels) == 1 and table["source"].nunique() > 1:
             warnings.append(f"source {src} holds only {labels[0]} images: its label is predictable from the source")
+    by_label = {lb: set(table.loc[table["label"] == lb, "source"]) for lb in LABELS}
+    for i, a in enumerate(LABELS):
+        for b in LABELS[i + 1:]:
+            if by_label[a] and by_label[b] and not by_label[a] & by_label[b]:
+                warnings.append(
+                    f"no source holds both {a} and {b} images ({a}: {', '.join(sorted(by_label[a]))}; "
+                    f"{b}: {', '.join(sorted(by_label[b]))}): {a} vs {b} can be told apart by the source alone"
+                )
     known = table[table["age_group"] != "unknown"]
     share = pd.crosstab(known["label"], known["age_group"], normalize="index") if len(known) else pd.DataFrame()
     for a in share.index:
@@ -163,9 +170,9 @@ def audit(
 ) -> dict:
     """The dataset audit as a JSON-ready dict (see the module docstring).
 
-    Keys: counts, by_source, by_split, by_source_label_split, patients_by_source, views,
-    age_groups, dropped, duplicates {exact, near, pairs}, leaks, unreadable, sources_found,
-    warnings, source_predictability.
+    Keys: counts, by_source, by_split, by_source_label_split, patients_by_source,
+    patients_linked_across_sources, views, age_groups, sexes, dropped, duplicates {exact, near,
+    pairs}, leaks, unreadable, sources_found, warnings, source_predictability.
     """
     root = Path(root)
     table = prepare(root, seed=seed, split_file=split_file, near=near, progress=progress, label_map=label_map)
@@ -187,8 +194,10 @@ def audit(
         "by_split": {s: _nested(table[table["split"] == s], ["label"]) for s in SPLITS},
         "by_source_label_split": _nested(table, ["source", "label", "split"]),
         "patients_by_source": {str(k): int(v) for k, v in table.groupby("source")["patient_id"].nunique().items()},
+        "patients_linked_across_sources": int(table.attrs.get("linked_patients", 0)),
         "views": _nested(table, ["source", "view"]),
         "age_groups": _nested(table, ["source", "age_group"]),
+        "sexes": _nested(table, ["source", "sex"]) if "sex" in table.columns else {},
         "dropped": dict(sorted(table.attrs.get("dropped", {}).items())),
         "duplicates": {
             "exact": sum(d["kind"] == "exact" for d in dups),
@@ -218,6 +227,10 @@ def format_audit(rep: dict) -> str:
     lines.append("")
     lines.append("Views:      " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["views"].items()))
     lines.append("Age groups: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["age_groups"].items()))
+    lines.append("Sex:        " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for s, d in rep["sexes"].items()))
+    if rep["patients_linked_across_sources"]:
+        lines.append(f"Linked:     {rep['patients_linked_across_sources']} patients have films in two sources "
+                     "(one patient id, one split group)")
     lines.append("Dropped:    " + (", ".join(f"{k}: {v}" for k, v in rep["dropped"].items()) or "none"))
     d = rep["duplicates"]
     lines.append(f"Duplicates: {d['exact']} exact (dropped from fresh splits), {d['near']} near (kept in one split)")
@@ -332,83 +345,107 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and _verify(dest, sha256, size, raise_=False):
         return dest
-    total = None
     attempt = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={"User-Agent": "covid-cxr/1.0"})
-        if have:
-            req.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status = resp.status
-                if have and status == 206:
-                    crange = resp.headers.get("Content-Range", "")
-                    total = int(crange.rsplit("/", 1)[-1]) if "/" in crange and not crange.endswith("*") else None
-                    mode = "ab"
-                else:  # 200: the server ignored Range; start again
-                    have, mode = 0, "wb"
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length else None
-                bar = None
-                if progress:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                               desc=dest.name, file=sys.stderr)
-                try:
-                    with open(part, mode) as f:
-                        while True:
-                            block = resp.read(chunk)
-                            if not block:
-                                break
-                            f.write(block)
-                            if bar:
-                                bar.update(len(block))
-                finally:
-                    if bar:
-                        bar.close()
+            with urllib.request.urlopen(_request(url, have), timeout=timeout) as resp:
+                total = _receive(resp, part, have, chunk, dest.name if progress else None)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:  # nothing left to send: the .part may already be whole
-                crange = exc.headers.get("Content-Range", "") if exc.headers else ""
-                if crange.startswith("bytes */") and int(crange.split("/")[-1]) == have:
-                    total = have
-                else:
+                total = _whole_size(exc, have)
+                if total is None:
                     part.unlink()  # an unusable .part: start from scratch
-                    attempt += 1
-                    if attempt > retries:
-                        raise DownloadError(f"{url}: server refused the resume request (HTTP 416)") from None
+                    attempt = _next_attempt(attempt, retries, f"{url}: server refused the resume request (HTTP 416)")
                     continue
             elif 500 <= exc.code < 600 and attempt < retries:  # a server hiccup: try again
                 attempt += 1
-                wait = min(RETRY_WAIT * 2 ** (attempt - 1), 30.0)
-                log(f"{url}: HTTP {exc.code}; retrying in {wait:.0f} s")
-                time.sleep(wait)
+                _pause(attempt, f"{url}: HTTP {exc.code}; retrying")
                 continue
             else:
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as exc:
-            attempt += 1
-            if attempt > retries:
-                raise DownloadError(f"{url}: download failed after {retries} retries ({exc})") from None
-            wait = min(RETRY_WAIT * 2 ** (attempt - 1), 30.0)
-            log(f"download interrupted ({exc}); resuming in {wait:.0f} s")
-            time.sleep(wait)
+            attempt = _next_attempt(attempt, retries, f"{url}: download failed after {retries} retries ({exc})")
+            _pause(attempt, f"download interrupted ({exc}); resuming")
             continue
-        got = part.stat().st_size if part.exists() else 0
-        if total is not None and got < total:
-            attempt += 1  # the connection closed early: resume
-            if attempt > retries:
-                raise DownloadError(f"{url}: only {got} of {total} bytes arrived after {retries} retries")
-            log(f"connection closed at {got}/{total} bytes; resuming")
-            continue
-        if total is not None and got > total:
-            part.unlink()
-            raise DownloadError(f"{url}: received {got} bytes, more than the announced {total}")
-        break
+        got = _arrived(url, part, total)
+        if got is None:
+            break
+        attempt = _next_attempt(attempt, retries, f"{url}: only {got} of {total} bytes arrived after {retries} retries")
+        log(f"connection closed at {got}/{total} bytes; resuming")  # the connection closed early: resume
     _verify(part, sha256, size)
     os.replace(part, dest)
     return dest
+
+
+def _request(url: str, have: int) -> urllib.request.Request:
+    """A GET of ``url`` that asks for the bytes after the ``have`` already in the .part file."""
+    req = urllib.request.Request(url, headers={"User-Agent": "covid-cxr/1.0"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    return req
+
+
+def _receive(resp, part: Path, have: int, chunk: int, label: str | None) -> int | None:
+    """Write the body of ``resp`` to ``part`` (appended on a 206 resume, else from scratch) with a
+    progress bar named ``label`` (None: no bar). Returns the file's full size as the server
+    announced it, or None when it did not."""
+    if have and resp.status == 206:
+        crange = resp.headers.get("Content-Range", "")
+        total = int(crange.rsplit("/", 1)[-1]) if "/" in crange and not crange.endswith("*") else None
+        mode = "ab"
+    else:  # 200: the server ignored Range; start again
+        have, mode = 0, "wb"
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length else None
+    bar = None
+    if label:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                   file=sys.stderr)
+    try:
+        with open(part, mode) as f:
+            for block in iter(lambda: resp.read(chunk), b""):
+                f.write(block)
+                if bar:
+                    bar.update(len(block))
+    finally:
+        if bar:
+            bar.close()
+    return total
+
+
+def _whole_size(exc: urllib.error.HTTPError, have: int) -> int | None:
+    """After a 416 answer to a resume: ``have`` when the server says the file is exactly that long."""
+    crange = exc.headers.get("Content-Range", "") if exc.headers else ""
+    return have if crange.startswith("bytes */") and int(crange.split("/")[-1]) == have else None
+
+
+def _next_attempt(attempt: int, retries: int, give_up: str) -> int:
+    """``attempt + 1``, or DownloadError(``give_up``) once that exceeds ``retries``."""
+    if attempt + 1 > retries:
+        raise DownloadError(give_up) from None
+    return attempt + 1
+
+
+def _pause(attempt: int, what: str) -> None:
+    """Say why and wait before retry number ``attempt``: RETRY_WAIT, doubling, at most 30 s."""
+    wait = min(RETRY_WAIT * 2 ** (attempt - 1), 30.0)
+    log(f"{what} in {wait:.0f} s")
+    time.sleep(wait)
+
+
+def _arrived(url: str, part: Path, total: int | None) -> int | None:
+    """None when ``part`` holds the whole file (as far as ``total`` tells); else the bytes that
+    arrived, fewer than ``total`` (resume). More than announced is a DownloadError."""
+    got = part.stat().st_size if part.exists() else 0
+    if total is None or got == total:
+        return None
+    if got > total:
+        part.unlink()
+        raise DownloadError(f"{url}: received {got} bytes, more than the announced {total}")
+    return got
 
 
 def _verify(path: Path, sha256: str | None, size: int | None, raise_: bool = True) -> bool:
@@ -419,21 +456,13 @@ def _verify(path: Path, sha256: str | None, size: int | None, raise_: bool = Tru
             raise DownloadError(f"{path}: size {got} bytes, expected {size}")
         return False
     if sha256:
-        digest = _sha256_file(path)
+        digest = runs.sha256(path)
         if digest != sha256.lower():
             if raise_:
                 path.unlink()
                 raise DownloadError(f"{path}: sha256 {digest} does not match the expected {sha256}")
             return False
     return True
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _members(archive: Path) -> tuple[str, list[str]]:
@@ -551,7 +580,7 @@ def download(
             continue
         log(f"{src}: {spec['about']}\n  from {url}")
         archive = download_file(url, cache / f"{src}.archive", sha256=sha256.get(src), progress=progress)
-        digest = _sha256_file(archive)
+        digest = runs.sha256(archive)
         try:
             n = extract(archive, dest, src)
         except DownloadError as exc:

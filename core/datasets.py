@@ -4,16 +4,26 @@ Every reader returns a :class:`pandas.DataFrame` with the columns in :data:`COLU
 
 ``path``        file path relative to the root given to :func:`load_table` (posix string)
 ``label``       ``covid`` | ``normal`` | ``pneumonia``
-``source``      ``ieee8023`` | ``kermany`` | ``nih`` | a user source name
-``patient_id``  globally unique, prefixed by the source (``"ieee8023:285"``)
+``source``      ``ieee8023`` | ``kermany`` | ``nih`` | ``hannover`` | a user source name
+``patient_id``  globally unique, prefixed by the source (``"ieee8023:285"``); one person filed
+                under several ids carries all of them joined by ``+`` (see below)
 ``view``        ``PA`` | ``AP`` | ``AP Supine`` | ``unknown``
 ``age``         years (float, NaN when unknown)
 ``age_group``   ``adult`` | ``pediatric`` | ``unknown``
+``sex``         ``M`` | ``F`` | ``unknown``
 ``finding``     the original label text (finding, folder name, ...)
 
 Rows left out are counted by reason in ``df.attrs["dropped"]``. :func:`load_table` finds every
 known layout under a data root (several sources side by side, or the root itself being one
 source folder) and concatenates them.
+
+**One person, one patient_id.** The patient id is the unit of every split and of every patient
+bootstrap, so a person known under several ids gets one id that joins them: ieee8023 patients
+that share a file become ``"ieee8023:285+339"``, and a reader may name cross-source links in
+``attrs["links"]`` (pairs of single ids, e.g. the hannover crosswalk's
+``("hannover:042f06a9", "ieee8023:219")``), which :func:`load_table` applies to the rows of both
+sources: ``"hannover:042f06a9+ieee8023:219"``. :func:`patient_parts` splits such an id back into
+its single ids.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["path", "label", "source", "patient_id", "view", "age", "age_group", "finding"]
+COLUMNS = ["path", "label", "source", "patient_id", "view", "age", "age_group", "sex", "finding"]
 LABELS = ("covid", "normal", "pneumonia")
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
@@ -65,7 +75,7 @@ def empty_table() -> pd.DataFrame:
     return df
 
 
-def _finish(rows: list[dict], dropped: Mapping[str, int]) -> pd.DataFrame:
+def _finish(rows: list[dict], dropped: Mapping[str, int], links: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS) if rows else empty_table()
     df["age"] = pd.to_numeric(df["age"], errors="coerce").astype("float64")
     for c in COLUMNS:
@@ -73,11 +83,17 @@ def _finish(rows: list[dict], dropped: Mapping[str, int]) -> pd.DataFrame:
             df[c] = df[c].astype(object)
     df = df.sort_values("path", kind="stable").reset_index(drop=True)
     df.attrs["dropped"] = {k: int(v) for k, v in dropped.items() if v}
+    df.attrs["links"] = sorted(set(links))
     return df
 
 
 def _count(d: dict, key: str, n: int = 1) -> None:
     d[key] = d.get(key, 0) + n
+
+
+def _sex(text: str) -> str:
+    t = str(text or "").strip().upper()
+    return t if t in {"M", "F"} else "unknown"
 
 
 def _age_group(age: float) -> str:
@@ -189,7 +205,7 @@ def read_ieee8023(folder: str | os.PathLike, base: str | os.PathLike | None = No
         rows.append({
             "path": _rel(path, base), "label": label, "source": "ieee8023",
             "patient_id": merged_id(pid) if pid else f"ieee8023:file:{fname}", "view": view,
-            "age": age, "age_group": _age_group(age), "finding": finding,
+            "age": age, "age_group": _age_group(age), "sex": _sex(rec.get("sex", "")), "finding": finding,
         })
     return _finish(rows, dropped)
 
@@ -225,7 +241,7 @@ def read_kermany(folder: str | os.PathLike, base: str | os.PathLike | None = Non
             rows.append({
                 "path": _rel(p, base), "label": label, "source": "kermany",
                 "patient_id": "kermany:" + kermany_patient(p.name), "view": "AP",
-                "age": np.nan, "age_group": "pediatric", "finding": finding,
+                "age": np.nan, "age_group": "pediatric", "sex": "unknown", "finding": finding,
             })
     return _finish(rows, {})
 
@@ -253,9 +269,59 @@ def read_nih(folder: str | os.PathLike, base: str | os.PathLike | None = None) -
             rows.append({
                 "path": _rel(p, base), "label": label, "source": "nih",
                 "patient_id": "nih:" + pid, "view": "unknown",
-                "age": np.nan, "age_group": "unknown", "finding": sub,
+                "age": np.nan, "age_group": "unknown", "sex": "unknown", "finding": sub,
             })
     return _finish(rows, dropped)
+
+
+HANNOVER_CROSSWALK = "ieee8023_patient_crosswalk.csv"
+HANNOVER_VIEWS = {"ap": "AP", "pa": "PA"}
+
+
+def read_hannover(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read the Hannover Medical School COVID-19 repository: ``data.csv`` + ``png/<image_id>.png``.
+
+    Every patient tested positive, so every image is covid (finding ``COVID-19``). ``projection``
+    ap/pa is the view AP/PA (any other projection is dropped, counted); age is redacted upstream
+    (unknown); sex is kept. The patient is ``hannover:<patient_id>``. When the folder holds
+    :data:`HANNOVER_CROSSWALK` (columns patient_id, image_id, ieee8023_patientid; blank when the
+    patient has no ieee8023 film), each hannover patient with an ieee8023 id is returned as a link
+    in ``attrs["links"]`` (``("hannover:<patient_id>", "ieee8023:<patientid>")``), which
+    :func:`load_table` applies so that the two ids become one patient.
+    """
+    folder = Path(folder)
+    base = Path(base) if base is not None else folder
+    meta = pd.read_csv(folder / "data.csv", dtype=str, keep_default_na=False)
+    missing = {"patient_id", "image_id"} - set(meta.columns)
+    if missing:
+        raise ValueError(f"{folder / 'data.csv'}: hannover data.csv needs columns patient_id,image_id "
+                         f"(missing {sorted(missing)})")
+    rows, dropped = [], {}
+    for rec in meta.to_dict("records"):
+        projection = rec.get("projection", "").strip().lower()
+        view = HANNOVER_VIEWS.get(projection)
+        if view is None:
+            _count(dropped, f"hannover: projection {projection or 'blank'}")
+            continue
+        path = folder / "png" / f"{rec['image_id'].strip()}.png"
+        if not path.is_file():
+            _count(dropped, "hannover: image file missing")
+            continue
+        rows.append({
+            "path": _rel(path, base), "label": "covid", "source": "hannover",
+            "patient_id": "hannover:" + rec["patient_id"].strip(), "view": view,
+            "age": np.nan, "age_group": "unknown", "sex": _sex(rec.get("sex", "")), "finding": "COVID-19",
+        })
+    links = []
+    cross = folder / HANNOVER_CROSSWALK
+    if cross.is_file():
+        cw = pd.read_csv(cross, dtype=str, keep_default_na=False)
+        if not {"patient_id", "ieee8023_patientid"} <= set(cw.columns):
+            raise ValueError(f"{cross}: needs columns patient_id,image_id,ieee8023_patientid")
+        for pid, ieee in zip(cw["patient_id"].str.strip(), cw["ieee8023_patientid"].str.strip(), strict=True):
+            if pid and ieee:
+                links.append((f"hannover:{pid}", f"ieee8023:{ieee}"))
+    return _finish(rows, dropped, links)
 
 
 def read_class_folders(
@@ -290,7 +356,7 @@ def read_class_folders(
             rows.append({
                 "path": _rel(p, base), "label": label, "source": source,
                 "patient_id": f"{source}:{_rel(p, folder)}", "view": "unknown",
-                "age": np.nan, "age_group": "unknown", "finding": sub.name,
+                "age": np.nan, "age_group": "unknown", "sex": "unknown", "finding": sub.name,
             })
     return _finish(rows, dropped)
 
@@ -298,7 +364,7 @@ def read_class_folders(
 def read_manifest(
     csv_path: str | os.PathLike, base: str | os.PathLike | None = None, source: str | None = None
 ) -> pd.DataFrame:
-    """Read a manifest CSV with columns ``path,label[,patient_id,source,view,age]``.
+    """Read a manifest CSV with columns ``path,label[,patient_id,source,view,age,sex]``.
 
     ``path`` is relative to the CSV's folder (or absolute); ``label`` must be covid, normal or
     pneumonia (rows with another label or a missing file are counted as dropped). Without a
@@ -336,9 +402,80 @@ def read_manifest(
         age = pd.to_numeric(rec.get("age", ""), errors="coerce")
         rows.append({
             "path": rel, "label": label, "source": src, "patient_id": f"{src}:{pid}",
-            "view": view, "age": age, "age_group": _age_group(age), "finding": rec["label"],
+            "view": view, "age": age, "age_group": _age_group(age), "sex": _sex(rec.get("sex", "")),
+            "finding": rec["label"],
         })
     return _finish(rows, dropped)
+
+
+def patient_parts(patient_id: str) -> list[str]:
+    """The single ids a ``patient_id`` joins: ``"ieee8023:285+339"`` -> ``["ieee8023:285", "ieee8023:339"]``.
+
+    A part without its own ``source:`` prefix takes the one before it, so
+    ``"hannover:a1+ieee8023:219+400"`` -> ``["hannover:a1", "ieee8023:219", "ieee8023:400"]``.
+    """
+    parts, prefix = [], ""
+    for piece in str(patient_id).split("+"):
+        src, sep, _ = piece.partition(":")
+        if sep:
+            prefix = src
+            parts.append(piece)
+        else:
+            parts.append(f"{prefix}:{piece}" if prefix else piece)
+    return parts
+
+
+def join_patient_parts(parts: Iterable[str]) -> str:
+    """The one ``patient_id`` of several single ids (inverse of :func:`patient_parts`).
+
+    Sources in alphabetical order, each once: ``"hannover:a1+ieee8023:219+400"``; ids within a
+    source shortest first, as ieee8023 merges them (``"ieee8023:285+339"``).
+    """
+    by_source: dict[str, set[str]] = {}
+    for p in parts:
+        src, _, raw = p.partition(":")
+        by_source.setdefault(src, set()).add(raw)
+    return "+".join(
+        f"{src}:" + "+".join(sorted(raws, key=lambda s: (len(s), s))) for src, raws in sorted(by_source.items())
+    )
+
+
+def link_patients(table: pd.DataFrame, links: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """``table`` with the patients named by ``links`` (pairs of single ids) merged into one id.
+
+    A link end matches every table id that contains it (``"ieee8023:339"`` matches
+    ``"ieee8023:285+339"``); a link end absent from the table still becomes part of the id (a
+    hannover patient keeps its ieee8023 id when ieee8023 is not loaded), so a run that saw that
+    person under the other id recognises it. Ids untouched by a link are left exactly as they are.
+    ``attrs["linked_patients"]`` counts the merged persons.
+    """
+    links = list(links)
+    out = table.copy()
+    out.attrs = dict(table.attrs)
+    out.attrs["linked_patients"] = 0
+    if not links or not len(table):
+        return out
+    uf = _UnionFind()
+    ids = out["patient_id"].astype(str).unique()
+    for pid in ids:
+        parts = patient_parts(pid)
+        for p in parts[1:]:
+            uf.union(parts[0], p)
+    for a, b in links:
+        uf.union(a, b)
+    members: dict[str, set[str]] = {}
+    for part in list(uf.parent):
+        members.setdefault(uf.find(part), set()).add(part)
+    touched = {uf.find(a) for a, _ in links}
+    new_id = {}
+    for pid in ids:
+        root = uf.find(patient_parts(pid)[0])
+        if root in touched:
+            new_id[pid] = join_patient_parts(members[root])
+    out["patient_id"] = out["patient_id"].astype(str).map(lambda p: new_id.get(p, p)).astype(object)
+    spans = [{q.partition(":")[0] for q in patient_parts(p)} for p in set(new_id.values())]
+    out.attrs["linked_patients"] = sum(len(s) > 1 for s in spans)
+    return out
 
 
 def _source_name(folder: Path) -> str:
@@ -347,12 +484,14 @@ def _source_name(folder: Path) -> str:
 
 
 def detect(folder: str | os.PathLike, label_map: Mapping[str, str] | None = None) -> str | None:
-    """Which layout ``folder`` itself has: ieee8023, kermany, nih, manifest, class_folders or None."""
+    """Which layout ``folder`` itself has: ieee8023, hannover, kermany, nih, manifest, class_folders or None."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     if (folder / "metadata.csv").is_file() and (folder / "images").is_dir():
         return "ieee8023"
+    if (folder / "data.csv").is_file() and (folder / "png").is_dir():
+        return "hannover"
     names = {p.name for p in folder.iterdir() if p.is_dir()}
     kermany = {"NORMAL", "PNEUMONIA"} & names
     others = {n for n in names - kermany if n.lower() in DEFAULT_LABEL_MAP}
@@ -402,8 +541,10 @@ def load_table(
     """Find every source layout under ``root`` and return one table (see the module docstring).
 
     ``sources`` keeps only those source names (e.g. ``["ieee8023", "kermany"]``). ``label_map``
-    is used for generic class-folder trees. ``attrs["dropped"]`` counts left-out rows by reason;
-    ``attrs["sources"]`` lists the folders read. Raises FileNotFoundError when ``root`` does not
+    is used for generic class-folder trees. Cross-source patient links (``attrs["links"]`` of the
+    readers, e.g. the hannover crosswalk) are applied with :func:`link_patients` before ``sources``
+    filters. ``attrs["dropped"]`` counts left-out rows by reason; ``attrs["sources"]`` lists the
+    folders read; ``attrs["linked_patients"]`` counts persons whose ids span two sources. Raises FileNotFoundError when ``root`` does not
     exist, ValueError when no known layout is found under it.
     """
     root = Path(root)
@@ -413,12 +554,14 @@ def load_table(
     if not found:
         raise ValueError(
             f"no chest X-ray source found under {root}: expected ieee8023 metadata.csv + images/, "
-            "kermany NORMAL/ PNEUMONIA/, nih No_findings/ Pneumonia/, manifest.csv or class folders"
+            "hannover data.csv + png/, kermany NORMAL/ PNEUMONIA/, nih No_findings/ Pneumonia/, manifest.csv or class folders"
         )
-    tables, dropped, read = [], {}, []
+    tables, dropped, read, links = [], {}, [], []
     for kind, folder in found:
         if kind == "ieee8023":
             t = read_ieee8023(folder, base=root)
+        elif kind == "hannover":
+            t = read_hannover(folder, base=root)
         elif kind == "kermany":
             t = read_kermany(folder, base=root)
         elif kind == "nih":
@@ -429,9 +572,13 @@ def load_table(
             t = read_class_folders(folder, label_map, base=root)
         for k, v in t.attrs.get("dropped", {}).items():
             _count(dropped, k, v)
+        links += t.attrs.get("links", [])
         read.append({"layout": kind, "folder": _rel(folder, root) or "."})
         tables.append(t)
     df = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else empty_table()
+    # before the source filter, so a linked patient's id does not depend on which sources are kept
+    df = link_patients(df, links)
+    linked = df.attrs["linked_patients"]
     if sources is not None:
         keep = set(sources)
         unknown = keep - set(df["source"])
@@ -446,4 +593,5 @@ def load_table(
     df = df.sort_values(["source", "path"], kind="stable").reset_index(drop=True)
     df.attrs["dropped"] = dropped
     df.attrs["sources"] = read
+    df.attrs["linked_patients"] = linked
     return df

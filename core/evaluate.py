@@ -19,7 +19,10 @@ a ``multiclass`` block).
 that are not in the run's split.csv) makes it an external validation: the model predicts those
 images, the same metrics are computed at the run's validation threshold (no re-tuning), and the
 change from the internal test is reported as ``delta``; the result goes to
-``external-<name>.json`` in the run, never over ``metrics.json``.
+``external-<name>.json`` in the run, never over ``metrics.json``. Images the run saw in another
+guise are left out and counted per reason (``excluded``, also in the text output): films of a
+patient it saw, byte-identical files and near-duplicates (resized or re-encoded copies, by the
+splitter's thumbnail correlation); see :func:`unseen_images`.
 """
 
 from __future__ import annotations
@@ -72,7 +75,27 @@ def _y(df: pd.DataFrame) -> np.ndarray:
 
 
 def _groups(df: pd.DataFrame) -> np.ndarray:
-    return df["patient_id"].to_numpy(dtype=object)
+    """The bootstrap's resampling units: the split ``group`` (patients merged through duplicates
+    and cross-source links), falling back to the patient id where a row has no group."""
+    pid = df["patient_id"].astype(object)
+    if "group" not in df.columns:
+        return pid.to_numpy(dtype=object)
+    g = df["group"].astype(object)
+    blank = g.isna() | (g.astype(str).str.strip() == "")
+    return g.where(~blank, pid).to_numpy(dtype=object)
+
+
+def with_groups(pred: pd.DataFrame, split: pd.DataFrame | None) -> pd.DataFrame:
+    """``pred`` with the ``group`` of the run's split file (by path), so the bootstrap resamples the
+    groups the split kept together, not raw patient ids. Rows the split does not list (and runs
+    without a split file or whose split has no group column) keep their patient id as the group.
+    """
+    if split is None or "group" not in split.columns or "group" in pred.columns:
+        return pred
+    groups = dict(zip(split["path"].astype(str), split["group"], strict=True))
+    out = pred.copy()
+    out["group"] = [groups.get(str(p), pid) for p, pid in zip(out["path"], out["patient_id"], strict=True)]
+    return out
 
 
 def _check_predictions(pred: pd.DataFrame, where: str) -> None:
@@ -287,16 +310,24 @@ def _seen(run: Path) -> pd.DataFrame | None:
     return runs.read_split(run)
 
 
-def unseen_images(run: Path, cfg: dict, data_root: Path) -> tuple[pd.DataFrame, dict]:
+def unseen_images(run: Path, cfg: dict, data_root: Path, progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Images of ``data_root`` the run never saw, for an external validation.
 
-    On the run's own data root: only images of sources absent from its split.csv (e.g. the
-    ``--holdout-source``); images of the training sources left out by ``--limit`` are not
-    external. On another root: every image except those listed in the split.csv (same source and
-    path), of a patient listed there, or (when the run's own data root is readable) byte-identical
-    to a listed image. Returns ``(table, excluded)`` with counts of left-out images by reason.
+    On the run's own data root, images of the sources in its split.csv are left out (those the
+    ``--limit`` skipped are not external either); on another root, the images listed in its
+    split.csv (same source and path). Then, on either root, images of a patient the run saw (any
+    single id of a joined patient id, so a hannover film of an ieee8023 patient the run trained on
+    is excluded) and, when the run's own data root is readable, copies of an image it saw:
+    byte-identical, or near-duplicates by the splitter's own check (32x32 thumbnail correlation
+    >= ``splits.NEAR_THRESHOLD``), which is how a public film usually reappears in another
+    collection (resized, re-encoded). Each image is counted under the first reason that applies.
+
+    Returns ``(table, excluded)``: ``excluded`` counts left-out images by reason; the table has a
+    ``group`` column (patients joined through copies among the unseen images, for the bootstrap),
+    ``attrs["near_duplicates"]`` (path, run_path, score of every near-duplicate left out) and
+    ``attrs["unchecked"]`` (why copies could not be looked for, else None).
     """
-    from core import datasets
+    from core import datasets, splits
 
     table = datasets.load_table(data_root)
     excluded: dict[str, int] = {}
@@ -310,25 +341,60 @@ def unseen_images(run: Path, cfg: dict, data_root: Path) -> tuple[pd.DataFrame, 
             excluded[reason] = excluded.get(reason, 0) + int(mask.sum())
         table = table[~mask]
 
-    if seen is None or not len(seen):
-        return table.reset_index(drop=True), excluded
-    if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns:
-        drop(table["source"].isin(set(seen["source"])), "source the run trained on (same data root)")
-        return table.reset_index(drop=True), excluded
-    src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)
-    seen_keys = set(src + "|" + seen["path"].astype(str))
-    key = (table["source"].astype(str) if "source" in seen.columns else "") + "|" + table["path"].astype(str)
-    drop(key.isin(seen_keys), "listed in the run's split.csv")
-    if "patient_id" in seen.columns:
-        ids = set(seen["patient_id"].astype(str)) - {"", "nan"}
-        drop(table["patient_id"].astype(str).isin(ids), "patient seen by the run")
-    if len(table) and own_root is not None and own_root.is_dir():
-        from core import splits
+    near_pairs, unchecked, within = [], None, None
+    if seen is not None and len(seen):
+        if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns:
+            drop(table["source"].isin(set(seen["source"])), "source the run trained on (same data root)")
+        else:
+            src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)
+            seen_keys = set(src + "|" + seen["path"].astype(str))
+            key = (table["source"].astype(str) if "source" in seen.columns else "") + "|" + table["path"].astype(str)
+            drop(key.isin(seen_keys), "listed in the run's split.csv")
+        if "patient_id" in seen.columns and len(table):
+            parts = {q for p in seen["patient_id"].astype(str) if p not in ("", "nan") for q in datasets.patient_parts(p)}
+            drop([bool(parts.intersection(datasets.patient_parts(p))) for p in table["patient_id"].astype(str)],
+                 "patient seen by the run")
+        if len(table) and own_root is not None and own_root.is_dir():
+            seen_rows = seen[[(own_root / p).is_file() for p in seen["path"]]]
+            byte, near_pairs, within = _copies_of_seen(table, data_root, seen_rows, own_root, progress)
+            near = table["path"].isin({p["path"] for p in near_pairs}).to_numpy()
+            drop(byte, "byte-identical to an image of the run")
+            drop(near[~byte], f"near-duplicate of an image of the run (thumbnail r >= {splits.NEAR_THRESHOLD})")
+        elif len(table):
+            unchecked = (f"the run's data root {own_root or '(not recorded)'} is not readable here: copies of its "
+                         "images (byte-identical or resized/re-encoded) could not be looked for")
+    table = table.reset_index(drop=True)
+    table["group"] = splits.split_groups(table, within).to_numpy()
+    table.attrs["near_duplicates"] = near_pairs
+    table.attrs["unchecked"] = unchecked
+    return table, excluded
 
-        seen_rows = seen[[(own_root / p).is_file() for p in seen["path"]]]
-        seen_hashes = set(splits.file_hashes(seen_rows, own_root)) if len(seen_rows) else set()
-        drop(splits.file_hashes(table, data_root).isin(seen_hashes), "byte-identical to an image of the run")
-    return table.reset_index(drop=True), excluded
+
+def _copies_of_seen(table: pd.DataFrame, root: Path, seen: pd.DataFrame, seen_root: Path,
+                    progress: bool = False) -> tuple[np.ndarray, list[dict], pd.DataFrame]:
+    """Which rows of ``table`` copy an image of ``seen``: ``(byte-identical mask, near pairs,
+    duplicate pairs among the table's own rows)``, with the splitter's fingerprints and
+    thumbnail correlation (one pass over seen + table)."""
+    from core import splits
+
+    sha_t, th_t, _ = splits.fingerprints(table, root, progress=progress)
+    sha_s, th_s, _ = splits.fingerprints(seen, seen_root, progress=progress) if len(seen) else ([], th_t[:0], {})
+    byte = np.isin(np.asarray(sha_t, dtype=object), list(set(sha_s)))
+    n, paths, run_paths = len(seen), table["path"].tolist(), seen["path"].tolist()
+    best: dict[int, tuple[float, int]] = {}
+    within = []
+    for i, j, r in splits.thumbnail_correlation(np.concatenate([th_s, th_t])):
+        if i < n <= j and not byte[j - n] and r > best.get(j - n, (-1.0, 0))[0]:
+            best[j - n] = (r, i)
+        elif i >= n:
+            within.append({"path_a": paths[i - n], "path_b": paths[j - n], "kind": "near", "score": r})
+    first: dict[str, str] = {}
+    for p, h in zip(paths, sha_t, strict=True):
+        if h in first:
+            within.append({"path_a": first[h], "path_b": p, "kind": "exact", "score": 1.0})
+        first.setdefault(h, p)
+    near = [{"path": paths[k], "run_path": run_paths[i], "score": round(r, 4)} for k, (r, i) in sorted(best.items())]
+    return byte, near, pd.DataFrame(within, columns=["path_a", "path_b", "kind", "score"])
 
 
 def predict_table(model, table: pd.DataFrame, root: Path, size: int, classes, progress: bool = True):
@@ -343,7 +409,8 @@ def predict_table(model, table: pd.DataFrame, root: Path, size: int, classes, pr
     rows = table.iloc[kept].reset_index(drop=True)
     task_binary = list(classes) == list(config.TASKS["binary"])
     pred = pd.DataFrame({
-        "path": rows["path"], "source": rows["source"], "patient_id": rows["patient_id"], "label": rows["label"],
+        "path": rows["path"], "source": rows["source"], "patient_id": rows["patient_id"],
+        "group": rows["group"] if "group" in rows.columns else rows["patient_id"], "label": rows["label"],
         "class": [config.label_to_class(lbl, "binary" if task_binary else "multiclass") for lbl in rows["label"]],
         "split": "external",
     })
@@ -376,7 +443,7 @@ def evaluate_run(
     """
     run = runs.resolve_run(run)
     cfg = runs.read_config(run)
-    pred = runs.read_predictions(run)
+    pred = with_groups(runs.read_predictions(run), _seen(run))
     task = cfg.get("task", "binary")
     classes = list(cfg.get("classes") or config.classes(task))
     internal = evaluate_predictions(pred, task, classes, n_boot, "sensitivity", target_sensitivity, seed)
@@ -384,7 +451,7 @@ def evaluate_run(
     internal["mode"] = "internal"
     if data is not None:
         root = config.data_dir(data)
-        table, excluded = unseen_images(run, cfg, root)
+        table, excluded = unseen_images(run, cfg, root, progress=progress)
         if len(table):
             result = _external_validation(run, cfg, classes, root, table, excluded, internal, n_boot, seed, progress)
             ext_pred = result.pop("_predictions")
@@ -393,8 +460,9 @@ def evaluate_run(
                 runs.write_csv(run / f"external-{_slug(root)}-predictions.csv", ext_pred)
             return result
         internal["warnings"].append(
-            f"--data {root} holds no image this run has not seen ({sum(excluded.values())} excluded); "
-            "reported the internal test instead of an external validation.")
+            f"--data {root} holds no image this run has not seen ({sum(excluded.values())} excluded: "
+            + ", ".join(f"{k} {v}" for k, v in excluded.items())
+            + "); reported the internal test instead of an external validation.")
     if write:
         runs.write_json(run / "metrics.json", jsonable(internal))
     return internal
@@ -406,7 +474,7 @@ def _external_validation(run, cfg, classes, root, table, excluded, internal, n_b
     ext, errors = predict_table(model, table, root, size, classes, progress=progress)
     if ext.empty:
         raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")
-    test = runs.read_predictions(run)
+    test = with_groups(runs.read_predictions(run), _seen(run))
     test = test[test["split"] == "test"]
     t = internal["threshold"]["value"]
     y = _y(ext)
@@ -432,10 +500,11 @@ def _external_validation(run, cfg, classes, root, table, excluded, internal, n_b
     result["n_covid"] = int(y.sum())
     result["sources"] = sorted(map(str, ext["source"].unique()))
     result["excluded"] = excluded
+    result["excluded_near_duplicates"] = table.attrs.get("near_duplicates", [])
     result["errors"] = [str(e) for e in errors]
     result["task"] = internal["task"]
     result["classes"] = internal["classes"]
-    result["warnings"] = []
+    result["warnings"] = [table.attrs["unchecked"]] if table.attrs.get("unchecked") else []
     for k in ("roc_auc", "specificity", "sensitivity"):
         d = result.get("delta", {}).get(k)
         if d is not None and math.isfinite(d) and d <= -SHORTCUT_GAP:
@@ -464,18 +533,43 @@ def seed_spread(results: list[dict]) -> dict:
     return out
 
 
+# Training settings that define "one configuration": runs that differ only in ``seed`` (and in
+# bookkeeping such as dates and hashes) are seeds of one configuration.
+CONFIG_KEYS = ("task", "preset", "size", "epochs", "batch_size", "lr", "augment", "hflip", "balance", "monitor",
+               "patience", "holdout_source", "limit", "model_kwargs", "lung_mask", "lung_crop", "split_seed",
+               "calibrate")
+
+
+def seed_runs(run, candidates=()) -> pd.DataFrame:
+    """``run`` and the ``candidates`` trained with its settings (:data:`CONFIG_KEYS`), i.e. its seeds.
+
+    One row per run folder that has a readable config.json and metrics.json, sorted by folder:
+    ``run``, ``seed``, ``n_test``, ``roc_auc`` and one ``within_<source>_roc_auc`` column per
+    source with a within-source AUC. Feed the runs' metrics to :func:`seed_spread` for mean +- sd.
+    """
+    run = Path(run)
+    key = {k: runs.read_config(run).get(k) for k in CONFIG_KEYS}
+    rows = []
+    for other in sorted({run.resolve(), *(Path(c).resolve() for c in candidates)}):
+        try:
+            cfg, m = runs.read_config(other), runs.read_metrics(other)
+        except runs.RunError:
+            continue
+        if {k: cfg.get(k) for k in CONFIG_KEYS} != key:
+            continue
+        row = {"run": str(other), "seed": cfg.get("seed"), "n_test": m.get("n_test"),
+               "roc_auc": _point(m.get("roc_auc"))}
+        for src, w in (m.get("within_source") or {}).items():
+            row[f"within_{src}_roc_auc"] = _point(w.get("roc_auc"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["run", "seed", "n_test", "roc_auc"])
+
+
 # ----------------------------------------------------------------------------- output
 
 
 def _fmt(d) -> str:
-    if not isinstance(d, dict):
-        return "-"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(v):
-        return "n/a" + (f" ({d['reason']})" if d.get("reason") else "")
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{v:.3f}"
-    return f"{v:.3f}  [{lo:.3f}, {hi:.3f}]"
+    return metrics.fmt(d, digits=3, reason=True)
 
 
 def format_result(r: dict) -> str:
@@ -485,6 +579,9 @@ def format_result(r: dict) -> str:
     if r.get("mode") == "external":
         lines.append(f"EXTERNAL validation of {r['run']} on {r['data']}: {r['n']} unseen images "
                      f"({r['n_covid']} covid) from {', '.join(r['sources'])}")
+        exc = r.get("excluded") or {}
+        lines.append(f"Excluded as seen by the run: {sum(exc.values())}"
+                     + (" (" + "; ".join(f"{k}: {v}" for k, v in exc.items()) + ")" if exc else ""))
     else:
         lines.append(f"Run {r.get('run', '?')}  task {r['task']}  test: {r['n_test']} images, "
                      f"{r['n_patients']} patients, {r['n_covid']} covid")

@@ -22,8 +22,10 @@ Two engines compute the same maps:
   over its samples), which is what keeps Grad-CAM under 100 ms per image; the tests check that
   both engines agree (correlation >= 0.99 on the same model). The tape engine also works where tf-keras-vis cannot:
   a target layer inside a nested sub-model (for example a backbone wrapped in the classifier).
-  With ``engine="tf-keras-vis"`` such layers, and any tf-keras-vis failure or non-finite map,
-  fall back to the tape engine automatically.
+
+The engine asked for is the engine that runs: with ``engine="tf-keras-vis"`` a layer it cannot
+reach, a failure inside it or a non-finite map raises :class:`EngineError` (never a silent
+switch to the tape engine), so a comparison of the two engines compares two implementations.
 
 Why logits: every method explains the pre-softmax score (the ``logits`` layer). A saturated
 softmax has near-zero gradients and gives blank maps. The model itself is never modified: the
@@ -64,7 +66,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 
 import cv2
@@ -94,8 +95,10 @@ _CONV_TYPES = (
 )
 
 _LOCK = threading.RLock()
-# model -> {"linear": keras.Model, "fns": {key: tf.function}}; weak keys so cached state dies with the model.
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class EngineError(RuntimeError):
+    """The requested engine cannot compute this map (e.g. tf-keras-vis and a nested layer)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,12 +201,10 @@ def _make_linear(model: keras.Model) -> keras.Model:
 
 
 def _state(model: keras.Model) -> dict:
-    with _LOCK:
-        st = _CACHE.get(model)
-        if st is None:
-            st = {"linear": _make_linear(model), "fns": {}}
-            _CACHE[model] = st
-        return st
+    """{"linear": the pre-softmax view, "fns": compiled tapes}, in core.model's per-model cache."""
+    from core import model as cmodel
+
+    return cmodel.cached(model, "explain", lambda m: {"linear": _make_linear(m), "fns": {}})
 
 
 def linear_model(model: keras.Model) -> keras.Model:
@@ -506,7 +507,8 @@ def _tkv_cam(kind, model, x, class_index, layer, max_n=None):
 
     target, nested = _target(model, layer)
     if nested:
-        raise _Unsupported(f"layer {target.name!r} is inside a nested model")
+        raise EngineError(f"tf-keras-vis cannot explain layer {target.name!r}: it lies inside a nested model; "
+                          "use engine='tape'")
     lin = linear_model(model)
     cls = {"gradcam": Gradcam, "gradcam_pp": GradcamPlusPlus, "layercam": Layercam, "scorecam": Scorecam}[kind]
     vis = cls(lin, clone=False)  # no modifier: lin already ends at the logits, and is not changed
@@ -530,10 +532,6 @@ def _tkv_saliency(model, x, class_index, n=0, noise=SMOOTHGRAD_NOISE, seed=0):
     return np.concatenate(grads).mean(axis=0)
 
 
-class _Unsupported(Exception):
-    """tf-keras-vis cannot handle this case; use the tape engine."""
-
-
 # --------------------------------------------------------------------------------------------
 # Public methods
 
@@ -543,22 +541,29 @@ def _run(kind, model, image, class_index, layer, engine, **kw):
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     x, out_hw = _prepare(model, image)
     ci = _check_class(model, class_index)
+    if engine == "tape":
+        return _finish(_TAPE[kind](model, x, ci, layer, **kw)[0], out_hw)
+    raw = _tkv_run(kind, model, x, ci, layer, **kw)
+    if not np.isfinite(raw).all():
+        raise EngineError(f"tf-keras-vis gave a non-finite {kind} map; use engine='tape'")
+    return _finish(raw, out_hw)
+
+
+def _tkv_run(kind, model, x, ci, layer, **kw) -> np.ndarray:
+    """The raw tf-keras-vis map; a failure inside tf-keras-vis becomes EngineError."""
     saliency_like = kind in ("saliency", "smoothgrad")
-    if engine == "tf-keras-vis":
-        try:
-            if saliency_like:
-                raw = _tkv_saliency(model, x, ci, **kw)
-            else:
-                raw = _tkv_cam(kind, model, x, ci, layer, **kw)
-            raw = np.asarray(raw, dtype=np.float32)
-            if np.isfinite(raw).all():
-                return _finish(raw, out_hw)
-        except ValueError as exc:
-            if "has no layer" in str(exc) or "out of range" in str(exc):
-                raise
-        except Exception:  # noqa: BLE001 - any tf-keras-vis failure: use the tape engine
-            pass
-    return _finish(_TAPE[kind](model, x, ci, layer, **kw)[0], out_hw)
+    if not saliency_like:
+        _target(model, layer)  # our own checks first: an unknown or non-spatial layer is a ValueError
+    try:
+        if saliency_like:
+            raw = _tkv_saliency(model, x, ci, **kw)
+        else:
+            raw = _tkv_cam(kind, model, x, ci, layer, **kw)
+    except EngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failure inside tf-keras-vis, named for the caller
+        raise EngineError(f"tf-keras-vis failed on {kind}: {type(exc).__name__}: {exc}") from exc
+    return np.asarray(raw, dtype=np.float32)
 
 
 def _tape_saliency_kind(model, x, ci, layer, **kw):
@@ -613,11 +618,6 @@ def smoothgrad(model, image, class_index: int = 0, layer=None, n: int = SMOOTHGR
     if n < 1:
         raise ValueError(f"smoothgrad needs n >= 1 samples; got {n}")
     return _run("smoothgrad", model, image, class_index, None, engine, n=int(n), noise=noise, seed=seed)
-
-
-def gradcam_tape(model, image, class_index: int = 0, layer=None) -> np.ndarray:
-    """Grad-CAM on a compiled GradientTape: works for layers inside nested sub-models too."""
-    return _run("gradcam", model, image, class_index, layer, "tape")
 
 
 METHODS = {
@@ -846,7 +846,7 @@ def main(argv=None) -> int:
     probs = np.asarray(model(img[None, :, :, None], training=False))[0]
     try:
         heat = explain(model, img, args.method, class_index=ci, layer=args.layer, engine=args.engine)
-    except ValueError as exc:
+    except (ValueError, EngineError) as exc:
         return fail(str(exc))
     seconds = time.perf_counter() - t0
     out = Path(args.out)

@@ -41,7 +41,7 @@ FALLBACK_WARNING = (
 def settings(cfg: dict | None) -> dict | None:
     """The lung-crop settings of a run config (``None``: the network sees the whole film)."""
     crop = (cfg or {}).get("lung_crop")
-    if crop is None or crop is False:  # an empty dict {} means "crop, with the defaults"
+    if crop is None or crop is False:  # ``{}`` (or ``true``) means: crop with the default settings
         return None
     return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {})}
 

@@ -120,26 +120,13 @@ def probabilities(images: np.ndarray, model=None, size: int | None = None) -> np
     model = model if model is not None else lung_model()
     size = size or net_size()
     small = np.stack([_resize(a, size, size) for a in arr])[..., None]
-    fn = _compiled(model)
+    from core.model import inference
+
+    fn = inference(model)
     out = []
     for i in range(0, len(small), 32):
         out.append(np.asarray(fn(small[i : i + 32]))[..., 0])
     return np.concatenate(out).astype(np.float32)
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(model):
-    """A cached ``tf.function`` of the model's inference call: eager calls cost ~10x more per image."""
-    import tensorflow as tf
-
-    key = id(model)
-    hit = _COMPILED.get(key)
-    if hit is None or hit[0] is not model:
-        fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        hit = _COMPILED[key] = (model, fn)
-    return hit[1]
 
 
 def clean(binary: np.ndarray, keep: int = 2, min_share: float = 0.05) -> np.ndarray:

@@ -7,9 +7,11 @@ Conventions used everywhere in this module:
 - ``y`` is 1 for the positive class (covid) and 0 otherwise; ``p`` is the predicted
   probability of the positive class, P(covid).
 - An image is called positive when ``p >= threshold``.
-- ``groups`` (patient ids) define the resampling unit of the bootstrap: images of one patient
-  are correlated, so a CI that resamples images would be too narrow. Each bootstrap resample
-  draws patients with replacement and keeps all images of a drawn patient (as often as drawn).
+- ``groups`` define the resampling unit of the bootstrap: images of one patient are correlated,
+  so a CI that resamples images would be too narrow. Callers pass the split file's ``group``
+  (patients merged through duplicate images and cross-source links, what the split kept
+  together; :func:`core.evaluate._groups`), else patient ids. Each bootstrap resample draws
+  groups with replacement and keeps all images of a drawn group (as often as drawn).
 - Every metric is returned as ``{"value", "ci_low", "ci_high"}`` (percentile 95% CI, widened
   if needed to contain the point value; NaN with a ``"reason"`` when fewer than half of the
   resamples define the metric, e.g. a rare class missing from most of them). A metric
@@ -528,3 +530,32 @@ def multiclass_metrics(
         "confusion": cm,
         "classes": classes,
     }
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _finite(x) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def fmt(d, digits: int = 2, reason: bool = False) -> str:
+    """A metric as people read it: ``'0.91 [0.85, 0.96]'`` from ``{"value", "ci_low", "ci_high"}``.
+
+    The one formatter of the CLIs, the audit's verdict and the dashboard. A plain number is shown
+    alone; an undefined interval leaves just the value; a missing or undefined value is ``'n/a'``,
+    followed by its ``reason`` in brackets when ``reason`` is True and the dict has one.
+    """
+    if not isinstance(d, dict):
+        d = {"value": d}
+    v, lo, hi = (_finite(d.get(k)) for k in ("value", "ci_low", "ci_high"))
+    if v is None:
+        why = d.get("reason") if reason else None
+        return "n/a" + (f" ({why})" if why else "")
+    if lo is None or hi is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"

@@ -27,6 +27,7 @@ Presets:
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 import keras
@@ -201,22 +202,39 @@ def input_size(model: keras.Model) -> int:
     return int(model.input_shape[1])
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The one cache of what is derived from a model (compiled inference, feature extractors, the
+# explainers' linear view and tapes). Weak keys: an entry goes when its model goes.
+_PER_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PER_MODEL_LOCK = threading.RLock()
 
 
-def _compiled(model: keras.Model):
-    """A traced inference function per model (about 10x faster than eager calls for one image)."""
-    fn = _COMPILED.get(model)
-    if fn is None:
-        import tensorflow as tf
+def cached(model: keras.Model, key, build):
+    """``build(model)``, computed once per model and ``key`` and kept only while the model lives.
 
-        size = input_size(model)
-        fn = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
-        )
-        _COMPILED[model] = fn
-    return fn
+    ``build`` must not return anything that holds ``model`` itself (a closure over it, say), or
+    the weak key would never die: call the model through :func:`inference` or a ``weakref``.
+    """
+    with _PER_MODEL_LOCK:
+        slot = _PER_MODEL.get(model)
+        if slot is None:
+            slot = _PER_MODEL[model] = {}
+        if key not in slot:
+            slot[key] = build(model)
+        return slot[key]
+
+
+def _inference(model: keras.Model):
+    import tensorflow as tf
+
+    ref = weakref.ref(model)  # not the model itself: the cache must not keep it alive
+    spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+    return tf.function(lambda x: ref()(x, training=False), input_signature=[spec])
+
+
+def inference(model: keras.Model):
+    """The model's traced inference call ``fn(x) -> outputs`` (about 10x faster than eager calls
+    for one image), cached per model (:func:`cached`)."""
+    return cached(model, "inference", _inference)
 
 
 def probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
@@ -234,7 +252,7 @@ def probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarra
     size = input_size(model)
     if x.shape[1:3] != (size, size):
         raise ValueError(f"images are {x.shape[1]}x{x.shape[2]} but the model expects {size}x{size}")
-    fn = _compiled(model)
+    fn = inference(model)
     out = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     if not out:
         return np.zeros((0, int(model.output_shape[-1])), np.float32)
@@ -246,7 +264,16 @@ def members(model: keras.Model) -> list[keras.Model]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name.startswith("member_")]
 
 
-_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _features_fn(model: keras.Model):
+    import tensorflow as tf
+
+    nets = members(model) or [model]
+    parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
+    size = input_size(model)
+    return tf.function(
+        lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1),
+        input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
+    )
 
 
 def features(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
@@ -254,31 +281,9 @@ def features(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
 
     For an ensemble, the members' features side by side (n, sum of widths), member 0 first.
     """
-    fn = _FEATURES.get(model)
-    if fn is None:
-        import tensorflow as tf
-
-        nets = members(model) or [model]
-        parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
-        size = input_size(model)
-        fn = tf.function(
-            lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1),
-            input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
-        )
-        _FEATURES[model] = fn
+    fn = cached(model, "features", _features_fn)
     x = np.asarray(images, np.float32)
     x = x[None] if x.ndim == 2 else x
     x = x[..., None] if x.ndim == 3 else x
     out = [np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
-
-
-def last_conv_layer(model: keras.Model) -> str:
-    """Name of the last convolution layer (``last_conv`` in our presets)."""
-    names = [layer.name for layer in model.layers]
-    if "last_conv" in names:
-        return "last_conv"
-    for layer in reversed(model.layers):
-        if isinstance(layer, layers.Conv2D) and not isinstance(layer, layers.DepthwiseConv2D):
-            return layer.name
-    raise ValueError(f"model {model.name!r} has no convolution layer")

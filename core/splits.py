@@ -15,7 +15,6 @@ the first call decodes every image (~8 s for the 946 images of ../shared/cxr).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, images
+from core import config, images, runs
 from core.datasets import _UnionFind, abspath, load_table
 
 SPLITS = ("train", "val", "test")
@@ -81,14 +80,6 @@ def _write_cache(path: Path, entries: dict[str, tuple]) -> None:
         print(f"note: could not write fingerprint cache {path}: {exc}", file=sys.stderr)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprints(
     table: pd.DataFrame,
     root: str | os.PathLike,
@@ -132,7 +123,7 @@ def fingerprints(
                 errors[i] = "unreadable image (cached)"
             continue
         try:
-            shas[i] = _sha256(p)
+            shas[i] = runs.sha256(p)
         except OSError as exc:
             shas[i], errors[i] = f"unreadable:{i}", f"cannot read file ({exc.strerror or exc})"
             continue
@@ -369,9 +360,10 @@ def prepare(
     """The table training and evaluation use: images, labels and a ``split`` column.
 
     :func:`core.datasets.load_table`, then, if ``split_file`` exists, its splits are applied
-    (rows it does not list are dropped). Otherwise exact duplicates are dropped, unreadable
+    (rows it does not list are dropped). Otherwise patients are grouped through exact and near
+    duplicates on the full table (:func:`split_groups`), then exact duplicates and unreadable
     images are dropped (with ``near=True``, the default, every image is decoded once for the
-    near-duplicate check), near-duplicates are grouped, and a fresh seeded split is made; when
+    near-duplicate check), and a fresh seeded split of those groups is made; when
     ``split_file`` is given but absent, the new split is written there.
 
     ``sources`` and ``label_map`` are passed to :func:`core.datasets.load_table`. ``attrs``:
@@ -385,6 +377,9 @@ def prepare(
             raise ValueError(f"split file {split_file} lists none of the {len(table)} images under {root}")
         return out
     dups = find_duplicates(table, root, near=near, cache=cache, cache_dir=cache_dir, progress=progress)
+    # Group on the full table, then drop: two patients joined only by an exact copy stay one group
+    # even though the copy itself is dropped.
+    table = table.assign(group=split_groups(table, dups).to_numpy())
     table = drop_exact_duplicates(table, dups)
     unreadable = dups.attrs.get("unreadable", {})
     if unreadable:
@@ -392,7 +387,7 @@ def prepare(
         table = table[~table["path"].isin(unreadable)].reset_index(drop=True)
         table.attrs = attrs
         table.attrs["dropped"] = {**attrs.get("dropped", {}), "unreadable image": len(unreadable)}
-    out = make_split(table, seed=seed, fractions=fractions, duplicates=dups)
+    out = make_split(table, seed=seed, fractions=fractions, groups=table["group"])
     out.attrs["duplicates"] = dups.to_dict("records")
     out.attrs["unreadable"] = dict(unreadable)
     out.attrs["seed"] = int(seed)

@@ -23,13 +23,10 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -85,57 +82,6 @@ MONITORS = ("val_auc", "val_ws_auc", "val_score", "val_loss")
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- environment
-def git_commit() -> str | None:
-    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=config.REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=config.REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment() -> dict:
-    """Python, platform, package versions and git commit, for env.json."""
-    pkgs = {}
-    for name in (
-        "tensorflow",
-        "tensorflow-cpu",
-        "keras",
-        "numpy",
-        "pandas",
-        "scikit-learn",
-        "opencv-python-headless",
-        "pillow",
-        "pydicom",
-        "tf-keras-vis",
-    ):
-        try:
-            pkgs[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "packages": pkgs,
-        "git_commit": git_commit(),
-        "argv": sys.argv,
-    }
 
 
 # ----------------------------------------------------------------------------- data
@@ -677,7 +623,7 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
         decode_seconds=round(decode_s, 2),
         train_seconds=round(train_s, 2),
         resumed_from=cfg.get("resume"),
-        git_commit=git_commit(),
+        **{k: v for k, v in runs.provenance().items() if k != "source_files"},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         model_sha256=runs.sha256(run / "model.keras"),
         model_bytes=(run / "model.keras").stat().st_size,
@@ -685,7 +631,7 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
         replicas=int(strategy.num_replicas_in_sync),
     )
     runs.write_json(run / "config.json", final_cfg)
-    runs.write_json(run / "env.json", environment())
+    runs.write_json(run / "env.json", runs.environment())
     shutil.rmtree(ckpt, ignore_errors=True)
     if not distribute.is_chief(cfg.get("strategy")):  # a worker of a multi-worker run: the chief wrote it
         distribute.discard(run, cfg.get("strategy"))

@@ -6,7 +6,6 @@ through :mod:`dashboard.state`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -138,15 +137,3 @@ def show_case(run: Path, image: np.ndarray, *, native: np.ndarray | None = None,
                        key=f"{key}_dl_html", on_click="ignore")
     st.caption("Heatmaps show which pixels moved the model's score, not where disease is. "
                "Research use only, not for diagnosis.")
-
-
-def fmt(d, digits: int = 2) -> str:
-    """'0.91 [0.85, 0.96]' from a {value, ci_low, ci_high} dict."""
-    if not isinstance(d, dict):
-        return "n/a" if d is None else f"{float(d):.{digits}f}"
-    v, lo, hi = d.get("value"), d.get("ci_low"), d.get("ci_high")
-    if v is None or not math.isfinite(float(v)):
-        return "n/a"
-    if lo is None or hi is None or not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        return f"{float(v):.{digits}f}"
-    return f"{float(v):.{digits}f} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"

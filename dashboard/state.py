@@ -2,8 +2,12 @@
 
 Models live in ``st.cache_resource`` (one shared, never-modified copy per process); tables,
 predictions and heatmaps in ``st.cache_data`` (in memory only, bounded by ``max_entries`` so
-that hundreds of uploads do not grow the process). Cached values are keyed by content (arrays
-are hashed by Streamlit), so sessions never see each other's results under a wrong key.
+that hundreds of uploads do not grow the process). Every cache is keyed on what it reads: a
+file by its path and :func:`stamp` (size, mtime, inode), so a run that ``core.evaluate``,
+``core.audit`` or ``core.train --recalibrate`` rewrites is re-read (and a swapped model.keras
+is loaded, and its sha256 checked, again); arrays by content (Streamlit hashes them), so
+sessions never see each other's results under a wrong key. Streamlit leaves ``_``-named
+arguments out of a cache key, so no key argument here starts with ``_``.
 Nothing here computes a metric, touches pixels or builds a model: it only calls ``core``.
 Model work inside the cached calls runs in a :func:`core.work.slot` (a bounded, first-come
 first-served line shared by all sessions), so many sessions at once slow down instead of
@@ -108,62 +112,70 @@ def require_run() -> Path:
     return run
 
 
-def _mtime(run: Path | str, name: str) -> float:
+def stamp(path: Path | str) -> tuple[int, int, int] | None:
+    """What a cache keys a file on: (size, mtime in ns, inode); None when it is missing.
+
+    A file rewritten in place or replaced (``os.replace``, as core.runs writes) gets a new stamp.
+    """
     try:
-        return (Path(run) / name).stat().st_mtime
+        st_ = Path(path).stat()
     except OSError:
-        return 0.0
+        return None
+    return (st_.st_size, st_.st_mtime_ns, st_.st_ino)
 
 
-# mtime in the key: a re-evaluated run is re-read, not served stale.
+def _stamp(run: Path | str, name: str) -> tuple[int, int, int] | None:
+    return stamp(Path(run) / name)
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
-def _config(run: str, _mt: float) -> dict:
+def _config(run: str, file_stamp: tuple | None) -> dict:
     return runs.read_config(run)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _metrics(run: str, _mt: float) -> dict:
+def _metrics(run: str, file_stamp: tuple | None) -> dict:
     return runs.read_metrics(run)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _predictions(run: str, _mt: float) -> pd.DataFrame:
+def _predictions(run: str, file_stamp: tuple | None) -> pd.DataFrame:
     return runs.read_predictions(run)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _history(run: str, _mt: float) -> pd.DataFrame:
+def _history(run: str, file_stamp: tuple | None) -> pd.DataFrame:
     return runs.read_history(run)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _split(run: str, _mt: float) -> pd.DataFrame:
+def _split(run: str, file_stamp: tuple | None) -> pd.DataFrame:
     return runs.read_split(run)
 
 
 def run_config(run: Path) -> dict:
     """config.json of a run (RunError when missing or corrupt)."""
-    return _config(str(run), _mtime(run, "config.json"))
+    return _config(str(run), _stamp(run, "config.json"))
 
 
 def run_metrics(run: Path) -> dict:
     """metrics.json of a run (RunError when missing or corrupt)."""
-    return _metrics(str(run), _mtime(run, "metrics.json"))
+    return _metrics(str(run), _stamp(run, "metrics.json"))
 
 
 def run_predictions(run: Path) -> pd.DataFrame:
     """predictions.csv of a run (RunError when missing or corrupt)."""
-    return _predictions(str(run), _mtime(run, "predictions.csv"))
+    return _predictions(str(run), _stamp(run, "predictions.csv"))
 
 
 def run_history(run: Path) -> pd.DataFrame:
     """history.csv of a run (RunError when missing or corrupt)."""
-    return _history(str(run), _mtime(run, "history.csv"))
+    return _history(str(run), _stamp(run, "history.csv"))
 
 
 def run_split(run: Path) -> pd.DataFrame:
     """split.csv of a run (RunError when missing or corrupt)."""
-    return _split(str(run), _mtime(run, "split.csv"))
+    return _split(str(run), _stamp(run, "split.csv"))
 
 
 def run_classes(run: Path) -> list[str]:
@@ -183,33 +195,19 @@ def threshold(run: Path) -> float | None:
     return None if thr is None else float(thr)
 
 
-# Training settings that define "the same configuration"; runs that differ only in ``seed``
-# (and in bookkeeping such as dates and hashes) are seeds of one configuration.
-CONFIG_KEYS = ("task", "preset", "size", "epochs", "batch_size", "lr", "augment", "hflip", "balance", "monitor",
-               "patience", "holdout_source", "limit", "model_kwargs", "lung_mask", "split_seed", "calibrate")
+def seed_runs(run: Path) -> pd.DataFrame:
+    """This run and the runs under the runs folder that differ from it only in their seed
+    (:func:`core.evaluate.seed_runs`): one row each, with its seed and test AUCs."""
+    from core import evaluate
 
-
-def seed_siblings(run: Path) -> list[Path]:
-    """Runs under the runs folder (and this run) with the same training settings and metrics.json."""
-    cfg = run_config(run)
-    key = {k: cfg.get(k) for k in CONFIG_KEYS}
-    out = []
-    for other in {str(run), *run_choices(str(runs_root()))}:
-        try:
-            oc = run_config(Path(other))
-            run_metrics(Path(other))
-        except runs.RunError:
-            continue
-        if {k: oc.get(k) for k in CONFIG_KEYS} == key:
-            out.append(Path(other))
-    return sorted(out)
+    return evaluate.seed_runs(run, [Path(r) for r in run_choices(str(runs_root()))])
 
 
 # --------------------------------------------------------------------------- models
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
-def _model(run: str, _mt: float):
+def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
     model = runs.load_model(run)
     try:  # the Explain page needs it for every film: load it with the model, before the freeze
         from core import lungs
@@ -225,9 +223,17 @@ def _model(run: str, _mt: float):
     return model
 
 
+def model_key(run: Path | str) -> tuple:
+    """What identifies the loaded model: the stamps of model.keras and of config.json (its sha256)."""
+    return (_stamp(run, "model.keras"), _stamp(run, "config.json"))
+
+
 def model(run: Path):
-    """The run's Keras model, loaded once per process (safe mode, sha256 checked). Never modify it."""
-    return _model(str(run), _mtime(run, "model.keras"))
+    """The run's Keras model, loaded once per version of its files (safe mode, sha256 checked).
+
+    Never modify it. A replaced model.keras (or config.json) is loaded and checked again.
+    """
+    return _model(str(run), *model_key(run))
 
 
 def model_size(run: Path) -> int:
@@ -237,9 +243,13 @@ def model_size(run: Path) -> int:
     return cmodel.input_size(model(run))
 
 
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
 def probabilities(run: str, image: np.ndarray) -> np.ndarray:
     """Class probabilities (n_classes,) of one raw grey image at the model's size."""
+    return _probabilities(run, model_key(run), image)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def _probabilities(run: str, key: tuple, image: np.ndarray) -> np.ndarray:
     from core import model as cmodel
 
     m = model(Path(run))
@@ -247,9 +257,13 @@ def probabilities(run: str, image: np.ndarray) -> np.ndarray:
         return cmodel.probabilities(m, image)[0]
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
 def conv_layers(run: str) -> list[str]:
     """Explainable convolution layers of a run's model, and the default one first."""
+    return _conv_layers(run, model_key(run))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _conv_layers(run: str, key: tuple) -> list[str]:
     from core import explain
 
     m = model(Path(run))
@@ -257,9 +271,13 @@ def conv_layers(run: str) -> list[str]:
     return [default] + [name for name in explain.conv_layers(m) if name != default]
 
 
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
 def heatmap(run: str, image: np.ndarray, method: str, class_index: int = 0, layer: str | None = None) -> np.ndarray:
     """A [0, 1] heatmap (H, W) of ``method`` for one image (see :mod:`core.explain`)."""
+    return _heatmap(run, model_key(run), image, method, class_index, layer)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def _heatmap(run: str, key: tuple, image: np.ndarray, method: str, class_index: int, layer: str | None) -> np.ndarray:
     from core import explain
 
     m = model(Path(run))
@@ -283,10 +301,8 @@ def trust(hmap: np.ndarray, mask: np.ndarray | None) -> dict | None:
     """Where the heat lies relative to the lungs (``in_lung_share`` etc.), None without a mask."""
     if mask is None:
         return None
-    try:
-        from core import audit
-    except ImportError:  # the audit module is optional for the Explain page
-        return None
+    from core import audit
+
     return audit.trust(hmap, mask)
 
 
@@ -297,20 +313,23 @@ def dataset_image(root: str, rel: str, size: int | None = None) -> np.ndarray:
     """A dataset image (path relative to the data root) through core.images.load.
 
     Thumbnails (``size`` given) are cached generously; native-size images (up to 1024 x 1024
-    float32 = 4 MB each) only a few at a time, so memory stays bounded.
+    float32 = 4 MB each) only a few at a time, so memory stays bounded. Keyed on the file's stamp.
     """
-    return _native_image(root, rel) if size is None else _small_image(root, rel, size)
+    from core import datasets
+
+    file_stamp = stamp(datasets.abspath(root, rel))
+    return _native_image(root, rel, file_stamp) if size is None else _small_image(root, rel, size, file_stamp)
 
 
 @st.cache_data(max_entries=IMAGE_CACHE, show_spinner=False)
-def _small_image(root: str, rel: str, size: int) -> np.ndarray:
+def _small_image(root: str, rel: str, size: int, file_stamp: tuple | None) -> np.ndarray:
     from core import datasets, images
 
     return images.load(datasets.abspath(root, rel), size)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _native_image(root: str, rel: str) -> np.ndarray:
+def _native_image(root: str, rel: str, file_stamp: tuple | None) -> np.ndarray:
     from core import datasets, images
 
     return images.load(datasets.abspath(root, rel))
@@ -343,9 +362,13 @@ def error_sentence(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- data tables
 
 
-@st.cache_data(max_entries=4, show_spinner="Reading the data folder...")
 def data_table(root: str, split_file: str | None = None) -> pd.DataFrame:
     """The image table of a data root (core.datasets), with the run's split applied when given."""
+    return _data_table(root, split_file, stamp(split_file) if split_file else None)
+
+
+@st.cache_data(max_entries=4, show_spinner="Reading the data folder...")
+def _data_table(root: str, split_file: str | None, split_stamp: tuple | None) -> pd.DataFrame:
     from core import datasets, splits
 
     table = datasets.load_table(root)
@@ -354,17 +377,13 @@ def data_table(root: str, split_file: str | None = None) -> pd.DataFrame:
     return table
 
 
-@st.cache_data(max_entries=4, show_spinner="Auditing the data...")
-def data_audit(root: str, split_file: str | None = None) -> dict:
-    """The dataset audit (core.data.audit) with the run's split when given (no near-dup scan)."""
-    from core import data
-
-    return data.audit(root, split_file=split_file, near=False)
+def data_confounding(root: str, split_file: str | None = None) -> tuple[list[str], dict]:
+    """Warnings when a label is confounded with a source, and how well shortcuts predict covid."""
+    return _data_confounding(root, split_file, stamp(split_file) if split_file else None)
 
 
 @st.cache_data(max_entries=4, show_spinner="Checking the data for shortcuts...")
-def data_confounding(root: str, split_file: str | None = None) -> tuple[list[str], dict]:
-    """Warnings when a label is confounded with a source, and how well shortcuts predict covid."""
+def _data_confounding(root: str, split_file: str | None, split_stamp: tuple | None) -> tuple[list[str], dict]:
     from core import data
 
     table = data_table(root, split_file).copy()
@@ -376,7 +395,7 @@ def data_confounding(root: str, split_file: str | None = None) -> tuple[list[str
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _audit_json(run: str, _mt: float) -> dict:
+def _audit_json(run: str, file_stamp: tuple | None) -> dict:
     import json
 
     path = Path(run) / "audit.json"
@@ -387,7 +406,7 @@ def _audit_json(run: str, _mt: float) -> dict:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _audit_csv(run: str, _mt: float) -> pd.DataFrame:
+def _audit_csv(run: str, file_stamp: tuple | None) -> pd.DataFrame:
     path = Path(run) / "audit.csv"
     try:
         return pd.read_csv(path, dtype={"patient_id": str, "path": str})
@@ -399,24 +418,26 @@ def audit_summary(run: Path) -> dict | None:
     """The run's audit.json (None when the run has not been audited)."""
     if not (run / "audit.json").is_file():
         return None
-    return _audit_json(str(run), _mtime(run, "audit.json"))
+    return _audit_json(str(run), _stamp(run, "audit.json"))
 
 
 def audit_table(run: Path) -> pd.DataFrame | None:
     """The run's audit.csv (None when absent)."""
     if not (run / "audit.csv").is_file():
         return None
-    return _audit_csv(str(run), _mtime(run, "audit.csv"))
+    return _audit_csv(str(run), _stamp(run, "audit.csv"))
 
 
 def mean_map(run: Path, method: str, group: str) -> np.ndarray | None:
     """Overlay (RGB) of the mean heatmap of ``method`` over the mean image of ``group``
     (e.g. ``class-covid``, ``source-nih``) from the run's ``audit_maps/``; None when absent."""
-    return _mean_map(str(run), method, group, _mtime(run, "audit.json"))
+    folder = Path(run) / "audit_maps"
+    stamps = (stamp(folder / f"heat__{method}__{group}.npy"), stamp(folder / f"image__{group}.npy"))
+    return _mean_map(str(run), method, group, stamps)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _mean_map(run: str, method: str, group: str, _mt: float) -> np.ndarray | None:
+def _mean_map(run: str, method: str, group: str, file_stamps: tuple) -> np.ndarray | None:
     from core import explain
 
     folder = Path(run) / "audit_maps"
@@ -427,3 +448,39 @@ def _mean_map(run: str, method: str, group: str, _mt: float) -> np.ndarray | Non
         return None
     # Mean maps are averages of [0, 1] maps: rescale to the full colour range, as core.audit does.
     return explain.overlay(img, heat / max(float(heat.max()), 1e-8), alpha=0.45)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner="Explaining the images...")
+def _audit_cases(run: str, key: tuple, root: str, paths: tuple[str, ...], method: str,
+                 file_stamps: tuple) -> list[dict]:
+    from core import findings
+
+    m, cfg = model(Path(run)), run_config(Path(run))
+    with work.slot():
+        return findings.case_images(m, cfg, root, list(paths), method)
+
+
+def audit_cases(run: Path, root: str, paths: tuple[str, ...], method: str) -> list[dict]:
+    """The films behind an audit finding with the run's heatmaps on them (core.findings.case_images)."""
+    from core import datasets
+
+    stamps = tuple(stamp(datasets.abspath(root, p)) for p in paths)
+    return _audit_cases(str(run), model_key(run), root, tuple(paths), method, stamps)
+
+
+def audited_runs() -> list[str]:
+    """Runs (as strings, the shipped model first) that have an audit.json."""
+    return [r for r in run_choices(str(runs_root())) if (Path(r) / "audit.json").is_file()]
+
+
+@st.cache_data(max_entries=8, show_spinner="Comparing the audits...")
+def _compare_runs(a: str, b: str, file_stamps: tuple):
+    from core import findings
+
+    return findings.compare_runs(a, b, (run_label(a), run_label(b)))
+
+
+def compare_runs(a: str, b: str):
+    """(figures, cards) of two audited runs side by side (core.findings.compare_runs)."""
+    stamps = tuple(_stamp(r, name) for r in (a, b) for name in ("audit.json", "metrics.json"))
+    return _compare_runs(a, b, stamps)

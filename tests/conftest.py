@@ -33,6 +33,33 @@ def cxr_root() -> Path:
     return CXR
 
 
+# Files the repository ships: their tests FAIL when one is missing (a skip would hide the loss).
+SHIPPED_RUN_FILES = ("model.keras", "config.json", "split.csv", "history.csv", "predictions.csv", "metrics.json",
+                     "env.json")
+SHIPPED_LUNG_FILES = ("lungs.keras", "training.json")
+
+
+def require_shipped(folder: Path, names) -> Path:
+    """``folder`` after checking that every shipped file ``names`` is in it; pytest.fail otherwise."""
+    missing = [n for n in names if not (Path(folder) / n).is_file()]
+    if missing:
+        pytest.fail(f"shipped file(s) missing from {folder}: {', '.join(missing)} (they are part of the "
+                    "repository, so their tests fail instead of skipping)", pytrace=False)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def shipped_run() -> Path:
+    """The shipped model's run folder ``assets/model``; a missing file fails the test, never skips it."""
+    return require_shipped(config.DEFAULT_RUN, SHIPPED_RUN_FILES)
+
+
+@pytest.fixture(scope="session")
+def shipped_lungs() -> Path:
+    """The shipped lung U-Net folder ``assets/lungs``; a missing file fails the test, never skips it."""
+    return require_shipped(config.ASSETS_DIR / "lungs", SHIPPED_LUNG_FILES)
+
+
 # Settings of the tiny training run shared by tests (model, train, predict, evaluate, explain...).
 TINY_RUN = dict(size=64, limit=5, epochs=2, batch_size=16, name="tiny", seed=7, patience=5)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import audit
+from core import audit, findings
 
 # ----------------------------------------------------------------------------- trust
 
@@ -115,7 +115,7 @@ def blob_model():
     x = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(x)
     x = layers.MaxPooling2D(2, name="pool")(x)
     x = layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = layers.GlobalMaxPooling2D(name="gmp")(x)
+    x = layers.GlobalMaxPooling2D(name="gap")(x)
     x = layers.Dense(2, name="logits")(x)
     out = layers.Activation("softmax", name="probs")(x)
     model = keras.Model(inp, out)
@@ -193,12 +193,13 @@ def test_run_audit_on_tiny_run(tiny_audit_run):
 
     run, root = tiny_audit_run
     lung_net = lungs.build_unet(base=4)
-    s = audit.run_audit(run, root, methods=["gradcam"], limit=10, sanity_n=2, n_boot=50,
+    s = audit.run_audit(run, root, methods=["gradcam"], limit=10, di_methods=["gradcam"], sanity_n=2, n_boot=50,
                         progress=False, lung_model=lung_net)
     assert s["n_images"] == 10
     table = pd.read_csv(run / "audit.csv")
     assert len(table) == 10 and set(table["method"]) == {"gradcam"}
-    assert {"in_lung_share", "border_share", "top_share", "deletion_auc", "insertion_auc"} <= set(table.columns)
+    assert {"in_lung_share", "border_share", "top_share", "deletion_auc", "insertion_auc", "road_combined",
+            "road_combined_random", "road_combined_lungs", "lungs_hit", "source_p_all"} <= set(table.columns)
     data = json.loads((run / "audit.json").read_text())
     g = data["methods"]["gradcam"]["groups"]
     assert {"all", "covid", "other"} <= set(g)
@@ -209,20 +210,96 @@ def test_run_audit_on_tiny_run(tiny_audit_run):
     assert data["p_consistency_max_abs_diff"] < 1e-4
     assert (run / "audit_maps" / "heat__gradcam__class-covid.npy").exists()
     assert np.load(run / "audit_maps" / "heat__gradcam__source-src0.npy").shape == (32, 32)
-    table_md = audit.compare_markdown({"before": run, "after": run})
-    assert "AUC with the lungs blanked" in table_md and table_md.count("| gradcam: in-lung share") == 1
+    # The new blocks: source probe (trained and random floor), ROAD, pointing game, slices, findings.
+    assert {"source_probe", "road", "pointing_game", "slices", "findings"} <= set(data)
+    assert data["source_probe"]["n_features"] == 16 and "auc" in data["source_probe"]["model"]["all"]
+    assert "auc" in data["source_probe"]["random"]["all"]
+    assert set(data["road"]["maps"]) == {"gradcam", "random", "lungs"}
+    assert {"value", "ci_low", "ci_high"} <= set(data["road"]["maps"]["gradcam"]["combined"]["all"])
+    assert data["pointing_game"]["lungs"]["n"] == 10 and "gradcam" in data["pointing_game"]["lungs"]["methods"]
+    assert data["slices"]["slices"] and "rule" in data["slices"]
+    cards = data["findings"]
+    assert cards and all({"severity", "claim", "paths", "id"} <= set(c) for c in cards)
+    order = [findings.SEVERITIES.index(c["severity"]) for c in cards]
+    assert order == sorted(order)
+    assert all(p in set(table["path"]) for c in cards for p in c["paths"])
+    # Comparing a run with itself: every figure and card is there, nothing changed.
+    figs, cmp_cards = findings.compare_runs(run, run)
+    assert len(figs) == len(findings.figures(data)) and np.nanmax(np.abs(figs["difference"])) == 0
+    assert set(cmp_cards["change"]) == {"same"}
+    table_md = findings.compare_markdown({"before": run, "after": run})
+    assert "AUC with the lungs blanked" in table_md and table_md.count("Grad-CAM: in-lung share of heat |") == 1
 
 
-def test_audit_cli_json(tiny_audit_run, capsys, monkeypatch):
+def test_audit_cli_json(tiny_audit_run, capsys, monkeypatch, tmp_path):
     from core import lungs
 
     run, root = tiny_audit_run
     monkeypatch.setattr(lungs, "lung_model", lambda path=None: lungs.build_unet(base=4))
+    md = tmp_path / "AUDIT.md"
+    md.write_text("# Audit\n\nProse that stays.\n")
     rc = audit.main(["--run", str(run), "--data", str(root), "--methods", "gradcam", "--limit", "4",
-                     "--sanity-n", "0", "--json"])
+                     "--sanity-n", "0", "--json", "--markdown", str(md)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_images"] == 4 and "verdict" in out
+    saved = json.loads((run / "audit.json").read_text())
+    assert [f["claim"] for f in out["findings"]] == [f["claim"] for f in saved["findings"]]
+    assert (run / "audit_maps.png").exists() or not any(v >= audit.MIN_MEAN_N for v in saved["map_counts"].values())
+    text = md.read_text()
+    assert "Prose that stays." in text and text.count(findings.BEGIN) == 1
+    assert saved["findings"][0]["claim"] in text
+    findings.update_markdown(md, saved)  # rewriting replaces the block, never appends a second
+    assert md.read_text().count(findings.BEGIN) == 1
+
+
+def test_run_audit_with_a_lung_crop(tiny_audit_run, tmp_path):
+    """A run whose network sees a lung crop: every step runs on what the network sees."""
+    import shutil
+
+    from core import lungs, runs
+
+    run, root = tiny_audit_run
+    crop_run = tmp_path / "crop_run"
+    shutil.copytree(run, crop_run, ignore=shutil.ignore_patterns("audit*"))
+    cfg = runs.read_config(crop_run)
+    runs.write_json(crop_run / "config.json", {**cfg, "lung_crop": {}})
+    s = audit.run_audit(crop_run, root, methods=["gradcam"], limit=6, sanity_n=0, n_boot=20, progress=False,
+                        lung_model=lungs.build_unet(base=4))
+    assert s["lung_crop"] is not None and s["n_images"] == 6
+    assert 0 <= s["n_fell_back"] <= 6
+    assert {"source_probe", "road", "pointing_game", "slices", "findings"} <= set(s)
+
+
+def _ensemble(model_a, model_b):
+    """Two copies of a network as the members of one ensemble (the project's contract)."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((32, 32, 1), name="image")
+    logits = []
+    for k, m in enumerate((model_a, model_b)):
+        member = keras.Model(m.input, m.get_layer("logits").output, name=f"member_{k}")
+        logits.append(member(inp))
+    x = layers.Average(name="logits")(logits)
+    return keras.Model(inp, layers.Activation("softmax", name="probs")(x))
+
+
+def test_source_probe_and_road_on_an_ensemble(blob_model):
+    from core import model as cxr_model
+    from core import road
+
+    ens = _ensemble(blob_model, audit.randomised_copy(blob_model, seed=3))
+    assert len(cxr_model.members(ens)) == 2
+    x, y = _blob_data(24, seed=11)
+    test = pd.DataFrame({"path": [f"i{i}" for i in range(24)], "source": np.where(np.arange(24) % 4 < 2, "A", "B"),
+                         "label": np.where(y == 0, "covid", "normal"), "group": [str(i) for i in range(24)]})
+    res, p_true = audit.source_probe_step(ens, audit.randomised_copy(ens), x, test, None, n_boot=20)
+    assert res["n_features"] == 32  # the members' features side by side
+    assert "auc" in res["model"]["all"] and len(p_true["model"]["all"]) == 24
+    maps = {"gradcam": np.stack([np.zeros((32, 32), np.float32)] * 24)}
+    r = road.road(ens, x, maps, fractions=(0.5,))
+    assert r["gradcam"]["combined"].shape == (24,)
 
 
 @pytest.mark.slow

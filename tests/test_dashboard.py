@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,14 +60,12 @@ def real_xray(root: Path) -> tuple[str, bytes]:
 
 
 def _run_for_tests(request) -> Path:
-    """The tiny real run of the test session when data exist, else the shipped model."""
+    """The tiny real run of the test session when data exist, else the shipped model (which must be there)."""
     try:
         return request.getfixturevalue("tiny_run")
     except pytest.skip.Exception:
         pass
-    if runs.is_run(config.DEFAULT_RUN) and (config.DEFAULT_RUN / "model.keras").is_file():
-        return config.DEFAULT_RUN
-    pytest.skip("neither the real data (for the tiny run) nor the shipped model assets/model is available")
+    return request.getfixturevalue("shipped_run")
 
 
 @pytest.fixture(scope="module")
@@ -259,12 +258,28 @@ def test_threshold_slider_updates_metrics(env):
 
 def test_misclassified_filters(env):
     at = start(env, "errors")
-    if not at.multiselect(key="err_kind").value:
-        pytest.skip("no operating point")
+    # Every test run has metrics.json (core.train evaluates), hence an operating point and the filter.
+    assert at.multiselect(key="err_kind").value == ["false positive", "false negative"]
+
+    def shown():
+        """The error table as the user sees it (None when the page says nothing matches)."""
+        tables = [d.value for d in at.dataframe if "error" in d.value.columns]
+        if not tables:
+            assert "No misclassified test image matches" in texts(at)
+            return None
+        return tables[0]
+
     at.multiselect(key="err_kind").set_value(["false negative"]).run()
     assert not at.exception
+    table = shown()
+    if table is not None:
+        assert set(table["error"]) == {"false negative"}
+    at.multiselect(key="err_kind").set_value(["false positive", "false negative"]).run()
     at.radio(key="err_sort").set_value("least confident first").run()
     assert not at.exception
+    table = shown()
+    if table is not None and "confidence" in table.columns:
+        assert table["confidence"].is_monotonic_increasing, "least confident first"
 
 
 # --------------------------------------------------------------------------- broken runs
@@ -295,17 +310,20 @@ def test_corrupt_run_is_one_sentence(env, page, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch):
-    """Audit a copy of the run (24 test images, real lung net) and show it on the Shortcut audit page."""
+def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
+    """Audit a copy of the run (24 test images, real lung net), show its cards and the images behind one,
+    and compare it with a second audited copy."""
     if env["kind"] == "nodata":
         pytest.skip("auditing needs the images; the no-data case is test_page_loads[nodata-shortcuts]")
-    from core import audit, lungs
+    from core import audit
 
-    if not lungs.MODEL_PATH.is_file():
-        pytest.skip("the lung model assets/lungs/lungs.keras is missing")
+    request.getfixturevalue("shipped_lungs")  # the lung net is shipped: missing fails, never skips
     run = tmp_path / "runs" / env["run"].name
     shutil.copytree(env["run"], run, ignore=shutil.ignore_patterns("audit*"))
-    audit.run_audit(run, env["data"], methods=("gradcam",), limit=24, sanity_n=2, n_boot=50, progress=False)
+    summary = audit.run_audit(run, env["data"], methods=("gradcam",), limit=24, sanity_n=2, n_boot=50,
+                              progress=False)
+    other = tmp_path / "runs" / "candidate"
+    shutil.copytree(run, other)
     monkeypatch.setenv("CXR_RUNS_DIR", str(run.parent))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["run"] = str(run)
@@ -314,9 +332,30 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.exception]
     t = texts(at)
     assert "ROC AUC, lungs blanked" in t and "Lung-blanked probes" in t
+    assert "Findings" in t and summary["findings"][0]["claim"] in t
     assert plotly_charts(at) == 1
     assert at.dataframe, "probe and method tables"
+    for title in ("Does the model know where a film came from?", "ROAD: does removing", "Pointing game",
+                  "Where does the model fail? Slices"):
+        assert title in t, title
     assert images_shown(at) >= 1, "mean heatmaps or worst cases"
+    # The button of a card with images lists them, each with its heatmap.
+    with_paths = [c for c in summary["findings"] if c["paths"]]
+    assert with_paths
+    shown = images_shown(at)
+    buttons = [b for b in at.button if b.key and b.key.startswith("sc_card_")]
+    assert buttons
+    buttons[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert images_shown(at) > shown
+    # Two audited runs: every figure and card side by side.
+    assert "Compare two audited runs" in texts(at)
+    at.selectbox(key="sc_cmp_a").set_value(str(run))
+    at.selectbox(key="sc_cmp_b").set_value(str(other)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    frames = [d.value for d in at.dataframe]
+    assert any("difference" in f.columns and len(f) > 20 for f in frames), "the figures side by side"
+    assert any("change" in f.columns for f in frames), "the cards side by side"
 
 
 def test_pages_folder_is_not_named_pages():
@@ -341,10 +380,8 @@ def test_dicom_upload_shows_no_patient_tags(env, tmp_path):
 
 @pytest.mark.parametrize("with_data", [False, True], ids=["nodata", "data"])
 @pytest.mark.parametrize("page", PAGES)
-def test_shipped_model_every_page(page, with_data, tmp_path, monkeypatch, request):
+def test_shipped_model_every_page(page, with_data, tmp_path, monkeypatch, request, shipped_run):
     """The shipped model as on a fresh clone (no runs), without data and with ../shared/cxr."""
-    if not (config.DEFAULT_RUN / "model.keras").is_file():
-        pytest.skip("the shipped model assets/model is not in this checkout yet")
     if with_data:
         monkeypatch.setenv("CXR_DATA_DIR", str(request.getfixturevalue("cxr_root")))
     else:
@@ -360,7 +397,9 @@ def test_shipped_model_every_page(page, with_data, tmp_path, monkeypatch, reques
     if page in ("data", "errors") and not with_data:
         assert "core.data download" in t
     if page == "about":
-        assert (config.ASSETS_DIR / "MODEL_CARD.md").is_file() or "model card" in t
+        # The card of THIS model is on the page: its sha256 (the card must name it, tests/test_faults.py).
+        assert runs.sha256(shipped_run / "model.keras") in t, "the About page does not show the model card"
+        assert "missing from this checkout" not in t
     if page == "explain":
         at.file_uploader[0].set_value(("chest.png", chest_like_png(), "image/png")).run()
         assert not at.exception and not at.error
@@ -385,3 +424,88 @@ def test_seed_spread_from_sibling_runs(env, tmp_path, monkeypatch):
     at.switch_page("views/evaluation.py").run()
     assert not at.exception and not at.error
     assert any(m.label == "ROC AUC across 2 seeds" for m in at.metric), [m.label for m in at.metric]
+
+
+# --------------------------------------------------------------------------- caches follow the files
+
+
+def _copy_of_shipped(tmp_path, monkeypatch) -> Path:
+    """A copy of the shipped run under a fresh runs folder, and an empty data root."""
+    run = tmp_path / "runs" / "20990101-000000-copy"
+    shutil.copytree(config.DEFAULT_RUN, run, ignore=shutil.ignore_patterns("audit_maps"))
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(run.parent))
+    return run
+
+
+def _metric(at: AppTest, label: str) -> str:
+    values = [m.value for m in at.metric if m.label == label]
+    assert values, f"no metric {label!r}: {[m.label for m in at.metric]}"
+    return values[0]
+
+
+def test_rewritten_metrics_and_audit_are_shown_without_a_restart(tmp_path, monkeypatch, shipped_run):
+    """core.evaluate / core.audit rewrite a run while the app runs: the next page run shows the new files."""
+    run = _copy_of_shipped(tmp_path, monkeypatch)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(run)
+    at.run()
+    at.switch_page("views/evaluation.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    m = json.loads((run / "metrics.json").read_text())
+    before = _metric(at, "Internal test ROC AUC")
+    assert before.startswith(f"{m['roc_auc']['value']:.2f} [")
+    m["roc_auc"] = {"value": 0.123, "ci_low": 0.101, "ci_high": 0.146}
+    runs.write_json(run / "metrics.json", m)  # what core.evaluate does: an atomic rewrite
+    at.run()
+    assert _metric(at, "Internal test ROC AUC") == "0.12 [0.10, 0.15]"
+
+    at.switch_page("views/shortcuts.py").run()
+    verdict = json.loads((run / "audit.json").read_text())["verdict"]
+    assert verdict in [w.value for w in at.warning]
+    a = json.loads((run / "audit.json").read_text())
+    a["verdict"] = "A rewritten verdict that the page must show."
+    runs.write_json(run / "audit.json", a)
+    at.run()
+    assert a["verdict"] in [w.value for w in at.warning]
+
+
+def test_swapped_model_is_loaded_and_checked_again(tmp_path, monkeypatch, shipped_run):
+    """A retrained (or tampered) model.keras replaces the old one while the app runs: the next
+    page run uses the new model, and a model whose sha256 no longer matches config.json is refused."""
+    from core import model as cmodel
+
+    run = _copy_of_shipped(tmp_path, monkeypatch)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(run)
+    at.run()
+    at.switch_page("views/explain.py").run()
+    at.file_uploader[0].set_value(("chest.png", chest_like_png(), "image/png")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    before = _metric(at, "P(covid)")
+
+    # A new model whose P(covid) is the same known value for every image (zero kernel, fixed bias).
+    cfg = runs.read_config(run)
+    target = 0.2 if before != "0.200" else 0.7
+    new = cmodel.build("default", "binary", int(cfg["size"]))
+    logits = new.get_layer("logits")
+    kernel, _ = logits.get_weights()
+    logits.set_weights([np.zeros_like(kernel), np.array([np.log(target / (1 - target)), 0.0], np.float32)])
+    runs.atomic_save_model(new, run / "model.keras")
+    cfg["model_sha256"] = runs.sha256(run / "model.keras")
+    runs.write_json(run / "config.json", cfg)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert _metric(at, "P(covid)") == f"{target:.3f}"
+
+    # Tampered bytes under the same config.json: the sha256 check runs again and refuses it.
+    data = bytearray((run / "model.keras").read_bytes())
+    data[-100] ^= 0xFF
+    tmp = run / ".model.keras.swap"
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, run / "model.keras")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("sha256" in e.value for e in at.error), [e.value for e in at.error]
+    assert not any(m.label == "P(covid)" for m in at.metric)

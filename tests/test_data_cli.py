@@ -34,8 +34,9 @@ def test_audit_json_on_real_data(cxr_root):
     r = run_cli("audit", "--data", str(cxr_root), "--json", "--no-near")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)  # exactly one JSON object on stdout
-    assert rep["counts"] == {"covid": 412, "normal": 300, "pneumonia": 234}
+    assert rep["counts"] == {"covid": 578, "normal": 300, "pneumonia": 234}
     assert rep["by_source"] == {
+        "hannover": {"covid": 166},
         "ieee8023": {"covid": 412, "pneumonia": 74},
         "kermany": {"normal": 120, "pneumonia": 120},
         "nih": {"normal": 180, "pneumonia": 40},
@@ -44,9 +45,17 @@ def test_audit_json_on_real_data(cxr_root):
     assert rep["dropped"]["ieee8023: not an X-ray (CT)"] == 8
     total = sum(n for labels in rep["by_source_label_split"].values() for splits in labels.values()
                 for n in splits.values())
-    assert total == 946
+    assert total == 1112
+    assert set(rep["by_source_label_split"]["hannover"]["covid"]) == {"train", "val", "test"}
     assert rep["views"]["kermany"] == {"AP": 240}
-    assert any("every covid image (412) comes from one source, ieee8023" in w for w in rep["warnings"])
+    assert rep["views"]["hannover"] == {"AP": 150, "PA": 16}
+    assert rep["sexes"]["hannover"] == {"F": 37, "M": 129}
+    assert rep["patients_by_source"]["hannover"] == 43 and rep["patients_linked_across_sources"] == 15
+    assert rep["leaks"] == {"patients_across_splits": 0, "duplicates_across_splits": 0}
+    assert not any("comes from one source" in w and "covid" in w for w in rep["warnings"])  # two covid sources now
+    assert any("source hannover holds only covid images" in w for w in rep["warnings"])
+    assert not any("source ieee8023 holds only" in w for w in rep["warnings"])
+    assert any("no source holds both covid and normal images" in w for w in rep["warnings"])
     assert rep["source_predictability"]["covid_auc_from_source"] > 0.9
 
 

@@ -88,6 +88,34 @@ def tree_files(ieee: str = "ieee8023", kermany: str = "kermany", nih: str = "nih
     return files
 
 
+# patient_id, image_id, sex, projection, ieee8023_patientid (blank: none)
+HANNOVER_ROWS = [
+    ("hp1", "i1", "m", "ap", "8"),  # ieee8023 patient 8 is merged with 7 there ("ieee8023:7+8")
+    ("hp1", "i2", "m", "pa", "8"),
+    ("hp2", "i3", "f", "ap", ""),
+    ("hp3", "i4", "m", "ll", ""),  # not frontal: dropped
+    ("hp4", "gone", "f", "ap", ""),  # no file: dropped
+]
+
+
+def hannover_files(folder: str = "hannover", crosswalk: bool = True) -> dict[str, bytes]:
+    """{relative path: bytes} of a small tree in the hannover upstream layout (+ its crosswalk)."""
+    meta, cross = io.StringIO(), io.StringIO()
+    m, c = csv.writer(meta), csv.writer(cross)
+    m.writerow(["patient_id", "image_id", "sex", "age", "size", "modality", "projection", "crp_val"])
+    c.writerow(["patient_id", "image_id", "ieee8023_patientid"])
+    files = {}
+    for k, (pid, iid, sex, proj, ieee) in enumerate(HANNOVER_ROWS):
+        m.writerow([pid, iid, sex, "", "", "CR", proj, "3.0"])
+        c.writerow([pid, iid, ieee])
+        if iid != "gone":
+            files[f"{folder}/png/{iid}.png"] = image_bytes(500 + k)
+    files[f"{folder}/data.csv"] = meta.getvalue().encode()
+    if crosswalk:
+        files[f"{folder}/ieee8023_patient_crosswalk.csv"] = cross.getvalue().encode()
+    return files
+
+
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
         p = root / rel
@@ -102,23 +130,55 @@ def synth(tmp_path) -> Path:
 
 
 # ----------------------------------------------------------------------------- real data
+REAL_COUNTS = {("hannover", "covid"): 166, ("ieee8023", "covid"): 412, ("ieee8023", "pneumonia"): 74,
+               ("kermany", "normal"): 120, ("kermany", "pneumonia"): 120, ("nih", "normal"): 180,
+               ("nih", "pneumonia"): 40}
+
+
 def test_real_counts_and_drops(cxr_root):
     t = datasets.load_table(cxr_root)
-    assert t["label"].value_counts().to_dict() == {"covid": 412, "normal": 300, "pneumonia": 234}
-    by = t.groupby(["source", "label"]).size().to_dict()
-    assert by == {("ieee8023", "covid"): 412, ("ieee8023", "pneumonia"): 74, ("kermany", "normal"): 120,
-                  ("kermany", "pneumonia"): 120, ("nih", "normal"): 180, ("nih", "pneumonia"): 40}
+    assert t["label"].value_counts().to_dict() == {"covid": 578, "normal": 300, "pneumonia": 234}
+    assert t.groupby(["source", "label"]).size().to_dict() == REAL_COUNTS
     dropped = t.attrs["dropped"]
     assert dropped["ieee8023: lateral view"] == 44
     assert dropped["ieee8023: not an X-ray (CT)"] == 8
     assert dropped["ieee8023: row shares a file with another row"] == 4
-    assert list(t.columns[:8]) == datasets.COLUMNS
+    assert not any(k.startswith("hannover") for k in dropped)
+    assert list(t.columns) == datasets.COLUMNS
     assert not t["path"].duplicated().any()
     assert all((cxr_root / p).is_file() for p in t["path"])
     assert set(t["view"]) == {"PA", "AP", "AP Supine", "unknown"}
     assert set(t.loc[t.source == "kermany", "age_group"]) == {"pediatric"}
     assert set(t.loc[t.source == "nih", "age_group"]) == {"unknown"}
-    assert t["patient_id"].str.match(r"^(ieee8023|kermany|nih):").all()
+    assert set(t["sex"]) == {"M", "F", "unknown"}
+    assert t["patient_id"].str.match(r"^(ieee8023|kermany|nih|hannover):").all()
+
+
+def test_real_hannover_and_crosswalk(cxr_root):
+    t = datasets.load_table(cxr_root)
+    h = t[t["source"] == "hannover"]
+    assert len(h) == 166 and set(h["label"]) == {"covid"} and set(h["finding"]) == {"COVID-19"}
+    assert h["view"].value_counts().to_dict() == {"AP": 150, "PA": 16}
+    assert h["sex"].value_counts().to_dict() == {"M": 129, "F": 37}
+    assert set(h["age_group"]) == {"unknown"} and h["age"].isna().all()
+    assert h["path"].str.match(r"^hannover/png/[0-9a-f]{8}\.png$").all()
+    # every hannover patient keeps its own id; the 15 with ieee8023 films share one id with them
+    cw = pd.read_csv(cxr_root / "hannover" / "ieee8023_patient_crosswalk.csv", dtype=str, keep_default_na=False)
+    assert h["patient_id"].map(lambda p: datasets.patient_parts(p)[0]).nunique() == 43
+    linked = cw[cw["ieee8023_patientid"] != ""].drop_duplicates("patient_id")
+    assert len(linked) == 15 and t.attrs["linked_patients"] == 15
+    ids = dict(zip(t["path"], t["patient_id"], strict=True))
+    for pid, ieee in zip(linked["patient_id"], linked["ieee8023_patientid"], strict=True):
+        mine = set(h.loc[h["patient_id"].map(lambda p, pid=pid: f"hannover:{pid}" in datasets.patient_parts(p)),
+                         "patient_id"])
+        theirs = set(t.loc[(t["source"] == "ieee8023") & t["patient_id"].map(
+            lambda p, ieee=ieee: f"ieee8023:{ieee}" in datasets.patient_parts(p)), "patient_id"])
+        assert len(mine) == 1 and mine == theirs, (pid, ieee, mine, theirs)
+    unlinked = set(cw.loc[cw["ieee8023_patientid"] == "", "image_id"])
+    assert all(ids[f"hannover/png/{i}.png"].count("+") == 0 for i in unlinked)
+    # the link does not depend on which sources are loaded (a run that saw ieee8023 recognises them)
+    only = datasets.load_table(cxr_root, sources=["hannover"])
+    assert only["patient_id"].tolist() == h["patient_id"].tolist()
 
 
 def test_real_shared_files_merge_patients(cxr_root):
@@ -164,6 +224,45 @@ def test_ieee8023_rules(synth):
     assert row.loc["images/c.jpg", "age_group"] == "pediatric" and row.loc["images/c.jpg", "view"] == "AP Supine"
     assert row.loc["images/a.png", "age_group"] == "adult" and row.loc["images/a.png", "age"] == 50
     assert row.loc["images/b.png", "age_group"] == "unknown" and np.isnan(row.loc["images/b.png", "age"])
+
+
+def test_hannover_reader(tmp_path):
+    root = write_tree(tmp_path / "data", hannover_files())
+    assert datasets.detect(root / "hannover") == "hannover"
+    t = datasets.read_hannover(root / "hannover")
+    rows = t.set_index("path")
+    assert list(rows.index) == ["png/i1.png", "png/i2.png", "png/i3.png"]
+    assert set(t["label"]) == {"covid"} and set(t["source"]) == {"hannover"}
+    assert rows["view"].tolist() == ["AP", "PA", "AP"] and rows["sex"].tolist() == ["M", "M", "F"]
+    assert rows["patient_id"].tolist() == ["hannover:hp1", "hannover:hp1", "hannover:hp2"]
+    assert set(t["age_group"]) == {"unknown"} and t["age"].isna().all()
+    assert t.attrs["dropped"] == {"hannover: projection ll": 1, "hannover: image file missing": 1}
+    assert t.attrs["links"] == [("hannover:hp1", "ieee8023:8")]
+    bare = write_tree(tmp_path / "bare", hannover_files(crosswalk=False))
+    assert datasets.read_hannover(bare / "hannover").attrs["links"] == []
+
+
+def test_hannover_crosswalk_links_to_merged_ieee8023_patient(tmp_path):
+    root = write_tree(tmp_path / "data", {**tree_files(), **hannover_files()})
+    t = datasets.load_table(root)
+    assert t.groupby(["source", "label"]).size().to_dict() == {**SYNTH_COUNTS, ("hannover", "covid"): 3}
+    pid = dict(zip(t["path"], t["patient_id"], strict=True))
+    # hannover hp1 = ieee8023 patient 8, which ieee8023 itself merged with 7 (shared.png): one person
+    one = "hannover:hp1+ieee8023:7+8"
+    assert pid["hannover/png/i1.png"] == pid["hannover/png/i2.png"] == one
+    assert pid["ieee8023/images/shared.png"] == pid["ieee8023/images/g.png"] == one
+    assert datasets.patient_parts(one) == ["hannover:hp1", "ieee8023:7", "ieee8023:8"]
+    assert pid["hannover/png/i3.png"] == "hannover:hp2" and pid["ieee8023/images/a.png"] == "ieee8023:1"
+    assert t.attrs["linked_patients"] == 1
+    # without ieee8023 loaded the link still names the ieee8023 id
+    alone = datasets.load_table(root / "hannover")
+    assert alone.set_index("path").loc["png/i1.png", "patient_id"] == "hannover:hp1+ieee8023:8"
+
+
+def test_patient_parts_round_trip():
+    for pid in ("ieee8023:285+339", "hannover:a1+ieee8023:219+400", "kermany:person1", "nih:00000001"):
+        assert datasets.join_patient_parts(datasets.patient_parts(pid)) == pid
+    assert datasets.patient_parts("ieee8023:file:x.png") == ["ieee8023:file:x.png"]
 
 
 @pytest.mark.parametrize("finding,label", [

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from core import evaluate, metrics, runs
+from core import evaluate, metrics, runs, splits
 
 HEADLINE_KEYS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece",
                  "brier", "threshold")
@@ -176,19 +177,16 @@ def test_jsonable_handles_nan_numpy_and_paths(tmp_path):
 # ----------------------------------------------------------------------------- real tiny run
 
 
-@pytest.fixture
-def real_tiny_run(request):
-    try:
-        return request.getfixturevalue("tiny_run")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_run fixture yet")
-
-
 @pytest.mark.slow
-def test_real_tiny_run_internal_and_external(real_tiny_run, cxr_root, tmp_path):
-    run = real_tiny_run
+def test_real_tiny_run_internal_and_external(tiny_run, cxr_root, tmp_path):
+    run = tiny_run
     r = evaluate.evaluate_run(run, n_boot=200, write=False)
-    assert r["n_test"] > 0 and 0 <= r["roc_auc"]["value"] <= 1 or math.isnan(r["roc_auc"]["value"])
+    assert r["n_test"] > 0
+    test = runs.read_predictions(run).query("split == 'test'")
+    if test["label"].eq("covid").any() and test["label"].ne("covid").any():
+        assert 0 <= r["roc_auc"]["value"] <= 1
+    else:  # one class only: an AUC that is undefined must say so, not pass as a number
+        assert math.isnan(r["roc_auc"]["value"]) and r["roc_auc"]["reason"]
     # External validation: a data root holding images the run never saw (kermany images not in split.csv).
     seen = runs.read_split(run)
     from core import datasets
@@ -196,8 +194,7 @@ def test_real_tiny_run_internal_and_external(real_tiny_run, cxr_root, tmp_path):
     table = datasets.load_table(cxr_root, sources=["kermany"])
     seen_patients = set(seen["patient_id"].astype(str)) if "patient_id" in seen.columns else set()
     unseen = table[~table["path"].isin(set(seen["path"])) & ~table["patient_id"].isin(seen_patients)].head(12)
-    if unseen.empty:
-        pytest.skip("the tiny run saw every kermany image")
+    assert not unseen.empty, "the tiny run (5 images per cell) cannot have seen every kermany image"
     root = tmp_path / "other"
     for rel in unseen["path"]:
         dst = root / "NORMAL" if "NORMAL" in rel.upper() else root / "PNEUMONIA"
@@ -226,8 +223,33 @@ def _fake_run_on(cxr_root, tmp_path, sources):
 def test_unseen_images_same_root_means_unseen_sources(cxr_root, tmp_path):
     run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
     unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), cxr_root)
-    assert set(unseen["source"]) == {"nih"} and len(unseen) == (table["source"] == "nih").sum()
-    assert excluded == {"source the run trained on (same data root)": int((table["source"] != "nih").sum())}
+    # hannover films of the 15 patients who also have ieee8023 films were seen as those patients
+    hann = table[table["source"] == "hannover"]
+    linked = hann["patient_id"].str.contains(r"\+ieee8023:")
+    assert 0 < linked.sum() < len(hann)
+    assert set(unseen["source"]) == {"nih", "hannover"}
+    assert set(unseen["path"]) == set(table.loc[table["source"] == "nih", "path"]) | set(hann.loc[~linked, "path"])
+    assert excluded == {"source the run trained on (same data root)": int(table["source"].isin(["ieee8023", "kermany"]).sum()),
+                        "patient seen by the run": int(linked.sum())}
+
+
+def test_bootstrap_resamples_split_groups_not_patient_ids(tmp_path):
+    pred = shortcut_predictions()
+    run = make_run(tmp_path, pred)
+    plain = evaluate.evaluate_run(run, n_boot=200, write=False)
+    test = pred[pred["split"] == "test"]
+    assert plain["n_patients"] == test["patient_id"].nunique()
+    # The split merged every kermany test patient into one group (e.g. joined by exact copies):
+    # that group is one resampling unit, drawn or not as a whole.
+    split = pred[["path", "split", "label", "source", "patient_id"]].assign(group=pred["patient_id"])
+    split.loc[(split["source"] == "kermany") & (split["split"] == "test"), "group"] = "kermany:merged"
+    runs.write_csv(run / "split.csv", split)
+    r = evaluate.evaluate_run(run, n_boot=200, write=False)
+    assert r["n_patients"] == split.loc[split["split"] == "test", "group"].nunique() < plain["n_patients"]
+    assert r["per_source"]["kermany"]["n_patients"] == 1
+    assert r["roc_auc"]["value"] == plain["roc_auc"]["value"]  # same predictions, only the CI unit differs
+    g = evaluate._groups(evaluate.with_groups(pred, split))
+    assert set(g[(pred["source"] == "kermany") & (pred["split"] == "test")]) == {"kermany:merged"}
 
 
 def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp_path):
@@ -245,3 +267,72 @@ def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp
     unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
     assert len(unseen) == 4
     assert excluded == {"byte-identical to an image of the run": 3}
+
+
+def reencoded(src: Path, dst: Path, scale: float = 0.7, quality: int = 75) -> Path:
+    """A resized (``scale`` of each side), JPEG re-encoded copy of a film: how a public CXR
+    usually reappears in another collection (not a symlink, not byte-identical)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("L")
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        im.save(dst, "JPEG", quality=quality)
+    return dst
+
+
+def test_unseen_images_excludes_resized_reencoded_copies(cxr_root, tmp_path):
+    from core import datasets
+
+    run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
+    other = tmp_path / "other" / "collection"
+    copies = {}
+    for src in ("ieee8023", "kermany"):
+        for rel in table.loc[table["source"] == src, "path"].head(2):
+            dst = reencoded(datasets.abspath(cxr_root, rel), other / "covid" / f"{src}-{Path(rel).stem}.jpg")
+            copies[f"collection/covid/{dst.name}"] = rel
+    nih = table.loc[table["source"] == "nih", "path"].head(4)
+    for rel in nih:
+        (other / "normal").mkdir(parents=True, exist_ok=True)
+        (other / "normal" / Path(rel).name).symlink_to(datasets.abspath(cxr_root, rel))
+    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
+    assert sorted(unseen["path"]) == sorted(f"collection/normal/{Path(r).name}" for r in nih)
+    assert excluded == {f"near-duplicate of an image of the run (thumbnail r >= {splits.NEAR_THRESHOLD})": 4}
+    found = {p["path"]: p["run_path"] for p in unseen.attrs["near_duplicates"]}
+    assert found == copies and all(p["score"] >= splits.NEAR_THRESHOLD for p in unseen.attrs["near_duplicates"])
+    assert unseen["group"].tolist() == unseen["patient_id"].tolist()  # no copies among the unseen ones
+
+
+def test_external_text_and_json_name_the_exclusions():
+    r = {"mode": "external", "run": "r", "data": "d", "n": 5, "n_covid": 0, "sources": ["x"],
+         "threshold": {"value": 0.5, "target": "sensitivity", "target_value": 0.95},
+         "excluded": {"patient seen by the run": 2, "near-duplicate of an image of the run (thumbnail r >= 0.97)": 3}}
+    text = evaluate.format_result(r)
+    assert "Excluded as seen by the run: 5 (patient seen by the run: 2; near-duplicate" in text
+
+
+def _seed_run(root: Path, name: str, seed: int, auc: float, **cfg) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    runs.write_json(run / "config.json", {"task": "binary", "size": 64, "epochs": 2, "seed": seed, **cfg})
+    runs.write_json(run / "metrics.json", {"roc_auc": {"value": auc}, "n_test": 10,
+                                          "within_source": {"ieee8023": {"roc_auc": {"value": auc - 0.2}}}})
+    return run
+
+
+def test_seed_runs_are_the_runs_that_differ_only_in_their_seed(tmp_path):
+    a = _seed_run(tmp_path, "a", 1, 0.8)
+    b = _seed_run(tmp_path, "b", 2, 0.9)
+    _seed_run(tmp_path, "other-size", 3, 0.7, size=128)  # another configuration
+    no_metrics = tmp_path / "c"
+    shutil.copytree(b, no_metrics)
+    (no_metrics / "metrics.json").unlink()  # not evaluated: left out
+    table = evaluate.seed_runs(a, sorted(tmp_path.iterdir()))
+    assert table["run"].tolist() == [str(a.resolve()), str(b.resolve())]
+    assert table["seed"].tolist() == [1, 2] and table["roc_auc"].tolist() == [0.8, 0.9]
+    assert table["within_ieee8023_roc_auc"].tolist() == pytest.approx([0.6, 0.7])
+    spread = evaluate.seed_spread([runs.read_metrics(r) for r in table["run"]])
+    assert spread["roc_auc"]["n"] == 2 and spread["roc_auc"]["mean"] == pytest.approx(0.85)
+    alone = evaluate.seed_runs(a)
+    assert alone["run"].tolist() == [str(a.resolve())]

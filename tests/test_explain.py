@@ -199,7 +199,7 @@ def _nested(flat: keras.Model) -> keras.Model:
     return keras.Model(inp, x, name="nested_cnn")
 
 
-def test_tape_fallback_matches_tf_keras_vis_and_handles_nested(blob):
+def test_tape_matches_tf_keras_vis_and_handles_nested(blob):
     from tf_keras_vis.gradcam import Gradcam
 
     model, xt, yt, ct = blob
@@ -210,24 +210,33 @@ def test_tape_fallback_matches_tf_keras_vis_and_handles_nested(blob):
     for i in idx:
         ref = Gradcam(E.linear_model(model), clone=False)(
             lambda o: o[:, 1], xt[i][None, ..., None], penultimate_layer="last_conv")[0]
-        flat_tape = E.gradcam_tape(model, xt[i], class_index=1)
-        nested_tape = E.gradcam_tape(nested, xt[i], class_index=1)
+        flat_tape = E.gradcam(model, xt[i], class_index=1, engine="tape")
+        nested_tape = E.gradcam(nested, xt[i], class_index=1, engine="tape")
         assert np.corrcoef(ref.ravel(), flat_tape.ravel())[0, 1] >= 0.99
         assert np.corrcoef(ref.ravel(), nested_tape.ravel())[0, 1] >= 0.99
-        # explain() falls back by itself when tf-keras-vis is asked for a nested layer
-        auto = E.explain(nested, xt[i], "gradcam", class_index=1, engine="tf-keras-vis")
-        assert np.corrcoef(ref.ravel(), auto.ravel())[0, 1] >= 0.99
-    # tf-keras-vis itself cannot reach into the sub-model (why the fallback exists)
+    # tf-keras-vis itself cannot reach into the sub-model (why the tape engine exists)
     with pytest.raises(Exception):  # noqa: B017
         Gradcam(E.linear_model(nested), clone=False)(
             lambda o: o[:, 1], xt[0][None, ..., None],
             penultimate_layer=nested.get_layer("backbone").get_layer("last_conv"))
-    # every CAM method works on the nested model and matches the flat model
+    # every CAM method works on the nested model with the tape engine and matches the flat model
     for method in ("gradcam_pp", "layercam", "scorecam_fast", "saliency"):
-        a = E.explain(nested, xt[idx[0]], method, class_index=1, engine="tf-keras-vis")
+        a = E.explain(nested, xt[idx[0]], method, class_index=1, engine="tape")
         b = E.explain(model, xt[idx[0]], method, class_index=1)
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99, method
     assert all("call" not in layer.__dict__ for layer in nested.get_layer("backbone").layers)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_pp", "layercam", "scorecam_fast"])
+def test_tf_keras_vis_engine_never_falls_back(blob, method):
+    """Asked for tf-keras-vis on a layer it cannot reach, explain raises instead of quietly
+    running the tape engine (which would make test_engines_agree compare an engine with itself)."""
+    model, xt, _, _ = blob
+    with pytest.raises(E.EngineError, match="nested"):
+        E.explain(_nested(model), xt[0], method, class_index=1, engine="tf-keras-vis")
+    # our own input errors stay ValueErrors, whatever the engine
+    with pytest.raises(ValueError, match="no layer"):
+        E.explain(model, xt[0], method, layer="nope", engine="tf-keras-vis")
 
 
 def test_model_loaded_from_keras_file(blob, tmp_path):
@@ -266,8 +275,10 @@ def test_model_with_nested_lung_gate():
     assert "lung_conv" in E.conv_layers(m) and E.default_layer(m) == "last_conv"
     for engine in E.ENGINES:
         assert E.gradcam(m, img, engine=engine).shape == (SIZE, SIZE)
-    h = E.gradcam(m, img, layer="lung_conv", engine="tf-keras-vis")  # nested: tape fallback
+    h = E.gradcam(m, img, layer="lung_conv", engine="tape")  # a layer of the nested lung net
     assert h.shape == (SIZE, SIZE) and np.isfinite(h).all()
+    with pytest.raises(E.EngineError):  # which tf-keras-vis cannot reach: said, not papered over
+        E.gradcam(m, img, layer="lung_conv", engine="tf-keras-vis")
 
 
 def test_sequential_and_dense_softmax_models():

@@ -212,15 +212,8 @@ def test_tampered_model_is_refused_by_sha256(good_run, tmp_path):
     one_sentence(str(info.value))
 
 
-def _shipped() -> Path:
-    run = config.DEFAULT_RUN
-    if not (run / "model.keras").is_file():
-        pytest.skip("the shipped model (assets/model) is not present yet")
-    return run
-
-
-def test_shipped_model_sha256_recorded_and_checked(tmp_path):
-    run = _shipped()
+def test_shipped_model_sha256_recorded_and_checked(tmp_path, shipped_run):
+    run = shipped_run
     digest = runs.sha256(run / "model.keras")
     assert runs.read_config(run).get("model_sha256") == digest, "config.json model_sha256 is stale or missing"
     card = config.ASSETS_DIR / "MODEL_CARD.md"
@@ -235,8 +228,8 @@ def test_shipped_model_sha256_recorded_and_checked(tmp_path):
         runs.load_model(copy)
 
 
-def test_shipped_model_is_a_safe_keras_file():
-    run = _shipped()
+def test_shipped_model_is_a_safe_keras_file(shipped_run):
+    run = shipped_run
     assert (run / "model.keras").stat().st_size <= 10 * 2**20
     model = runs.load_model(run)  # safe_mode=True inside
     assert model.output_shape[-1] == len(runs.read_config(run)["classes"])

@@ -50,7 +50,7 @@ def test_from_film_inverts_to_film_on_the_box():
 
 def test_settings_of_a_run_config():
     assert inputs.settings({}) is None and inputs.settings({"lung_crop": None}) is None
-    assert inputs.settings({"lung_crop": {}}) == inputs.LUNG_CROP  # {}: crop with the defaults
+    assert inputs.settings({"lung_crop": {}}) == inputs.LUNG_CROP  # an empty dict: the defaults
     s = inputs.settings({"lung_crop": {"margin": 0.2}})
     assert s["margin"] == 0.2 and s["threshold"] == inputs.LUNG_CROP["threshold"]
 

@@ -199,7 +199,7 @@ def test_rare_class_ci_undefined_when_most_resamples_lack_it():
     r = metrics.ci("roc_auc", y, p, n_boot=500)
     assert r["value"] == 1.0
     # ~36% of resamples miss the single positive; the rest all give AUC 1.
-    assert r["ci_low"] == 1.0 or math.isnan(r["ci_low"])
+    assert r["ci_low"] == 1.0 and r["ci_high"] == 1.0
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -244,3 +244,14 @@ def test_bootstrap_of_a_few_hundred_predictions_is_fast():
     t0 = time.perf_counter()
     metrics.bootstrap(y, p, g, 0.5, metrics.ALL_METRICS, n_boot=1000)
     assert time.perf_counter() - t0 < 1.5
+
+
+def test_fmt_is_the_one_way_a_metric_is_written():
+    assert metrics.fmt({"value": 0.9123, "ci_low": 0.85, "ci_high": 0.96}) == "0.91 [0.85, 0.96]"
+    assert metrics.fmt({"value": 0.9123, "ci_low": 0.85, "ci_high": 0.96}, digits=3) == "0.912 [0.850, 0.960]"
+    assert metrics.fmt({"value": 0.5, "ci_low": float("nan"), "ci_high": None}) == "0.50"  # CI undefined
+    assert metrics.fmt(0.25) == "0.25"
+    for missing in (None, float("nan"), {"value": None}, {}, "n/a"):
+        assert metrics.fmt(missing) == "n/a"
+    nan_auc = {"value": float("nan"), "reason": "needs both classes"}
+    assert metrics.fmt(nan_auc) == "n/a" and metrics.fmt(nan_auc, reason=True) == "n/a (needs both classes)"

@@ -42,7 +42,9 @@ def test_presets_contract(preset, task):
     names = [layer.name for layer in m.layers]
     for required in ("last_conv", "logits", "probs"):
         assert required in names
-    assert M.last_conv_layer(m) == "last_conv"
+    from core import explain
+
+    assert explain.default_layer(m) == "last_conv"
     assert m.get_layer("probs").get_config()["activation"] == "softmax"
     n = len(config.classes(task))
     assert m.output_shape == (None, n)
@@ -166,3 +168,25 @@ def test_features_are_the_pooled_penultimate_layer():
     ref = keras.Model(net.input, net.get_layer("gap").output)(x[..., None], training=False)
     assert f.shape == (3, ref.shape[-1]) and np.allclose(f, np.asarray(ref), atol=1e-5)
     assert model_lib.members(net) == []
+
+
+def test_the_one_compiled_cache_does_not_keep_a_deleted_model_alive():
+    """Inference, features, the explainers' tapes and the lung net's inference share one weakly
+    keyed cache (core.model.cached): once the caller drops a model, nothing of ours keeps it."""
+    import gc
+    import weakref
+
+    from core import explain, lungs
+
+    net = M.build("default", "binary", 32, width=0.5)
+    lung = lung_standin(32)
+    x = _images(2, size=32)
+    M.probabilities(net, x)
+    M.features(net, x)
+    explain.gradcam(net, x[0])
+    explain.saliency(net, x[0])
+    lungs.probabilities(x, model=lung, size=32)
+    refs = [weakref.ref(net), weakref.ref(lung)]
+    del net, lung
+    gc.collect()
+    assert [r() for r in refs] == [None, None], "a cache still holds a model nobody uses"

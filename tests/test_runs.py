@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 
 import pandas as pd
 import pytest
@@ -92,3 +94,65 @@ def test_list_and_resolve_runs(tiny_run, monkeypatch, tmp_path):
     monkeypatch.setattr(config, "DEFAULT_RUN", tmp_path / "nothing")
     with pytest.raises(runs.RunError, match="does not exist"):
         runs.resolve_run(None)
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _git(repo, *args):
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org", "PATH": os.environ.get("PATH", ""), "HOME": str(repo)}
+    subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+@pytest.fixture
+def code_repo(tmp_path):
+    """A scratch git repository with one committed core/ module."""
+    repo = tmp_path / "repo"
+    (repo / "core").mkdir(parents=True)
+    (repo / "core" / "train.py").write_text("EPOCHS = 2\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "code")
+    return repo
+
+
+def test_provenance_of_a_clean_tree_is_its_commit(code_repo):
+    p = runs.provenance(code_repo)
+    assert len(p["git_commit"]) == 40 and p["git_dirty"] is False
+    assert p["source_files"] == ["core/train.py"] and p["source_matches_commit"] is True
+    assert p["source_sha256"] == runs.source_sha256(code_repo, commit=p["git_commit"])
+
+
+def test_untracked_code_is_in_the_source_hash_and_marks_the_tree_dirty(code_repo):
+    """The old git_commit() ran `git status --untracked-files=no`: a run trained by an untracked
+    module recorded a clean commit that does not hold the code. Now the hash covers it."""
+    clean = runs.provenance(code_repo)
+    (code_repo / "core" / "augment.py").write_text("ROTATE = 10\n")  # untracked, never committed
+    p = runs.provenance(code_repo)
+    assert p["git_commit"] == clean["git_commit"]
+    assert p["git_dirty"] is True and p["source_matches_commit"] is False
+    assert "core/augment.py" in p["source_files"] and p["source_sha256"] != clean["source_sha256"]
+    # an edit of a tracked file changes the hash too, and undoing it restores it
+    (code_repo / "core" / "augment.py").unlink()
+    (code_repo / "core" / "train.py").write_text("EPOCHS = 3\n")
+    assert runs.provenance(code_repo)["source_sha256"] not in (clean["source_sha256"], p["source_sha256"])
+    (code_repo / "core" / "train.py").write_text("EPOCHS = 2\n")
+    assert runs.provenance(code_repo) == clean
+
+
+def test_provenance_outside_git_still_hashes_the_code(tmp_path):
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "x.py").write_text("A = 1\n")
+    p = runs.provenance(tmp_path)
+    assert p["git_commit"] is None and p["git_dirty"] is None and p["source_matches_commit"] is None
+    assert p["source_sha256"] == runs.source_sha256(tmp_path) and p["source_files"] == ["core/x.py"]
+
+
+def test_a_trained_run_records_the_source_that_trained_it(tiny_run):
+    env, cfg = runs.read_env(tiny_run), runs.read_config(tiny_run)
+    here = runs.provenance()
+    for record in (env, cfg):
+        assert record["source_sha256"] == here["source_sha256"]  # this session's code trained it
+        assert record["git_commit"] == here["git_commit"] and "git_dirty" in record
+    assert env["source_files"] == here["source_files"] and "core/train.py" in env["source_files"]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_datasets import image_bytes, tree_files, write_tree
+from test_datasets import hannover_files, image_bytes, tree_files, write_tree
 
 from core import images, splits
 
@@ -74,11 +74,20 @@ def test_real_prepare_counts_and_cache(cxr_root, real, monkeypatch):
 
     monkeypatch.setattr(images, "load", no_decoding)
     t = splits.prepare(cxr_root, seed=1, cache_dir=cache)
-    assert t["label"].value_counts().to_dict() == {"covid": 412, "normal": 300, "pneumonia": 234}
+    assert t["label"].value_counts().to_dict() == {"covid": 578, "normal": 300, "pneumonia": 234}
     assert_no_leak(t, pd.DataFrame(t.attrs["duplicates"], columns=["path_a", "path_b", "kind", "score"]))
     assert t.attrs["dropped"]["ieee8023: lateral view"] == 44
     # the two upstream ids of one person stay together
     assert t.loc[t["patient_id"] == "ieee8023:285+339", "split"].nunique() == 1
+    # each of the 15 hannover patients with ieee8023 films is ONE group with them, in one split
+    linked = t[t["patient_id"].str.startswith("hannover:") & t["patient_id"].str.contains(r"\+ieee8023:")]
+    assert linked["patient_id"].nunique() == 15
+    for _, g in linked.groupby("patient_id"):
+        assert set(g["source"]) == {"hannover", "ieee8023"}
+        assert g["group"].nunique() == 1 and g["split"].nunique() == 1
+    # no hannover film is an exact or near (>= 0.97) duplicate of an ieee8023 one (README: removed upstream)
+    src = dict(zip(t["path"], t["source"], strict=True))
+    assert not [d for d in t.attrs["duplicates"] if {src.get(d["path_a"]), src.get(d["path_b"])} == {"hannover", "ieee8023"}]
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -126,6 +135,41 @@ def test_prepare_drops_exact_and_groups_near(dup_tree, cache, seed):
     assert where.loc["ieee8023/images/a.png", "split"] == where.loc["kermany/PNEUMONIA/person9_virus_1.jpeg", "split"]
     assert where.loc["ieee8023/images/a.png", "group"] == where.loc["kermany/PNEUMONIA/person9_virus_1.jpeg", "group"]
     assert_no_leak(t)
+
+
+def _manifest_tree(root, rows, copies):
+    """A manifest source: rows (name, label, patient); ``copies`` maps a name to the name it copies."""
+    (root / "img").mkdir(parents=True)
+    names = [r[0] for r in rows]
+    for name in names:
+        (root / "img" / name).write_bytes(image_bytes(700 + names.index(copies.get(name, name))))
+    pd.DataFrame({"path": [f"img/{n}" for n, _, _ in rows], "label": [lb for _, lb, _ in rows],
+                  "patient_id": [p for _, _, p in rows]}).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_copy_joins_patients_before_it_is_dropped(tmp_path, cache, seed):
+    # A{a1, a2}, B{b1 = a1 byte for byte, b2}: b1 is dropped as a duplicate, yet it proves A's film
+    # is in B's record (or A and B are one person), so b2 must stay in A's group and split.
+    rows = [("a1.png", "covid", "A"), ("a2.png", "covid", "A"), ("b1.png", "covid", "B"), ("b2.png", "normal", "B")]
+    rows += [(f"o{i}.png", ("covid", "normal")[i % 2], f"O{i}") for i in range(12)]
+    root = _manifest_tree(tmp_path / "site", rows, {"b1.png": "a1.png"})
+    t = splits.prepare(root, seed=seed, cache_dir=cache)
+    assert t.attrs["dropped"]["exact duplicate"] == 1 and "img/b1.png" not in set(t["path"])
+    g = t.set_index("path")
+    assert g.loc["img/a1.png", "group"] == g.loc["img/a2.png", "group"] == g.loc["img/b2.png", "group"]
+    assert g.loc[["img/a1.png", "img/a2.png", "img/b2.png"], "split"].nunique() == 1
+    assert t["group"].nunique() == 13  # A+B and the 12 others
+
+
+def test_crosswalk_patients_are_one_split_group(tmp_path, cache):
+    root = write_tree(tmp_path / "d", {**tree_files(), **hannover_files()})
+    for seed in range(5):
+        t = splits.prepare(root, seed=seed, cache_dir=cache).set_index("path")
+        one = t.loc[["hannover/png/i1.png", "hannover/png/i2.png", "ieee8023/images/shared.png",
+                     "ieee8023/images/g.png"]]
+        assert one["group"].nunique() == 1 and one["split"].nunique() == 1
 
 
 def test_prepare_drops_unreadable(tmp_path, cache):

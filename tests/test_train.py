@@ -142,7 +142,9 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
     assert model.get_layer("probs") is not None
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_run, cxr_root, tmp_path):
+    """Trains the tiny run a second time (15-30 s): slow."""
     cfg = runs.read_config(tiny_run)
     same = {k: cfg[k] for k in ("size", "limit", "epochs", "batch_size", "seed", "patience", "name")}
     again = train.train(data=str(cxr_root), runs=str(tmp_path), verbose=0, evaluate=False, **same)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import evaluate, metrics, runs
+from core.metrics import fmt
 from dashboard import state
-from dashboard.components import fmt
 
 st.title("Evaluation")
 run = state.require_run()
@@ -34,10 +35,9 @@ external = m.get("external")
 # Seed spread: stored by the trainer/evaluator when several seeds were run, else from sibling runs
 # (same training settings, different seed) under the runs folder.
 spread = m.get("seed_spread") or m.get("spread")
-if not spread:
-    siblings = state.seed_siblings(run)
-    if len(siblings) > 1:
-        spread = evaluate.seed_spread([state.run_metrics(r) for r in siblings])
+seeds = state.seed_runs(run)
+if not spread and len(seeds) > 1:
+    spread = evaluate.seed_spread([state.run_metrics(Path(r)) for r in seeds["run"]])
 if not (isinstance(spread, dict) and "roc_auc" in spread):
     spread = None
 
@@ -65,6 +65,9 @@ if spread:
              for s_, w_ in (spread.get("within_source_roc_auc") or {}).items()]
     if parts:
         st.caption("Within-source ROC AUC across seeds (mean ± sd): " + "; ".join(parts) + ".")
+    if len(seeds) > 1:
+        with st.expander(f"The {len(seeds)} runs of this configuration"):
+            st.dataframe(seeds.assign(run=seeds["run"].map(state.run_label)), hide_index=True, key="eval_seeds")
 else:
     st.caption("Only one seed of this configuration is available, so the spread across seeds is unknown; "
                "train more with `python -m core.train --seed N`.")

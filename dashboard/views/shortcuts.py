@@ -1,5 +1,5 @@
-"""Shortcut audit: where the heatmaps point, the randomisation check, the lung-blanking probes,
-and the cases the model got right for the wrong reason (from the run's audit.json / audit.csv)."""
+"""Shortcut audit: the findings as cards (with the images behind each), then every measure behind
+them, and two runs side by side (all from the runs' audit.json / audit.csv; see core.audit)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import images, report, runs
+from core import findings, report, runs
+from core.metrics import fmt
 from dashboard import state
-from dashboard.components import fmt
+
+BADGE = {"high": ":red-background[**high**]", "medium": ":orange-background[**medium**]",
+         "low": ":blue-background[**low**]", "ok": ":green-background[**ok**]"}
+SHOW = 8  # images shown behind a card
 
 st.title("Shortcut audit")
-st.caption("Does the model look at the lungs? Checks that a source shortcut cannot pass "
-           "(after DeGrave et al., Nature Machine Intelligence 2021).")
+st.caption("Does the model know where a film came from, and where does it fail? Checks that a source "
+           "shortcut cannot pass (after DeGrave et al., Nature Machine Intelligence 2021; Zech et al., "
+           "PLOS Medicine 2018).")
 run = state.require_run()
 try:
     summary = state.audit_summary(run)
@@ -27,9 +32,130 @@ if summary is None:
     st.stop()
 
 
-st.warning(summary.get("verdict", "The audit has no verdict."))
-st.caption(f"{summary.get('n_images', '?')} test images, explaining class "
-           f"'{summary.get('explained_class', 'covid')}'; audited {summary.get('created', '')}.")
+# ------------------------------------------------------------------ findings
+def show_cases(card: dict, key: str) -> None:
+    """The images behind a card, each with the model's heatmap on the film."""
+    paths = card.get("paths") or []
+    root = state.data_root()
+    if not state.has_data(root):
+        st.info(state.NO_DATA)
+        return
+    method = card.get("method") or next(iter(summary.get("methods") or {"gradcam": 0}))
+    st.caption(f"{card.get('paths_note', '')}: {min(SHOW, len(paths))} of {card.get('n_paths', len(paths))}, with their "
+               f"{method} heatmaps (class COVID-19).")
+    cols = st.columns(4)
+    for i, case in enumerate(state.audit_cases(run, str(root), tuple(paths[:SHOW]), method)):
+        col = cols[i % 4]
+        if case["error"]:
+            col.warning(f"{case['path']}: {case['error']}.")
+            continue
+        col.image(case["overlay"], width="stretch",
+                  caption=f"{case['path'].split('/')[-1]} · P(covid) {case['p_covid']:.2f}"
+                          + (" · no lungs found" if case["fell_back"] else ""))
+
+
+def card(c: dict, key: str) -> None:
+    with st.container(border=True):
+        st.markdown(f"{BADGE.get(c['severity'], c['severity'])} severity · {c['claim']}")
+        n = len(c.get("paths") or [])
+        total = c.get("n_paths", n)
+        if n:
+            opened = st.session_state.get("sc_open") == c["id"]
+            label = f"the {n} image{'s' if n > 1 else ''}" if total <= n else f"{n} of the {total} images"
+            if st.button(("Hide " if opened else "Show ") + label + " behind it", key=f"sc_card_{key}"):
+                st.session_state["sc_open"] = None if opened else c["id"]
+                st.rerun()
+            if opened:
+                show_cases(c, key)
+
+
+cards = summary.get("findings")
+st.subheader("Findings")
+if cards is None:
+    st.info("This audit predates the findings: rerun `python -m core.audit` on the run to get them.")
+else:
+    open_cards = [c for c in cards if c["severity"] != "ok"]
+    if not open_cards:
+        st.success("No check found a problem.")
+    for i, c in enumerate(open_cards):
+        card(c, f"o{i}")
+    passed = [c for c in cards if c["severity"] == "ok"]
+    if passed:
+        with st.expander(f"{len(passed)} checks passed"):
+            for i, c in enumerate(passed):
+                card(c, f"p{i}")
+st.caption(f"{summary.get('n_images', '?')} test images, explaining class '{summary.get('explained_class', 'covid')}'; "
+           f"audited {summary.get('created', '')}"
+           + (f"; the network sees a lung crop, and on {summary.get('n_fell_back', 0)} films no lungs were found"
+              if summary.get("lung_crop") else "") + ".")
+with st.expander("The audit in plain words"):
+    st.warning(summary.get("verdict", "The audit has no verdict."))
+
+# ------------------------------------------------------------------ source probe
+sp = summary.get("source_probe") or {}
+if sp.get("model"):
+    st.subheader("Does the model know where a film came from?")
+    rows = []
+    for key, r in sp["model"].items():
+        floor = (sp.get("random") or {}).get(key) or {}
+        rows.append({"images": "all" if key == "all" else key.replace("label:", "within "), "n": r.get("n"),
+                     "sources": " / ".join(r.get("sources", {})) or "-",
+                     "source AUC, model": fmt(r.get("auc")) if "auc" in r else r.get("reason", ""),
+                     "source AUC, random-weights floor": fmt(floor.get("auc")),
+                     "accuracy (chance)": f"{fmt(r.get('accuracy'))} ({r['chance_accuracy']:.2f})"
+                     if "accuracy" in r else ""})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_source")
+    st.caption("A cross-validated logistic probe on the network's penultimate features predicts each image's "
+               "collection (patient-grouped folds; macro one-vs-rest AUC, 0.5 = chance). Within one label, a high "
+               "AUC means the features encode the collection beyond the diagnosis. The floor is the same probe on "
+               "a random-weights network of the same architecture.")
+elif sp.get("reason"):
+    st.info(f"Source probe: {sp['reason']}")
+
+# ------------------------------------------------------------------ ROAD and pointing game
+rd = (summary.get("road") or {}).get("maps") or {}
+titles = {k: v.get("title", k) for k, v in (summary.get("methods") or {}).items()}
+titles.update({"random": "random map (baseline)", "lungs": "lung map (remove the lungs first)"})
+if rd:
+    st.subheader("ROAD: does removing what a map calls relevant move the score?")
+    st.dataframe(pd.DataFrame([{
+        "map": titles.get(k, k), "ROAD combined": fmt((d.get("combined") or {}).get("all")),
+        "MoRF change": fmt((d.get("morf_mean") or {}).get("all")),
+        "LeRF change": fmt((d.get("lerf_mean") or {}).get("all")),
+        "minus random map": fmt(d.get("vs_random"))} for k, d in rd.items()]),
+        hide_index=True, key="sc_road")
+    r = summary["road"]
+    st.caption(f"Removal with noisy linear imputation (Rong et al. 2022, as pytorch-grad-cam) at "
+               f"{', '.join(f'{100 * f:.0f}%' for f in r.get('fractions', []))} of the pixels; change of "
+               f"{r.get('score', 'P(COVID-19)')}. Combined = (LeRF - MoRF) / 2: higher = more faithful.")
+pg = summary.get("pointing_game") or {}
+if pg:
+    st.subheader("Pointing game: is the map's peak on the lungs?")
+    rows = []
+    for name in dict.fromkeys(list((pg.get("boxes") or {}).get("methods", {})) + list((pg.get("lungs") or {}).get("methods", {}))):
+        b = (pg.get("boxes") or {}).get("methods", {}).get(name) or {}
+        m = (pg.get("lungs") or {}).get("methods", {}).get(name) or {}
+        rows.append({"map": titles.get(name, name),
+                     f"peak in expert boxes (n={pg.get('boxes', {}).get('n', 0)})": findings.pct(b.get("hit")),
+                     "heat in expert boxes": findings.pct(b.get("mass")),
+                     f"peak in lung mask (n={pg.get('lungs', {}).get('n', 0)})": findings.pct(m.get("hit")),
+                     "heat in lung mask": findings.pct(m.get("mass"))})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_pointing")
+    area = ((pg.get("boxes") or {}).get("methods", {}).get("random") or {}).get("area")
+    st.caption("Expert lung boxes: ieee8023's COCO annotations, mapped into the network's view."
+               + (f" The boxes cover {area:.0%} of the view on average." if area else ""))
+
+# ------------------------------------------------------------------ slices
+sl = summary.get("slices") or {}
+if sl.get("slices"):
+    st.subheader("Where does the model fail? Slices")
+    only = st.toggle("Only flagged slices", value=bool(sl.get("flagged")), key="sc_only_flagged")
+    rows = [{"slice": s["name"], "n": s["n"], "COVID-19": s["n_pos"], "other": s["n_neg"],
+             "ROC AUC": fmt(s["metrics"]["roc_auc"]), "sensitivity": fmt(s["metrics"]["sensitivity"]),
+             "specificity": fmt(s["metrics"]["specificity"]), "flagged": ", ".join(s["flags"])}
+            for s in sl["slices"] if s["flags"] or not only]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_slices")
+    st.caption(f"Threshold {sl.get('threshold', 0.5):.2f} (chosen on validation). Rule: {sl.get('rule', '')}.")
 
 # ------------------------------------------------------------------ probes
 probes = summary.get("probes") or {}
@@ -60,10 +186,10 @@ if methods:
             "heat in lungs": fmt(g.get("in_lung_share")),
             "lung area": f"{g.get('lung_area_share', float('nan')):.2f}",
             "border band": f"{g.get('border_share', float('nan')):.2f}",
-            "deletion AUC": f"{g['deletion_auc']:.3f}" if "deletion_auc" in g else "",
-            "insertion AUC": f"{g['insertion_auc']:.3f}" if "insertion_auc" in g else "",
             "randomisation check": ("passes" if s.get("passes") else "FAILS") + f" (Spearman {s.get('spearman_mean', float('nan')):.2f})"
             if s else "not run",
+            **({"deletion AUC": f"{g['deletion_auc']:.3f}", "insertion AUC": f"{g['insertion_auc']:.3f}"}
+               if "deletion_auc" in g else {}),
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_methods")
     st.caption("Heat in lungs above the lung area = the maps favour the lungs. The randomisation check passes "
@@ -74,23 +200,23 @@ counts = summary.get("map_counts") or {}
 if counts:
     from core import audit as core_audit
 
-    st.subheader("Mean heatmaps per class and source")
-    shown_any = False
-    for name in methods:
-        keys = sorted(k for k in counts if k.startswith(f"heat__{name}__") and counts[k] >= core_audit.MIN_MEAN_N)
-        if not keys:
-            continue
-        st.markdown(f"**{methods[name].get('title', name)}**")
-        cols = st.columns(min(len(keys), 6))
-        for i, k in enumerate(keys):
-            group = k.split("__", 2)[2]
-            rgb = state.mean_map(run, name, group)
-            if rgb is not None:
-                cols[i % len(cols)].image(rgb, caption=f"{group} (n={counts[k]})", width="stretch")
-                shown_any = True
-    if not shown_any:
-        st.info("No class or source has enough audited images for a mean heatmap: audit more test images.")
-    st.caption(f"Groups of fewer than {core_audit.MIN_MEAN_N} images are left out (their mean is close to one image).")
+    with st.expander("Mean heatmaps per class and source"):
+        shown_any = False
+        for name in methods:
+            keys = sorted(k for k in counts if k.startswith(f"heat__{name}__") and counts[k] >= core_audit.MIN_MEAN_N)
+            if not keys:
+                continue
+            st.markdown(f"**{methods[name].get('title', name)}**")
+            cols = st.columns(min(len(keys), 6))
+            for i, k in enumerate(keys):
+                group = k.split("__", 2)[2]
+                rgb = state.mean_map(run, name, group)
+                if rgb is not None:
+                    cols[i % len(cols)].image(rgb, caption=f"{group} (n={counts[k]})", width="stretch")
+                    shown_any = True
+        if not shown_any:
+            st.info("No class or source has enough audited images for a mean heatmap: audit more test images.")
+        st.caption(f"Groups of fewer than {core_audit.MIN_MEAN_N} images are left out (their mean is close to one image).")
 
 # ------------------------------------------------------------------ distributions and worst cases
 if table is not None and not table.empty:
@@ -103,7 +229,7 @@ if table is not None and not table.empty:
 
     st.subheader('Right for the wrong reason')
     thr = state.threshold(run)
-    method = st.selectbox("Method", sorted(table["method"].unique()), key="sc_method")
+    method = st.selectbox("Method", list(dict.fromkeys(table["method"])), key="sc_method")
     worst = report.right_for_wrong_reason(table, 0.5 if thr is None else thr, method)
     st.caption("Correctly classified test images whose heat lies least inside the lungs"
                + ("" if thr is not None else " (no metrics.json: threshold 0.5)") + ".")
@@ -113,17 +239,42 @@ if table is not None and not table.empty:
     root = state.data_root()
     if not state.has_data(root):
         st.info(state.NO_DATA)
-    elif not worst.empty:
-        from core import explain
-
-        size = state.model_size(run)
+    elif not worst.empty and st.toggle("Show these films with their heatmaps", key="sc_worst_show"):
+        cases = state.audit_cases(run, str(root), tuple(worst["path"].head(8)), method)
+        shares = dict(zip(worst["path"], worst["in_lung_share"], strict=False))
         cols = st.columns(4)
-        for i, r in enumerate(worst.head(8).itertuples()):
-            try:
-                img = state.dataset_image(str(root), r.path, size)
-            except images.ImageError as exc:
-                cols[i % 4].warning(state.error_sentence(exc))
+        for i, case in enumerate(cases):
+            r = worst[worst["path"] == case["path"]].iloc[0]
+            if case["error"]:
+                cols[i % 4].warning(f"{case['path']}: {case['error']}.")
                 continue
-            hmap = state.heatmap(str(run), img, method)
-            cols[i % 4].image(explain.overlay(img, hmap), width="stretch",
-                              caption=f"{r.source}/{r.label}: {100 * r.in_lung_share:.0f} % in lungs")
+            cols[i % 4].image(case["overlay"], width="stretch",
+                              caption=f"{r.source}/{r.label}: {100 * shares[case['path']]:.0f} % in lungs")
+
+# ------------------------------------------------------------------ compare two runs
+st.subheader("Compare two audited runs")
+audited = state.audited_runs()
+if len(audited) < 2:
+    st.caption("Audit a second run (for example a candidate model) to compare it here with this one: every figure "
+               "and every card side by side, with the difference.")
+else:
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Run A", audited, index=audited.index(str(run)) if str(run) in audited else 0,
+                     format_func=state.run_label, key="sc_cmp_a")
+    b = c2.selectbox("Run B", audited, index=1 if audited[0] == a else 0, format_func=state.run_label, key="sc_cmp_b")
+    if a == b:
+        st.info("Pick two different runs.")
+    else:
+        try:
+            figs, cmp_cards = state.compare_runs(a, b)
+        except runs.RunError as exc:
+            st.error(state.error_sentence(exc))
+        else:
+            st.markdown("**Cards**: `gone` = the finding no longer appears in B; `better` / `worse` = its severity "
+                        "changed. A shortcut that only moved shows up as one card better and another worse.")
+            st.dataframe(cmp_cards, hide_index=True, key="sc_cmp_cards")
+            sections = list(dict.fromkeys(figs["section"]))
+            pick = st.multiselect("Sections", sections, default=sections, key="sc_cmp_sections")
+            view = figs[figs["section"].isin(pick)].drop(columns=["key", "value_a", "value_b"])
+            st.dataframe(view, hide_index=True, key="sc_cmp_figs",
+                         column_config={"difference": st.column_config.NumberColumn(format="%+.3f")})
