@@ -21,8 +21,10 @@ The rules a multi-worker run follows, all in this module:
 - Each worker reads the same in-memory dataset and keeps its own share of every global batch
   (:data:`SHARD_POLICY` ``DATA``: there are no files to split, and every worker then sees the same
   sequence of global batches as a single machine would).
-- The strategy must exist before TensorFlow runs any operation in the process (a
-  ``tf.distribute`` requirement for collectives), so :func:`strategy` is called early.
+- The strategy must exist before TensorFlow builds a model or a dataset in the process (the
+  collectives are configured when it is created); ``core.train`` creates it right before the model.
+- The workers stay in the cluster until the chief has evaluated and written the run
+  (:func:`barrier`): a worker that leaves stops its heartbeats and the chief's peers report it.
 """
 
 from __future__ import annotations

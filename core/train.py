@@ -447,7 +447,11 @@ def _epoch_callback(run: Path, ckpt: Path, val_table, x_val, monitor: str, patie
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            probs = self.model.predict(x_val[..., None], batch_size=64, verbose=0)
+            # One local call per worker (not Model.predict, which on several workers splits the
+            # batch between them and may join the parts out of order): same weights, same answer.
+            from core import model as model_lib
+
+            probs = model_lib.probabilities(self.model, x_val, batch_size=64)
             scores = val_scores(val_table, probs)
             logs.update(scores)
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
