@@ -10,8 +10,9 @@ rotation, zoom, shift, brightness/contrast/gamma, no horizontal flip by default 
 the left). Class weights (optionally balanced per source too), early stopping on a validation
 score with the best weights kept, a checkpoint every epoch (``--resume RUN`` continues a killed
 run with its optimizer state and history), fixed seeds (same seed, same metrics) and
-``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`). ``--holdout-source NAME`` leaves one source out of
-training and validation entirely; its images become the "external" split of predictions.csv.
+``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`).
+``--holdout-source NAME`` leaves one source out of training and validation entirely; its images
+become the "external" split of predictions.csv.
 
 The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv,
 predictions.csv, env.json and, through :func:`core.evaluate.evaluate_run`, metrics.json.
