@@ -1,8 +1,10 @@
-"""One-page HTML case report for one explained image, and small helpers around a decision.
+"""One-page case report for one explained film (HTML and PDF), and small helpers around a decision.
 
-The report is a self-contained HTML file (images embedded as base64 PNG) that a browser can
-print to PDF. It only ever receives pixel arrays and numbers: no file name, no DICOM header is
-passed in, so no patient identifier can end up in it. Every text field is HTML-escaped.
+The report shows the answer, the heatmap on the original film, the trust panel of
+:mod:`core.trust` and the severity estimate of :mod:`core.severity`. The HTML is self-contained
+(images embedded as base64 PNG); the PDF is drawn with fpdf2. Both only ever receive pixel
+arrays, numbers and sentences made by ``core``: no file name, no DICOM header is passed in, so no
+patient identifier can end up in them. Every text field of the HTML is escaped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 90) -> bytes:
+    """Encode a grey or RGB uint8 picture as JPEG bytes (for display: smaller and faster than PNG)."""
+    arr = np.asarray(image)
+    arr = np.clip(arr, 0, 255).astype(np.uint8) if arr.dtype != np.uint8 else arr
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def data_uri(image: np.ndarray, quality: int = 90) -> str:
+    """A ``data:image/jpeg;base64,...`` URI of a picture (for a plotly image trace)."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(image, quality)).decode("ascii")
 
 
 def _img_tag(image: np.ndarray, alt: str) -> str:
@@ -80,6 +96,33 @@ def right_for_wrong_reason(audit_table: pd.DataFrame, threshold: float, method: 
     return right.sort_values("in_lung_share", kind="stable").head(n)
 
 
+def _call(p_covid: float, threshold: float | None, warnings: Sequence[str]) -> str:
+    if threshold is None:
+        return "no operating point (the run has no metrics.json)"
+    if warnings:
+        return f"withheld: the image failed a plausibility check (P(covid) {p_covid:.3f})"
+    return f"{decision(p_covid, threshold)} (P(covid) {p_covid:.3f} vs. threshold {threshold:.3f})"
+
+
+def _p_covid(probs: Mapping[str, float]) -> float:
+    return float(probs.get("covid", probs.get(config.TASKS["binary"][config.COVID_INDEX], np.nan)))
+
+
+def _severity_lines(severity: Mapping | None, note: str) -> list[str]:
+    if not severity:
+        return [note] if note else []
+    lines = []
+    for name, label in (("geographic", "geographic extent"), ("opacity", "opacity")):
+        e = severity.get(name)
+        if e:
+            lines.append(f"{label}: {e['value']:.1f} of {e['range'][1]:.0f} (80 % interval {e['low']:.1f}-"
+                         f"{e['high']:.1f}; cross-validated mean error {e['cv_mae']:.1f})")
+    return lines + ([note] if note else [])
+
+
+MARK_HTML = {"green": "#1a7f37", "amber": "#b26b00", "red": "#c00"}
+
+
 def case_report_html(
     image: np.ndarray,
     overlay: np.ndarray | None,
@@ -92,39 +135,44 @@ def case_report_html(
     warnings: Sequence[str] = (),
     case_id: str = "uploaded image",
     when: _dt.datetime | None = None,
+    trust: Sequence[Mapping] = (),
+    severity: Mapping | None = None,
+    severity_note: str = "",
 ) -> str:
     """A one-page HTML case report.
 
-    ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay (or
-    None), ``probs`` maps class name -> probability (COVID-19 as ``"covid"``), ``threshold`` the
-    run's operating point on P(covid) (None when the run has no metrics), ``run_id`` names the
-    model, ``in_lung_share`` is the share of heat inside the lung mask, ``warnings`` come from
-    :func:`core.checks.image_warnings`. ``case_id`` is a label chosen by the caller; never pass
-    a file name or anything read from a DICOM header.
+    ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
+    original film (or None), ``probs`` maps class name -> probability (COVID-19 as ``"covid"``),
+    ``threshold`` the run's operating point on P(covid) (None when the run has no metrics),
+    ``run_id`` names the model, ``in_lung_share`` the share of heat inside the lung mask,
+    ``warnings`` come from :func:`core.checks.image_warnings`, ``trust`` are the rows of
+    :func:`core.trust.panel` and ``severity`` the estimate of :func:`core.severity.estimate`
+    (with ``severity_note`` saying what it was trained on, or why there is none). ``case_id`` is
+    a label chosen by the caller; never pass a file name or anything read from a DICOM header.
     """
     when = when or _dt.datetime.now(_dt.UTC)
     e = html.escape
-    p_covid = float(probs.get("covid", probs.get(config.TASKS["binary"][config.COVID_INDEX], np.nan)))
-    if threshold is None:
-        call = "no operating point (the run has no metrics.json)"
-    elif warnings:
-        call = f"withheld: the image failed a plausibility check (P(covid) {p_covid:.3f})"
-    else:
-        call = f"{decision(p_covid, threshold)} (P(covid) {p_covid:.3f} vs. threshold {threshold:.3f})"
+    p_covid = _p_covid(probs)
+    call = _call(p_covid, threshold, warnings)
     rows = "".join(f"<tr><td>{e(str(k))}</td><td>{float(v):.3f}</td></tr>" for k, v in probs.items())
     lung = "n/a" if in_lung_share is None else f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"
     warn_html = "".join(f"<li>{e(w)}</li>" for w in warnings)
     figs = [f"<figure>{_img_tag(image, 'input image')}<figcaption>input (as the model saw it)</figcaption></figure>"]
     if overlay is not None:
-        figs.append(
-            f"<figure>{_img_tag(overlay, 'heatmap overlay')}<figcaption>{e(method)} heatmap</figcaption></figure>"
-        )
+        figs.append(f"<figure class='film'>{_img_tag(overlay, 'heatmap overlay')}<figcaption>{e(method)} heatmap on "
+                    f"the original film ({overlay.shape[1]}x{overlay.shape[0]} px)</figcaption></figure>")
+    trust_html = "".join(
+        f"<tr><td style='color:{MARK_HTML.get(r['mark'], '#000')}'>&#9679; {e(r['mark'])}</td>"
+        f"<td><b>{e(str(r['title']))}</b>: {e(str(r['sentence']))}</td></tr>" for r in trust)
+    sev = "".join(f"<li>{e(line)}</li>" for line in _severity_lines(severity, severity_note))
+    lung_row = "" if in_lung_share is None else f"<tr><td>heat inside the lungs</td><td>{e(lung)}</td></tr>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>COVID-19 CXR case report</title>
 <style>
-body {{ font-family: sans-serif; max-width: 800px; margin: 1.5em auto; color: #222; }}
+body {{ font-family: sans-serif; max-width: 820px; margin: 1.5em auto; color: #222; }}
 .disclaimer {{ border: 2px solid #b00; color: #b00; padding: .5em; font-weight: bold; }}
-figure {{ display: inline-block; margin: .5em; }} img {{ width: 340px; }}
+figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ width: 200px; }}
+figure.film img {{ width: 560px; }}
 table {{ border-collapse: collapse; }} td {{ border: 1px solid #ccc; padding: .2em .6em; }}
 .warn {{ background: #fff3cd; padding: .3em 1em; }}
 </style></head><body>
@@ -136,14 +184,101 @@ table {{ border-collapse: collapse; }} td {{ border: 1px solid #ccc; padding: .2
 <tr><td>date (UTC)</td><td>{e(when.strftime("%Y-%m-%d %H:%M"))}</td></tr>
 <tr><td>decision at the operating point</td><td><b>{e(call)}</b></td></tr>
 <tr><td>explanation method</td><td>{e(method)}</td></tr>
-<tr><td>heat inside the lungs</td><td>{e(lung)}</td></tr>
+{lung_row}
 </table>
 {f'<div class="warn"><p>Warnings:</p><ul>{warn_html}</ul></div>' if warnings else ""}
 <h2>Class probabilities</h2>
 <table>{rows}</table>
+{f"<h2>How severe it looks</h2><ul>{sev}</ul>" if sev else ""}
 <div>{"".join(figs)}</div>
+{f"<h2>How far to trust this map</h2><table>{trust_html}</table>" if trust else ""}
 <p><small>The heatmap shows which pixels moved the model's output, not where disease is. Models
 trained on public COVID-19 collections often learn the image source rather than the disease;
 see the model card. {e(DISCLAIMER)}</small></p>
 </body></html>
 """
+
+
+def _latin1(text: str) -> str:
+    """fpdf2's core fonts are Latin-1: replace what they cannot draw."""
+    text = str(text).replace("\u2265", ">=").replace("\u2264", "<=").replace("\u2013", "-").replace("\u2014", "-")
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def case_report_pdf(
+    image: np.ndarray,
+    overlay: np.ndarray | None,
+    probs: Mapping[str, float],
+    threshold: float | None,
+    *,
+    run_id: str,
+    method: str = "gradcam",
+    in_lung_share: float | None = None,
+    warnings: Sequence[str] = (),
+    case_id: str = "uploaded image",
+    when: _dt.datetime | None = None,
+    trust: Sequence[Mapping] = (),
+    severity: Mapping | None = None,
+    severity_note: str = "",
+) -> bytes:
+    """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
+    from fpdf import FPDF
+
+    when = when or _dt.datetime.now(_dt.UTC)
+    pdf = FPDF(format="A4")
+    pdf.set_auto_page_break(True, margin=12)
+    pdf.set_creator("covid-cxr")  # no author or subject: nothing about the patient
+    pdf.set_compression(False)  # page text stays readable in the file (the privacy tests search it)
+    pdf.add_page()
+    width = pdf.w - pdf.l_margin - pdf.r_margin
+
+    def para(text, size=9, style="", colour=(0, 0, 0)):
+        pdf.set_font("Helvetica", style, size)
+        pdf.set_text_color(*colour)
+        pdf.multi_cell(width, size * 0.5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+
+    para("Chest X-ray case report", 16, "B")
+    para(DISCLAIMER, 10, "B", (176, 0, 0))
+    pdf.ln(1)
+    call = _call(_p_covid(probs), threshold, warnings)
+    facts = [("case", case_id), ("model run", run_id), ("date (UTC)", when.strftime("%Y-%m-%d %H:%M")),
+             ("decision at the operating point", call), ("explanation method", method),
+             ("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items()))]
+    if in_lung_share is not None:
+        facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} %"))
+    for k, v in facts:
+        para(f"{k}: {v}", 9, "B" if k.startswith("decision") else "")
+    for w in warnings:
+        para(f"Warning: {w}", 9, "", (150, 90, 0))
+    sev = _severity_lines(severity, severity_note)
+    if sev:
+        pdf.ln(1)
+        para("How severe it looks", 11, "B")
+        for line in sev:
+            para(line)
+    pdf.ln(1)
+    top = pdf.get_y()
+    side = 95.0 if overlay is not None else 0.0
+    if overlay is not None:
+        h, w = overlay.shape[:2]
+        iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
+        pdf.image(Image.fromarray(np.asarray(overlay, np.uint8)), x=pdf.l_margin, y=top, w=iw, h=ih)
+        pdf.set_xy(pdf.l_margin, top + ih + 1)
+        para(f"{method} heatmap on the original film ({w}x{h} px)", 7)
+        small = 30.0
+        pdf.image(Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)), x=pdf.l_margin + side + 4,
+                  y=top, w=small, h=small)
+        pdf.set_xy(pdf.l_margin + side + 4, top + small + 1)
+        pdf.set_font("Helvetica", "", 7)
+        pdf.multi_cell(small + 20, 3.5, "input (as the model saw it)")
+        pdf.set_y(top + ih + 6)
+    if trust:
+        para("How far to trust this map", 11, "B")
+        colours = {"green": (26, 127, 55), "amber": (178, 107, 0), "red": (200, 0, 0)}
+        for r in trust:
+            para(f"[{r['mark']}] {r['title']}: {r['sentence']}", 8, "", colours.get(r["mark"], (0, 0, 0)))
+    pdf.ln(1)
+    para("The heatmap shows which pixels moved the model's output, not where disease is. Models trained on public "
+         "COVID-19 collections often learn the image source rather than the disease; see the model card. "
+         + DISCLAIMER, 7)
+    return bytes(pdf.output())

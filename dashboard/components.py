@@ -11,34 +11,53 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from core import checks, report
+from core import report
 from dashboard import state
 
-OUTSIDE_LUNGS = 0.5  # warn when less than this share of a map's heat lies inside the lungs
 SLOW = {"scorecam", "smoothgrad"}
+MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
+TRUST_TITLE = "How far to trust this map"
+FIG_HEIGHT = 620  # pixels of one overlay figure
 
 
 def controls(run: Path, key: str) -> dict:
-    """Method, opacity, colormap, class and layer widgets; returns the choices."""
+    """Method, class and layer widgets (they change the maps); returns the choices."""
     from core import explain
 
     classes = state.run_classes(run)
     methods = list(explain.METHODS)
-    c1, c2, c3, c4, c5 = st.columns([3, 1.2, 1.2, 1.2, 1.6])
+    c1, c4, c5 = st.columns([3, 1.2, 1.6])
     chosen = c1.multiselect(
         "Explanation methods", methods, default=["gradcam"], key=f"{key}_methods",
         format_func=lambda m: explain.TITLES.get(m, m) + (" (slow)" if m in SLOW else ""),
         help="Grad-CAM is fast; Score-CAM and SmoothGrad run the model many times and take seconds.",
     )
-    alpha = c2.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_alpha")
-    cmaps = explain.colormaps()
-    cmap = c3.selectbox("Colormap", cmaps, index=cmaps.index("jet") if "jet" in cmaps else 0, key=f"{key}_cmap")
     class_index = c4.selectbox("Class", range(len(classes)), format_func=lambda i: classes[i],
                                key=f"{key}_class", help="Which class's score the maps explain.")
     layers = state.conv_layers(str(run))
     layer = c5.selectbox("Layer", layers, key=f"{key}_layer",
                          help="Convolution layer for the CAM methods (default: the last one).")
-    return {"methods": chosen, "alpha": alpha, "colormap": cmap, "class_index": int(class_index), "layer": layer}
+    return {"methods": chosen, "class_index": int(class_index), "layer": layer}
+
+
+def view_controls(key: str) -> dict:
+    """View, opacity, colormap, lung outline and wipe position: they only redraw, never rerun the model."""
+    from core import explain
+
+    c1, c2, c3, c4, c5 = st.columns([2.2, 1.2, 1.2, 1.1, 1.3])
+    view = c1.radio("View", list(explain.VIEWS), horizontal=True, key=f"{key}_view",
+                    help="Overlay; the film and the overlay side by side (zoom one, both follow); or a wipe "
+                         "that shows the overlay left of the slider and the bare film right of it.")
+    alpha = c2.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_alpha")
+    cmaps = explain.colormaps()
+    cmap = c3.selectbox("Colormap", cmaps, index=cmaps.index("jet") if "jet" in cmaps else 0, key=f"{key}_cmap")
+    outline = c4.toggle("Lung outline", value=False, key=f"{key}_outline",
+                        help="Draw the outline of the lungs found by the lung segmentation.")
+    position = 0.5
+    if view == "wipe":
+        position = c5.slider("Wipe", 0.0, 1.0, 0.5, 0.01, key=f"{key}_wipe",
+                             help="Where the overlay gives way to the bare film.")
+    return {"view": view, "alpha": alpha, "colormap": cmap, "outline": outline, "position": position}
 
 
 def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str:
@@ -72,68 +91,184 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     return call
 
 
-def show_case(run: Path, image: np.ndarray, *, native: np.ndarray | None = None, data: bytes | None = None,
-              case_id: str = "uploaded image", key: str = "case") -> None:
-    """Probabilities, decision, heatmaps with in-lung share, and downloads for one image.
+def severity_for(run: Path, x: np.ndarray, small: np.ndarray, call: str) -> tuple[dict | None, str]:
+    """The severity estimate for a film the classifier calls COVID-19, or None and why not."""
+    from core import severity
 
-    ``image`` is the raw grey array at the model's size, ``native`` the same image at its own
-    size (for the checks), ``data`` the original bytes (for the colour check).
+    if call != "covid":
+        return None, "Severity is estimated only for films the classifier calls COVID-19."
+    record = state.severity_record()
+    if record is None:
+        return None, "No severity model is installed (`python -m core.severity train`)."
+    why = severity.usable(record, state.model_sha256(run))
+    if why:
+        return None, f"No severity estimate: {why}."
+    return state.severity(str(run), x, small), severity.TRAINED_ON.format(
+        n=record["cv"]["n_images"], p=record["cv"]["n_patients"])
+
+
+def show_severity(est: dict | None, note: str) -> None:
+    """Geographic extent and opacity with their uncertainty, or the reason there is none."""
+    if est is None:
+        st.caption(note)
+        return
+    with st.container(border=True):
+        st.markdown("**How severe it looks** (expert-score estimate)")
+        c1, c2 = st.columns(2)
+        for col, name, label in ((c1, "geographic", "Geographic extent"), (c2, "opacity", "Opacity")):
+            e = est[name]
+            col.metric(f"{label} (0-{e['range'][1]:.0f})", f"{e['value']:.1f}",
+                       help=f"80 % interval {e['low']:.1f}-{e['high']:.1f}; cross-validated mean error ±{e['cv_mae']:.1f}")
+            col.caption(f"80 % interval {e['low']:.1f}-{e['high']:.1f} (typical error ±{e['cv_mae']:.1f})")
+        st.caption(note + " An estimate of how experts would score the film, not a measurement.")
+
+
+def trust_panel(rows: list[dict]) -> None:
+    """The trust rows computed by core.trust: one sentence and a coloured mark each."""
+    from core import trust
+
+    worst = trust.overall(rows)
+    st.markdown(f"**{TRUST_TITLE}** :{MARK_COLOUR[worst]}[●]")
+    for r in rows:
+        st.markdown(f":{MARK_COLOUR[r['mark']]}[●] **{r['title']}:** {r['sentence']}")
+    st.caption("Marks: green = nothing found against it, orange = cannot be judged or uninformative, "
+               "red = a reason to distrust it. Cut-offs: `core/trust.py` THRESHOLDS.")
+
+
+def figure(pics: list[np.ndarray], titles: list[str], height: int | None = None):
+    """A plotly figure of one or two pictures side by side with linked zoom (one zoom box moves both)."""
+    import plotly.graph_objects as go
+
+    n = len(pics)
+    height = height or (FIG_HEIGHT if n == 1 else int(FIG_HEIGHT * 0.62))
+    traces, layout, notes = [], {}, []
+    for i, pic in enumerate(pics):
+        ax = "" if i == 0 else str(i + 1)
+        traces.append(go.Image(source=report.data_uri(pic), xaxis=f"x{ax}", yaxis=f"y{ax}", hoverinfo="skip"))
+        linked = {"matches": "x"} if i else {}
+        layout[f"xaxis{ax}"] = {"domain": [i / n + 0.005 * (i > 0), (i + 1) / n - 0.005 * (i < n - 1)],
+                                "visible": False, "constrain": "domain", **linked}
+        layout[f"yaxis{ax}"] = {"visible": False, "scaleanchor": f"x{ax}", "constrain": "domain",
+                                "constraintoward": "top",
+                                **({"matches": "y"} if i else {})}
+        notes.append({"text": titles[i], "xref": "paper", "yref": "paper", "x": (i + 0.5) / n, "y": 1.0,
+                      "yanchor": "bottom", "showarrow": False})
+    return go.Figure(traces, {**layout, "annotations": notes, "height": height, "dragmode": "zoom",
+                              "margin": {"l": 0, "r": 0, "t": 28, "b": 0},
+                              "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)"})
+
+
+def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id: str = "uploaded image",
+              key: str = "case") -> None:
+    """Answer, severity, heatmaps on the original film with a trust panel each, and downloads.
+
+    ``film`` is the decoded grey film at its own resolution, ``data`` the original bytes (for
+    the colour check). The heavy work (network input, maps, lung mask, faithfulness, features)
+    goes through cached calls in :mod:`dashboard.state`; view changes (opacity, colormap,
+    outline, view, wipe) rerun only a fragment that redraws.
     """
-    # The page is laid out top to bottom (answer, controls, maps), but filled in the order that
-    # shows the maps soonest: a placeholder for the answer, then the maps, then the answer, then
-    # the lung shares (the lung net is the slowest step).
+    from core import explain, inputs, trust
+
     head = st.container()
     opts = controls(run, key)
     if not opts["methods"]:
         st.info("Pick at least one explanation method.")
         return
     classes = state.run_classes(run)
-    from core import explain
-
-    # At least 4 columns so that one or two maps stay a readable size on a wide screen.
-    cols = st.columns(max(len(opts["methods"]) + 1, 4))
-    cols[0].image(image.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width="stretch")
+    f = state.film(str(run), film, data)
+    x, box, fell_back, shown, warnings, mask_film = (f[k] for k in ("x", "box", "fell_back", "shown", "warnings",
+                                                                    "lungs"))
+    probs = state.probabilities(str(run), x)
+    mask_net = None if mask_film is None else inputs.from_film(mask_film, box, x.shape[0]) >= 0.5
+    feats = state.features(str(run), x)
+    ci = opts["class_index"]
     maps = []
-    for col, method in zip(cols[1:], opts["methods"], strict=False):
-        title = explain.TITLES.get(method, method)
-        with col, st.spinner(f"{title}..."):
-            hmap = state.heatmap(str(run), image, method, opts["class_index"], opts["layer"])
-            over = explain.overlay(image, hmap, opts["alpha"], opts["colormap"])
-            st.image(over, caption=f"{title} for {classes[opts['class_index']]}", width="stretch",
-                     alt=f"heatmap overlay {method}")
-            maps.append((method, title, hmap, over, st.empty()))
-    warnings = checks.image_warnings(native if native is not None else image, data)
-    probs = state.probabilities(str(run), image)
+    for method in opts["methods"]:
+        with st.spinner(f"{explain.TITLES.get(method, method)}..."):
+            hmap = state.heatmap(str(run), x, method, ci, opts["layer"])
+            faith = state.faithfulness(str(run), x, hmap, ci)
+        rows = trust.panel(hmap, mask_net, faith, method=method, audit_summary=state.audit_summary(run),
+                           model_sha256=state.model_sha256(run), warnings=warnings,
+                           reference=state.ood_reference(run), features=feats, class_name=classes[ci])
+        maps.append({"method": method, "title": explain.TITLES.get(method, method),
+                     "heat": inputs.to_film(hmap, box, shown.shape), "rows": rows})
     with head:
-        show_probabilities(run, probs, warnings)
-    mask = state.lung_mask(image)
-    first = None
-    for method, title, hmap, over, slot in maps:
-        tr = state.trust(hmap, mask) or {}
-        share, area = tr.get("in_lung_share"), tr.get("lung_area_share")
-        with slot.container():
-            if share is None:
-                st.caption("In-lung share unavailable (no lung model).")
-                where = None
-            else:
-                where = f"{100 * share:.0f} % of the heat lies in the lungs, which cover {100 * area:.0f} % of the image."
-            if share is not None and share < OUTSIDE_LUNGS:
-                st.warning(f"{title}: most of the heat lies outside the lungs. {where} The model may be "
-                           "looking at labels, markers, borders or body shape rather than the lungs.")
-            elif where:
-                st.caption(where)
-        if first is None:
-            first = (method, over, share)
-    method, over, share = first
+        call = show_probabilities(run, probs, warnings)
+        if fell_back:
+            st.warning(inputs.FALLBACK_WARNING)
+        est, note = severity_for(run, x, f["small"], call) if not warnings else (None, "")
+        if not warnings:
+            show_severity(est, note)
     probs_d = {c: float(p) for c, p in zip(classes, probs, strict=False)}
-    html = report.case_report_html(
-        image, over, probs_d, state.threshold(run), run_id=state.run_label(str(run)), method=method,
-        in_lung_share=share, warnings=warnings, case_id=case_id,
-    )
-    d1, d2 = st.columns(2)
-    d1.download_button("Download overlay (PNG)", report.png_bytes(over), file_name=f"overlay-{method}.png",
-                       mime="image/png", key=f"{key}_dl_png", on_click="ignore")
-    d2.download_button("Download case report (HTML)", html, file_name="case-report.html", mime="text/html",
-                       key=f"{key}_dl_html", on_click="ignore")
+    case = {"run": run, "x": x, "film": shown, "box": box, "mask": mask_film, "maps": maps, "probs": probs_d,
+            "warnings": warnings, "severity": est, "severity_note": note, "case_id": case_id,
+            "class_name": classes[ci], "threshold": state.threshold(run), "run_label": state.run_label(str(run))}
+    _views(case, key)
+    downloads(case, key)
+    with st.expander("What the network sees"):
+        st.image(x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
     st.caption("Heatmaps show which pixels moved the model's score, not where disease is. "
                "Research use only, not for diagnosis.")
+
+
+@st.fragment
+def _views(case: dict, key: str) -> None:
+    """The redraw-only part of a case: view controls, one figure and trust panel per map."""
+    from core import explain
+
+    v = view_controls(key)
+    outline = case["mask"] if v["outline"] else None
+    for m in case["maps"]:
+        if m["rows"][0]["mark"] == "red":
+            st.warning(f"{m['title']}: {m['rows'][0]['sentence']}")
+        pics = explain.film_views(case["film"], m["heat"], v["view"], v["alpha"], v["colormap"], outline,
+                                  case["box"], v["position"])
+        titles = {"overlay": [m["title"]], "side by side": ["film", m["title"]],
+                  "wipe": [f"{m['title']} | film"]}[v["view"]]
+        left, right = st.columns([3, 2])
+        with left:
+            st.plotly_chart(figure(pics, titles), key=f"{key}_fig_{m['method']}",
+                            config={"displaylogo": False, "scrollZoom": True})
+            st.caption(f"{m['title']} for {case['class_name']} on the film at "
+                       f"{case['film'].shape[1]}x{case['film'].shape[0]} px (drag to zoom, double-click to reset)")
+        with right:
+            trust_panel(m["rows"])
+    case["view"] = v  # read by the downloads at click time (they live outside this fragment)
+
+
+def downloads(case: dict, key: str) -> None:
+    """Overlay PNG and case report (HTML, PDF) of the first map with the view settings in force
+    when clicked; generated on click (deferred), so redraws stay cheap."""
+    from core import explain
+
+    def first_overlay():
+        v = case["view"]
+        m = case["maps"][0]
+        outline = case["mask"] if v["outline"] else None
+        return m, explain.film_views(case["film"], m["heat"], "overlay", v["alpha"], v["colormap"], outline,
+                                     case["box"])[0]
+
+    def report_args(m):
+        return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
+                    trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
+                    warnings=case["warnings"], case_id=case["case_id"])
+
+    def png():
+        return report.png_bytes(first_overlay()[1])
+
+    def html():
+        m, over = first_overlay()
+        return report.case_report_html(case["x"], over, **report_args(m))
+
+    def pdf():
+        m, over = first_overlay()
+        return report.case_report_pdf(case["x"], over, **report_args(m))
+
+    method = case["maps"][0]["method"]
+    d1, d2, d3 = st.columns(3)
+    d1.download_button("Download overlay (PNG)", png, file_name=f"overlay-{method}.png", mime="image/png",
+                       key=f"{key}_dl_png", on_click="ignore")
+    d2.download_button("Download case report (HTML)", html, file_name="case-report.html", mime="text/html",
+                       key=f"{key}_dl_html", on_click="ignore")
+    d3.download_button("Download case report (PDF)", pdf, file_name="case-report.pdf", mime="application/pdf",
+                       key=f"{key}_dl_pdf", on_click="ignore")

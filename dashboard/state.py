@@ -285,25 +285,121 @@ def _heatmap(run: str, key: tuple, image: np.ndarray, method: str, class_index: 
         return explain.explain(m, image, method, class_index=class_index, layer=layer)
 
 
+# --------------------------------------------------------------------------- one film (Explain page)
+
+
+def film(run: str, image: np.ndarray, data: bytes | None = None) -> dict:
+    """Everything the Explain page needs of one decoded film that does not depend on the map.
+
+    ``x``, ``box``, ``fell_back``: the network's input through :func:`core.inputs.prepare` (the
+    run's own lung crop or the whole film); ``shown``: the film at display resolution
+    (:func:`core.explain.display_film`, uint8); ``small``: a copy of at most core.severity.LUNG_SIDE px and its
+    lung mask ``lungs`` (None without the lung model; fractions match the film's, so
+    core.inputs.from_film applies); ``warnings``: core.checks on the film and its bytes. One
+    cached call, so the film (up to 4 MB) is hashed once per run of the page.
+    """
+    return _film(run, model_key(run), _stamp(run, "config.json"), image, data)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _film(run: str, key: tuple, config_stamp: tuple | None, image: np.ndarray, data: bytes | None) -> dict:
+    from core import checks, explain, inputs, lungs
+    from core.severity import LUNG_SIDE  # the lung mask and the severity's lung statistics use one copy
+
+    m = model(Path(run))
+    crop = inputs.settings(run_config(Path(run)))
+    small = explain.display_film(image, LUNG_SIDE)
+    with work.slot():  # the lung U-Net runs here (and in prepare, for a lung-crop run)
+        x, boxes, fb = inputs.prepare([image], int(m.input_shape[1]), crop)
+        try:
+            mask = lungs.mask(small)
+        except (FileNotFoundError, OSError, ValueError):
+            mask = None
+    return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fb[0]),
+            "shown": (np.clip(explain.display_film(image), 0, 255) + 0.5).astype(np.uint8),
+            "small": small, "lungs": mask, "warnings": checks.image_warnings(image, data)}
+
+
+def faithfulness(run: str, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
+    """core.trust.faithfulness of one map (one batched forward pass)."""
+    return _faithfulness(run, model_key(run), x, hmap, class_index)
+
+
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def lung_mask(image: np.ndarray) -> np.ndarray | None:
-    """Lung mask (bool, H, W) of one image, or None when the lung model is not available."""
-    from core import lungs
+def _faithfulness(run: str, key: tuple, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
+    from core import trust as ctrust
+
+    m = model(Path(run))
+    with work.slot():
+        return ctrust.faithfulness(m, x, hmap, class_index)
+
+
+def features(run: str, x: np.ndarray) -> np.ndarray:
+    """Penultimate features (1, d) of the network's input (core.model.features)."""
+    return _features(run, model_key(run), x)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def _features(run: str, key: tuple, x: np.ndarray) -> np.ndarray:
+    from core import model as cmodel
+
+    m = model(Path(run))
+    with work.slot():
+        return cmodel.features(m, x)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _ood_reference(run: str, file_stamp: tuple | None) -> dict | None:
+    from core import trust as ctrust
+
+    return ctrust.load_reference(run)
+
+
+def ood_reference(run: Path) -> dict | None:
+    """The run's OOD reference (ood_reference.npz), None when absent."""
+    from core import trust as ctrust
+
+    return _ood_reference(str(run), _stamp(run, ctrust.REFERENCE_FILE))
+
+
+def model_sha256(run: Path) -> str | None:
+    """The model file's sha256 as recorded in config.json (load_model checks the file against it)."""
+    try:
+        return run_config(run).get("model_sha256")
+    except runs.RunError:
+        return None
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def _severity_record(path: str, file_stamp: tuple | None) -> dict | None:
+    from core import severity as sev
 
     try:
-        with work.slot():
-            return lungs.mask(image)
-    except (FileNotFoundError, OSError, ValueError):
+        return sev.load(path)
+    except sev.SeverityError:
         return None
 
 
-def trust(hmap: np.ndarray, mask: np.ndarray | None) -> dict | None:
-    """Where the heat lies relative to the lungs (``in_lung_share`` etc.), None without a mask."""
-    if mask is None:
-        return None
-    from core import audit
+def severity_record() -> dict | None:
+    """The shipped severity model (assets/severity/severity.json), None when missing or corrupt."""
+    from core import severity as sev
 
-    return audit.trust(hmap, mask)
+    path = sev.ASSET_DIR / "severity.json"
+    return _severity_record(str(path), stamp(path))
+
+
+def severity(run: str, x: np.ndarray, small: np.ndarray) -> dict:
+    """Severity estimate (core.severity.estimate_prepared) from the network's input and the small film."""
+    from core import severity as sev
+
+    return _severity(run, model_key(run), stamp(sev.ASSET_DIR / "severity.json"), x, small)
+
+
+@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
+def _severity(run: str, key: tuple, record_stamp: tuple | None, x: np.ndarray, small: np.ndarray) -> dict:
+    from core import severity as sev
+
+    return sev.estimate_prepared(severity_record(), x, small, model(Path(run)))
 
 
 # --------------------------------------------------------------------------- images

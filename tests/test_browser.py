@@ -1,14 +1,17 @@
-"""One real-browser test: `streamlit run` on 127.0.0.1, Debian's chromium driven by Playwright.
+"""Real-browser tests: `streamlit run` on 127.0.0.1, Debian's chromium driven by Playwright.
 
-Uploads a real X-ray (a synthetic chest-like image without the data), waits for the Grad-CAM
-overlay and saves a screenshot under the test's tmp dir. Without chromium or Playwright it skips,
-with the reason, on a developer's machine, and FAILS under CI (``CI`` set, as .ci/run does), so
-CI is never green without having opened a browser. The helpers here are also used by
+Uploads a real X-ray (a synthetic chest-like image without the data), waits for the heatmap on
+the original film and its trust panel, works the controls (lung outline, method, opacity, view,
+wipe), downloads the report, and checks a screenshot: the film panel correlates with the film
+and the heat sits where ``core`` puts it. Skips, with the reason, when chromium or Playwright is
+missing on a developer's machine, and FAILS under CI (``CI`` set, as .ci/run does), so CI is never
+green without having opened a browser. The helpers here are also used by
 tests/benchmarks/bench_dashboard.py.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -19,9 +22,11 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
-from core import config
+from core import config, runs
 
 CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -29,7 +34,18 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
 ]
 APP = config.REPO_ROOT / "dashboard" / "app.py"
-OVERLAY = 'img[alt="heatmap overlay gradcam"]'
+OVERLAY = ".stPlotlyChart image"  # the first picture of the first overlay figure (a plotly image trace)
+TRUST_TITLE = "How far to trust this map"
+# True once the first overlay shows a picture other than ``prev`` and a trust panel that is not stale.
+_READY_JS = """([sel, prev, title]) => {
+  const el = document.querySelector(sel);
+  if (!el) return false;
+  const href = el.getAttribute('href') || el.getAttribute('xlink:href');
+  if (!href || href === prev) return false;
+  const fresh = [...document.querySelectorAll('[data-testid="stMarkdownContainer"]')].filter(
+    (m) => m.innerText.includes(title) && !m.closest('[data-stale="true"]'));
+  return fresh.length > 0 && !el.closest('[data-stale="true"]');
+}"""
 
 
 def browser_missing() -> str | None:
@@ -113,8 +129,14 @@ def open_app(page, url: str) -> None:
 
 
 def overlay_src(page) -> str | None:
+    """The data URI of the first overlay picture shown (None before the first)."""
     el = page.query_selector(OVERLAY)
-    return el.get_attribute("src") if el else None
+    return (el.get_attribute("href") or el.get_attribute("xlink:href")) if el else None
+
+
+def wait_new_overlay(page, previous: str | None) -> None:
+    """Wait until the first overlay picture differs from ``previous`` and its trust panel is fresh."""
+    page.wait_for_function(_READY_JS, arg=[OVERLAY, previous, TRUST_TITLE], polling=25)
 
 
 def wait_idle(page, quiet_s: float = 0.4) -> None:
@@ -134,17 +156,14 @@ def wait_idle(page, quiet_s: float = 0.4) -> None:
 
 def upload_and_wait(page, name: str, data: bytes, mime: str = "image/png", previous: str | None = None,
                     until_idle: bool = False) -> tuple[float, float | None]:
-    """Upload one file and wait until a new Grad-CAM overlay is loaded in the page.
+    """Upload one file and wait until a new overlay on the film and its trust panel are shown.
 
     Returns (seconds to the overlay, seconds until the whole page is done or None), the second
     with ``until_idle`` (the quiet period itself is not counted).
     """
     t0 = time.perf_counter()
     page.locator('input[type="file"]').first.set_input_files({"name": name, "mimeType": mime, "buffer": data})
-    page.wait_for_function(
-        """([sel, prev]) => { const el = document.querySelector(sel);
-             return el && el.complete && el.naturalWidth > 0 && el.getAttribute('src') !== prev; }""",
-        arg=[OVERLAY, previous], polling=25)
+    wait_new_overlay(page, previous)
     overlay_s = time.perf_counter() - t0
     if not until_idle:
         return overlay_s, None
@@ -168,6 +187,54 @@ def under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def element_pixels(page, element) -> np.ndarray:
+    """RGB pixels of one element of the page as shown (a screenshot clipped to its box)."""
+    from PIL import Image
+
+    element.scroll_into_view_if_needed()
+    png = element.screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def core_view(name: str, data: bytes):
+    """What core says for this film with the shipped model: the film at display size and Grad-CAM on it."""
+    from core import explain, inputs
+    from core import model as cmodel
+
+    model = runs.load_model(config.DEFAULT_RUN)
+    cfg = runs.read_config(config.DEFAULT_RUN)
+    x, box, _, film = inputs.load(data, cmodel.input_size(model), inputs.settings(cfg), name=name)
+    shown = explain.display_film(film)
+    return shown, inputs.to_film(explain.explain(model, x, "gradcam"), box, shown.shape)
+
+
+def covid_upload(data_root: Path | None) -> tuple[str, bytes]:
+    """A COVID-19 film of ieee8023 when the data is there (its Grad-CAM for covid is not blank)."""
+    if data_root is not None:
+        from core import datasets
+
+        t = datasets.read_ieee8023(Path(data_root) / "ieee8023", base=data_root)
+        path = Path(data_root) / sorted(t.loc[t["label"] == "covid", "path"])[3]
+        return path.name, path.read_bytes()
+    return sample_upload(None)
+
+
+def pick(page, label: str) -> None:
+    """Click a radio option or toggle by its visible label."""
+    page.get_by_text(label, exact=True).first.click()
+
+
+def wait_redrawn(page, previous: str | None) -> str:
+    wait_new_overlay(page, previous)
+    wait_idle(page)
+    return overlay_src(page)
+
+
 @pytest.mark.slow
 def test_upload_in_a_real_browser(tmp_path, request, shipped_run):
     why = browser_missing()
@@ -182,17 +249,60 @@ def test_upload_in_a_real_browser(tmp_path, request, shipped_run):
     runs_root = tmp_path / "runs"  # the shipped model is listed first anyway
     data_arg = data_root if data_root is not None else tmp_path / "no-data"
     data_arg.mkdir(exist_ok=True)
-    name, data = sample_upload(data_root)
+    name, data = covid_upload(data_root)
+    film, heat = core_view(name, data)
+    assert heat.max() > 0, "the check needs a film whose Grad-CAM map is not blank"
     with streamlit_server(data_arg, runs_root, log=tmp_path / "streamlit.log") as (url, _), browser_page() as page:
         open_app(page, url)
-        seconds, _ = upload_and_wait(page, name, data)
+        mime = "image/png" if name.lower().endswith(".png") else "image/jpeg"
+        seconds, _ = upload_and_wait(page, name, data, mime, until_idle=True)
         page.get_by_text("P(covid)").first.wait_for()
-        page.get_by_text("Download case report (HTML)").first.wait_for()
-        page.wait_for_timeout(500)  # let the last elements settle before the screenshot
+        src = overlay_src(page)
+        pick(page, "Lung outline")  # the outline on
+        src = wait_redrawn(page, src)
+        slider = page.get_by_role("slider", name="Opacity").first  # opacity 0.40 -> 0.60
+        slider.focus()
+        for _ in range(4):
+            page.keyboard.press("ArrowRight")
+        src = wait_redrawn(page, src)
+        pick(page, "wipe")  # the slider-style blend
+        src = wait_redrawn(page, src)
+        page.locator('[data-testid="stMultiSelect"] input').first.click()  # add a second method
+        page.keyboard.type("LayerCAM")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+        page.locator(".stPlotlyChart").nth(1).wait_for()
+        wait_idle(page)
+        pick(page, "side by side")
+        src = wait_redrawn(page, src)
+        with page.expect_download() as dl:
+            page.get_by_text("Download case report (HTML)").first.click()
+        report_html = Path(dl.value.path()).read_text()
+        with page.expect_download() as dl:
+            page.get_by_text("Download case report (PDF)").first.click()
+        report_pdf = Path(dl.value.path()).read_bytes()
         shot = tmp_path / "explain.png"
         page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
+        pictures = page.locator(".stPlotlyChart").first.locator("image")
+        assert pictures.count() == 2, "side by side: the film and the overlay"
+        left, right = (element_pixels(page, pictures.nth(i)) for i in range(2))
         body = page.inner_text("body")
-    assert "Traceback" not in body
+    assert shot.stat().st_size > 10_000
+    assert "Traceback" not in body and TRUST_TITLE in body
     assert "Decision at the run's operating point" in body or "No answer is given" in body
-    print(f"upload -> overlay {seconds:.2f} s (cold); screenshot {shot}")
+    assert TRUST_TITLE in report_html and "data:image/png;base64," in report_html
+    assert report_pdf.startswith(b"%PDF") and TRUST_TITLE.encode() in report_pdf
+    # The screenshot against core: the film panel is the film (aligned, not blank, not offset) ...
+    h, w = left.shape[:2]
+    small = cv2.resize(film, (w, h), interpolation=cv2.INTER_AREA)
+    grey = left.mean(axis=-1)
+    aligned = corr(grey, small)
+    shifted = corr(grey[:, : w - w // 20], small[:, w // 20 :])
+    assert grey.std() > 10 and aligned > 0.8 and aligned > shifted + 0.05, (aligned, shifted)
+    # ... and the heat in the overlay panel sits where core says (jet: red - blue grows with heat).
+    hot = cv2.resize(heat, (right.shape[1], right.shape[0]), interpolation=cv2.INTER_AREA)
+    rb = right[..., 0].astype(float) - right[..., 2].astype(float)
+    where, moved = corr(rb, hot), corr(rb, np.roll(hot, (h // 4, w // 4), axis=(0, 1)))
+    assert where > 0.5 and where > moved + 0.15, (where, moved)
+    print(f"upload -> overlay and trust panel {seconds:.2f} s (cold); film r={aligned:.3f} (shifted {shifted:.3f}); "
+          f"heat r={where:.3f} (moved by a quarter {moved:.3f}); screenshot {shot}")

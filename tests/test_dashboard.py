@@ -118,6 +118,11 @@ def plotly_charts(at: AppTest) -> int:
     return len(at.get("plotly_chart"))
 
 
+def map_captions(at: AppTest) -> list[str]:
+    """Captions under the overlay figures (and every other caption)."""
+    return [str(c.value) for c in at.caption]
+
+
 # --------------------------------------------------------------------------- every page
 
 
@@ -174,14 +179,14 @@ def test_upload_gives_heatmap_and_downloads(env):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert any(m.label == "P(covid)" for m in at.metric)
-    assert images_shown(at) >= 2, "the input and its Grad-CAM overlay"
-    assert all(url for el in at.image for url in el.value)
-    assert any("Grad-CAM" in c and "covid" in c for c in captions(at)), captions(at)
+    assert plotly_charts(at) == 1, "the Grad-CAM overlay on the original film"
+    assert images_shown(at) >= 1 and all(url for el in at.image for url in el.value), "what the network sees"
+    assert any("Grad-CAM for covid on the film" in c for c in map_captions(at)), map_captions(at)
     t = texts(at)
     assert "Decision at the run's operating point" in t
-    assert "heat lies in the lungs" in t or "In-lung share unavailable" in t
+    assert "How far to trust this map" in t and "Randomisation check" in t and "Faithfulness" in t
     labels = [b.proto.label for b in at.get("download_button")]
-    assert labels == ["Download overlay (PNG)", "Download case report (HTML)"]
+    assert labels == ["Download overlay (PNG)", "Download case report (HTML)", "Download case report (PDF)"]
 
 
 def test_methods_and_controls_change_the_maps(env):
@@ -190,9 +195,15 @@ def test_methods_and_controls_change_the_maps(env):
     at.multiselect(key="explain_methods").set_value(["gradcam", "saliency"]).run()
     at.slider(key="explain_alpha").set_value(0.8).run()
     at.selectbox(key="explain_cmap").set_value("inferno").run()
+    at.toggle(key="explain_outline").set_value(True).run()
+    at.radio(key="explain_view").set_value("side by side").run()
     assert not at.exception, [e.value for e in at.exception]
-    caps = captions(at)
-    assert any("Grad-CAM" in c for c in caps) and any("Saliency" in c for c in caps), caps
+    caps = map_captions(at)
+    assert any("Grad-CAM for" in c for c in caps) and any("Saliency for" in c for c in caps), caps
+    assert plotly_charts(at) == 2
+    at.radio(key="explain_view").set_value("wipe").run()
+    at.slider(key="explain_wipe").set_value(0.3).run()
+    assert not at.exception, [e.value for e in at.exception]
 
 
 def test_bad_upload_is_one_sentence_and_session_survives(env):
@@ -369,7 +380,7 @@ def test_dicom_upload_shows_no_patient_tags(env, tmp_path):
     at = start(env, "explain")
     at.file_uploader[0].set_value(("scan.dcm", _dicom_with_patient(tmp_path), "application/dicom")).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert images_shown(at) >= 2, "decoded and explained"
+    assert plotly_charts(at) == 1, "decoded and explained"
     t = texts(at) + "\n".join(captions(at))
     for secret in ("Doe", "Johnathan", "PID-918273", "19450101", "Secret Hospital"):
         assert secret not in t
@@ -403,7 +414,7 @@ def test_shipped_model_every_page(page, with_data, tmp_path, monkeypatch, reques
     if page == "explain":
         at.file_uploader[0].set_value(("chest.png", chest_like_png(), "image/png")).run()
         assert not at.exception and not at.error
-        assert any("Grad-CAM" in c for c in captions(at))
+        assert any("Grad-CAM for" in c for c in map_captions(at))
 
 
 def test_seed_spread_from_sibling_runs(env, tmp_path, monkeypatch):
@@ -424,6 +435,46 @@ def test_seed_spread_from_sibling_runs(env, tmp_path, monkeypatch):
     at.switch_page("views/evaluation.py").run()
     assert not at.exception and not at.error
     assert any(m.label == "ROC AUC across 2 seeds" for m in at.metric), [m.label for m in at.metric]
+
+
+# --------------------------------------------------------------------------- the lung warning
+
+
+def flat_map_run(root: Path, side: int = 64) -> Path:
+    """A valid run whose network's last convolution is constant, so every Grad-CAM map is flat
+    (blank after normalisation): the map says nothing, least of all 'outside the lungs'."""
+    import keras
+
+    inp = keras.Input((side, side, 1), name="image")
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="last_conv",
+                            kernel_initializer="zeros", bias_initializer="ones")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(2, name="logits")(x)
+    model = keras.Model(inp, keras.layers.Activation("softmax", name="probs")(x))
+    run = root / "20990101-000000-flat"
+    run.mkdir(parents=True)
+    model.save(run / "model.keras")
+    cfg = {"task": "binary", "classes": ["covid", "other"], "size": side, "name": "flat",
+           "model_sha256": runs.sha256(run / "model.keras")}
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def test_a_blank_map_is_not_called_outside_the_lungs(tmp_path, monkeypatch, cxr_root):
+    """Lungs cover ~28 % of a film, so a uniform (or blank) map has less than half its heat there;
+    the page used to warn 'most of the heat lies outside the lungs' for it (fails on d0fbe2d)."""
+    run = flat_map_run(tmp_path / "runs")
+    monkeypatch.setenv("CXR_DATA_DIR", str(cxr_root))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(run.parent))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(run)
+    at.run()
+    name, data = real_xray(cxr_root)
+    at.file_uploader[0].set_value((name, data, "image/png")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    warns = [str(w.value) for w in at.warning]
+    assert not any("outside the lungs" in w or "avoids the lungs" in w for w in warns), warns
+    assert "lungs" in texts(at)
 
 
 # --------------------------------------------------------------------------- caches follow the files

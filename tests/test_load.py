@@ -179,7 +179,7 @@ def test_concurrent_sessions_get_their_own_result(app_env, cxr_root, one_server)
                 "p": shown_p_covid(at),
                 "seconds": time.perf_counter() - t,
                 "errors": [e.value for e in at.error] + [e.value for e in at.exception],
-                "images": len(_elements(at, "Image")),
+                "images": len(_elements(at, "Image")) + len(at.get("plotly_chart")),
                 "at": at,
             }
         except Exception as exc:  # reported below, with the session number

@@ -198,6 +198,9 @@ def test_case_report_strips_tags():
     html = report.case_report_html(arr, explain.overlay(arr, heat), {"covid": 0.7, "other": 0.3}, 0.5,
                                    run_id="shipped model", warnings=["a warning"], case_id="uploaded image")
     assert not leaks(html)
+    pdf = report.case_report_pdf(arr, explain.overlay(arr, heat), {"covid": 0.7, "other": 0.3}, 0.5,
+                                 run_id="shipped model", warnings=["a warning"], case_id="uploaded image")
+    assert pdf.startswith(b"%PDF") and b"a warning" in pdf and not leaks(pdf)
     assert "research" in html.lower() or "not for diagnosis" in html.lower()
 
 
@@ -233,12 +236,23 @@ def test_dashboard_upload_stays_in_memory_and_shows_no_tags(tmp_path, monkeypatc
     original = MemoryMediaFileStorage.load_and_get_id
 
     def recording(self, path_or_data, mimetype, kind, filename=None):
-        if isinstance(path_or_data, (bytes, str)) and mimetype in ("text/html", "image/png"):
+        if isinstance(path_or_data, (bytes, str)) and mimetype in ("text/html", "image/png", "application/pdf"):
             data = path_or_data.encode() if isinstance(path_or_data, str) else path_or_data
             offered.append((data, mimetype, filename))
         return original(self, path_or_data, mimetype, kind, filename)
 
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
+    # ... and the downloads it offers to generate on click (deferred callables).
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    deferred: list = []
+    original_deferred = MediaFileManager.add_deferred
+
+    def recording_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kw):
+        deferred.append((data_callable, mimetype, file_name))
+        return original_deferred(self, data_callable, mimetype, coordinates, file_name, **kw)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", recording_deferred)
 
     at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=180)
     at.session_state["run"] = str(Path(cli_run).resolve())
@@ -249,9 +263,14 @@ def test_dashboard_upload_stays_in_memory_and_shows_no_tags(tmp_path, monkeypatc
     at.run()
     before = tree_listing(REPO, fresh_tmp)
     offered.clear()
+    deferred.clear()
     with WRITE_WATCH:
         at.file_uploader(key="explain_upload").set_value(("study.dcm", phi_dicom(valid=False), "application/dicom"))
         at.run()
+        # Downloads are generated when clicked: run each one as a click would.
+        for make, mime, fname in deferred:
+            data = make()
+            offered.append((data.encode() if isinstance(data, str) else data, mime, fname))
     writes = list(WRITE_WATCH.writes)
     after = tree_listing(REPO, fresh_tmp)
     assert not at.exception, [e.value for e in at.exception]
@@ -262,6 +281,7 @@ def test_dashboard_upload_stays_in_memory_and_shows_no_tags(tmp_path, monkeypatc
     assert not leaks(page, caplog.text, out, err)
     # Everything the page offers for download (overlay PNG, case report HTML) was recorded.
     assert any("html" in str(m) for _, m, _ in offered), "no case report was offered"
+    assert any("pdf" in str(m) for _, m, _ in offered), "no PDF case report was offered"
     for data, mime, fname in offered:
         assert not leaks(data, fname), (mime, fname)
     assert not writes, f"files opened for writing during an upload: {writes}"

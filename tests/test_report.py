@@ -112,3 +112,35 @@ def test_misclassified_and_wrong_reason_tables():
         columns={"p_covid": "p_covid_original"})
     right = report.right_for_wrong_reason(audit, 0.5, "gradcam", n=2)
     assert list(right["path"]) == ["e", "a"]  # right at 0.5, lowest in-lung share first
+
+
+TRUST = [{"key": "lungs", "title": "Heat on the lungs", "mark": "red", "sentence": "The map avoids the lungs."},
+         {"key": "sanity", "title": "Randomisation check", "mark": "green", "sentence": "Grad-CAM passed."}]
+SEVERITY = {"geographic": {"value": 4.2, "low": 2.1, "high": 6.0, "cv_mae": 1.4, "range": [0.0, 8.0]},
+            "opacity": {"value": 2.5, "low": 1.2, "high": 3.9, "cv_mae": 1.0, "range": [0.0, 6.0]}}
+
+
+def test_report_carries_film_overlay_trust_panel_and_severity():
+    img = _img()
+    film = np.dstack([_img(300)] * 3).astype(np.uint8)[:200]  # a 300x200 'original film' overlay
+    kw = dict(run_id="run-A", trust=TRUST, severity=SEVERITY, severity_note="It was trained on about a hundred films.")
+    html = report.case_report_html(img, film, {"covid": 0.8, "other": 0.2}, 0.5, **kw)
+    assert "How far to trust this map" in html and "The map avoids the lungs." in html and "#c00" in html
+    assert "geographic extent: 4.2 of 8 (80 % interval 2.1-6.0" in html and "about a hundred" in html
+    pics = _pngs(html)
+    assert pics[1].shape == (200, 300, 3) and "300x200 px" in html
+    pdf = report.case_report_pdf(img, film, {"covid": 0.8, "other": 0.2}, 0.5, **kw)
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    for text in (b"How far to trust this map", b"[red] Heat on the lungs", b"geographic extent: 4.2 of 8",
+                 b"Research use only, not for diagnosis.", b"run-A"):
+        assert text in pdf, text
+    assert pdf.count(b"/Subtype /Image") == 2
+
+
+def test_pdf_withholds_and_never_carries_dicom_tags(tmp_path):
+    data = _dicom_with_patient(tmp_path)
+    img = images.load(data, 64, name="Doe_Johnathan.dcm")
+    pdf = report.case_report_pdf(img, None, {"covid": 0.9, "other": 0.1}, 0.5, run_id="r", warnings=["lateral"])
+    assert b"withheld" in pdf and b"Warning: lateral" in pdf
+    for secret in (b"Doe", b"Johnathan", b"PID-918273", b"19450101", b"Secret Hospital"):
+        assert secret not in pdf

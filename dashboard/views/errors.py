@@ -75,8 +75,7 @@ try:
 except (images.ImageError, runs.RunError) as exc:
     st.error(state.error_sentence(exc))
     st.stop()
-image = images.resize(native, size)
 row = shown[shown["path"] == case].iloc[0]
 st.caption(f"True label: **{row['label']}** ({row['source']}); the model called it "
            f"{'covid' if row['error'] == 'false positive' else 'not covid'}.")
-components.show_case(run, image, native=native, case_id=case, key="err")
+components.show_case(run, native, case_id=case, key="err")

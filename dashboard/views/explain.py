@@ -35,11 +35,11 @@ if source == "Upload a file":
     size = model_size()
     data = up.getvalue()
     try:
-        native, image = state.upload(data, up.name, size)
+        native, _ = state.upload(data, up.name, size)
     except images.ImageError as exc:
         st.error(state.error_sentence(exc))
         st.stop()
-    components.show_case(run, image, native=native, data=data, case_id="uploaded image", key="explain")
+    components.show_case(run, native, data=data, case_id="uploaded image", key="explain")
 else:
     root = state.data_root()
     if not state.has_data(root):
@@ -64,4 +64,4 @@ else:
         st.stop()
     row = test[test["path"] == rel].iloc[0]
     st.caption(f"True label: **{row['label']}** (source {row['source']}).")
-    components.show_case(run, images.resize(native, size), native=native, case_id=rel, key="explain")
+    components.show_case(run, native, case_id=rel, key="explain")
