@@ -7,8 +7,9 @@
 Starts ``streamlit run dashboard/app.py`` on 127.0.0.1 and drives Debian's chromium through
 Playwright (async API, one browser, one context per session = separate Streamlit sessions).
 Every upload is a different real X-ray (no cache hits). Upload latency is from handing the file to
-the page's uploader to the new Grad-CAM overlay image loaded in the page; a widget change is one
-step of the Opacity slider (keyboard) to the redrawn overlay loaded. Once a session's script run
+the page's uploader to the new Grad-CAM overlay shown with a fresh trust panel (``test_browser``'s
+readiness check); a widget change is one step of the Opacity slider (keyboard) to the redrawn
+overlay. Once a session's script run
 is over, each shown P(covid) is checked against the value computed directly with the model (no
 cross-session mix-up). The server's resident memory is sampled every 0.25 s during each phase.
 Prints one JSON object:
@@ -49,12 +50,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-from test_browser import CHROMIUM, CHROMIUM_ARGS, OVERLAY, browser_missing, streamlit_server  # noqa: E402
+from test_browser import _READY_JS as NEW_OVERLAY  # noqa: E402
+from test_browser import CHROMIUM, CHROMIUM_ARGS, OVERLAY, TRUST_TITLE, browser_missing, streamlit_server  # noqa: E402
 
 from core import checks, config, images, runs  # noqa: E402
 
-NEW_OVERLAY = """([sel, prev]) => { const el = document.querySelector(sel);
-    return el && el.complete && el.naturalWidth > 0 && el.getAttribute('src') !== prev; }"""
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 PHASES = ("single", "concurrent", "widget", "many", "rss")
 LOST_AFTER_MS = 300_000  # a session without an answer for 5 minutes is lost
@@ -134,7 +134,9 @@ async def wait_idle(page, quiet_s: float = 0.3) -> None:
 
 
 async def overlay_src(page) -> str | None:
-    return await page.get_attribute(OVERLAY, "src") if await page.query_selector(OVERLAY) else None
+    """The data URI of the first overlay picture (a plotly image trace), None before the first."""
+    el = await page.query_selector(OVERLAY)
+    return (await el.get_attribute("href") or await el.get_attribute("xlink:href")) if el else None
 
 
 async def upload(page, f: Path, prev: str | None) -> tuple[float, str, float | None]:
@@ -142,24 +144,21 @@ async def upload(page, f: Path, prev: str | None) -> tuple[float, str, float | N
     t = time.perf_counter()
     await page.locator('input[type="file"]').first.set_input_files(
         {"name": f.name, "mimeType": mime(f), "buffer": f.read_bytes()})
-    await page.wait_for_function(NEW_OVERLAY, arg=[OVERLAY, prev], polling=25)
+    await page.wait_for_function(NEW_OVERLAY, arg=[OVERLAY, prev, TRUST_TITLE], polling=25)
     dt = time.perf_counter() - t
-    src = await page.get_attribute(OVERLAY, "src")
+    src = await overlay_src(page)
     await wait_idle(page)  # the answer is filled in after the maps: read it once the run is over
     return dt, src, await shown_p_covid(page)
 
 
 async def widget_change(page, prev: str | None, step: int) -> tuple[float, str]:
     """Move the Opacity slider one step (right on even ``step``, back on odd); seconds to the redrawn overlay."""
-    slider = page.get_by_role("slider", name="Opacity")
-    if not await slider.count():
-        slider = page.get_by_role("slider")
-    await slider.first.focus()
+    await page.get_by_role("slider", name="Opacity").first.focus()
     t = time.perf_counter()
     await page.keyboard.press("ArrowRight" if step % 2 == 0 else "ArrowLeft")
-    await page.wait_for_function(NEW_OVERLAY, arg=[OVERLAY, prev], polling=10)
+    await page.wait_for_function(NEW_OVERLAY, arg=[OVERLAY, prev, TRUST_TITLE], polling=10)
     dt = time.perf_counter() - t
-    src = await page.get_attribute(OVERLAY, "src")
+    src = await overlay_src(page)
     await wait_idle(page, 0.2)
     return dt, src
 
