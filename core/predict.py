@@ -1,7 +1,12 @@
-"""Batch prediction: ``python -m core.predict IMAGE_OR_DIR... [--run R] [--csv OUT] [--json]``.
+"""Batch prediction: ``python -m core.predict IMAGE_OR_DIR... [--run R] [--csv OUT] [--shard I/N] [--json]``.
 
-Images are decoded by :func:`core.images.load` at the model's input size; bad files are reported
-(on stderr, and under ``errors`` in the JSON) and skipped. The column ``p_covid`` is always
+Films are decoded and prepared for the network by :func:`core.inputs.load` (the run's lung crop
+when it has one), several at a time in a thread pool while the network scores the previous
+batch; bad files are reported (on stderr, and under ``errors`` in the JSON) and skipped.
+``--shard I/N`` keeps the I-th of N contiguous parts of the sorted file list (1 <= I <= N), cut
+between batches, so that the N tasks of a cluster array job split a large archive and their CSVs,
+concatenated in order I = 1..N (one header), are the CSV of the whole archive, bit for bit, when
+every task uses the same ``--batch-size``. The column ``p_covid`` is always
 P(COVID-19), class index ``config.COVID_INDEX`` of the softmax (the original project reported
 P(normal) under a COVID-19 label). When the run has a metrics.json, its validation-chosen
 threshold gives the ``prediction`` column.
@@ -10,14 +15,17 @@ threshold gives the ``prediction`` column.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core import config, images, runs
+from core import config, images, inputs, runs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -34,13 +42,79 @@ def expand(inputs) -> list[Path]:
     return out
 
 
-def predict_paths(model, paths, size: int | None = None, classes=None, batch_size: int = 32):
-    """Predict images from files.
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with 1 <= I <= N; ValueError otherwise."""
+    try:
+        i, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N, e.g. 2/8 (part 2 of 8); got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {text}: parts are numbered 1..N, so I must be between 1 and {n}")
+    return i, n
 
-    Returns ``(DataFrame, errors)``: one row per readable image with ``path`` and ``p_<class>``
-    for each class (``p_covid`` = P(COVID-19)) and ``predicted`` (arg-max class), and one
-    :class:`core.images.ImageError` per file that could not be used.
+
+def shard(paths: list, i: int, n: int, batch_size: int = 1) -> list:
+    """The ``i``-th (1-based) of ``n`` contiguous, near-equal parts of ``paths``, cut between
+    batches of ``batch_size``: every film then meets the network in the same batch as in one
+    unsharded run, so the parts' results are those of the whole, bit for bit."""
+    batches = -(-len(paths) // batch_size)
+    return paths[(i - 1) * batches // n * batch_size : i * batches // n * batch_size]
+
+
+def _prepare_one(path: str, size: int, lung_crop: dict | None, lung_model):
+    try:
+        x, _, fell_back, _ = inputs.load(path, size, lung_crop, lung_model=lung_model)
+        return x, fell_back
+    except images.ImageError as err:
+        return err
+
+
+def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: int = 32, workers: int | None = None):
+    """Yield ``(indices, x, fell_back, errors)`` per batch of ``paths``: films prepared by
+    :func:`core.inputs.load` in a pool of ``workers`` threads (default: the CPU count), one batch
+    ahead of the caller, so that decoding overlaps the network and memory stays bounded."""
+    lung_model = None
+    if lung_crop is not None:
+        from core import lungs
+
+        lung_model = lungs.lung_model()  # loaded once here, shared by the threads
+    workers = workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        ahead: collections.deque = collections.deque()
+
+        def submit(start):
+            chunk = range(start, min(start + batch_size, len(paths)))
+            ahead.append((chunk, [pool.submit(_prepare_one, paths[k], size, lung_crop, lung_model) for k in chunk]))
+
+        starts = iter(range(0, len(paths), batch_size))
+        for start in starts:
+            submit(start)
+            if len(ahead) == 2:
+                break
+        while ahead:
+            chunk, futures = ahead.popleft()
+            nxt = next(starts, None)
+            if nxt is not None:
+                submit(nxt)
+            done = [f.result() for f in futures]
+            ok = [(k, r) for k, r in zip(chunk, done, strict=True) if not isinstance(r, images.ImageError)]
+            errors = [r for r in done if isinstance(r, images.ImageError)]
+            x = np.stack([r[0] for _, r in ok]) if ok else np.zeros((0, size, size), np.float32)
+            yield [k for k, _ in ok], x, np.array([r[1] for _, r in ok], bool), errors
+
+
+def predict_paths(model, paths, size: int | None = None, classes=None, batch_size: int = 32,
+                  lung_crop: dict | None = None, workers: int | None = None, progress: bool = False):
+    """Predict films from files, prepared through :mod:`core.inputs` (``lung_crop``: the run's
+    setting, see :func:`core.inputs.settings`; ``None`` = whole film).
+
+    Returns ``(DataFrame, errors)``: one row per readable image, in the order of ``paths``, with
+    ``path`` and ``p_<class>`` for each class (``p_covid`` = P(COVID-19)), ``predicted`` (arg-max
+    class) and, with a lung crop, ``fell_back`` (no lungs found: the whole film was used); and one
+    :class:`core.images.ImageError` per file that could not be used. ``progress``: a bar on stderr.
     """
+    from tqdm import tqdm
+
     from core import model as model_lib
 
     size = size or model_lib.input_size(model)
@@ -48,19 +122,22 @@ def predict_paths(model, paths, size: int | None = None, classes=None, batch_siz
     classes = list(classes or config.classes("binary" if n_out == 2 else "multiclass"))
     paths = [str(p) for p in paths]
     rows, errors = [], []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        arr, kept, errs = images.load_many(chunk, size)
+    bar = tqdm(total=len(paths), desc="predicting", unit="film", disable=not progress)
+    for kept, x, fell_back, errs in prepared_batches(paths, size, lung_crop, batch_size, workers):
+        bar.update(len(kept) + len(errs))
         errors.extend(errs)
         if not kept:
             continue
-        probs = model_lib.probabilities(model, arr, batch_size=batch_size)
+        probs = model_lib.probabilities(model, x, batch_size=batch_size)
         for j, k in enumerate(kept):
-            row = {"path": chunk[k]}
+            row = {"path": paths[k]}
             row.update({f"p_{c}": float(probs[j, i]) for i, c in enumerate(classes)})
             row["predicted"] = classes[int(np.argmax(probs[j]))]
+            if lung_crop is not None:
+                row["fell_back"] = bool(fell_back[j])
             rows.append(row)
-    cols = ["path"] + [f"p_{c}" for c in classes] + ["predicted"]
+    bar.close()
+    cols = ["path"] + [f"p_{c}" for c in classes] + ["predicted"] + (["fell_back"] if lung_crop is not None else [])
     return pd.DataFrame(rows, columns=cols), errors
 
 
@@ -86,8 +163,16 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="unused; accepted for symmetry with the other CLIs")
     p.add_argument("--csv", metavar="OUT", help="also write the table to this CSV file")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard", metavar="I/N", help="only the I-th of N contiguous parts of the sorted file list "
+                   "(1 <= I <= N; for cluster array jobs: with one --batch-size for all parts, their CSVs "
+                   "concatenate to the whole archive's)")
+    p.add_argument("--workers", type=int, help="threads that decode and prepare films (default: CPU count)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = p.parse_args(argv)
+    try:
+        part = parse_shard(a.shard) if a.shard else None
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         run = runs.resolve_run(a.run)
         cfg = runs.read_config(run)
@@ -97,13 +182,19 @@ def main(argv=None) -> int:
         return 2
     classes = cfg.get("classes") or config.classes(cfg.get("task", "binary"))
     paths = expand(a.inputs)
-    df, errors = predict_paths(model, paths, int(cfg.get("size") or 0) or None, classes, a.batch_size)
+    if part:
+        paths = shard(paths, *part, batch_size=a.batch_size)
+    crop = inputs.settings(cfg)
+    df, errors = predict_paths(model, paths, int(cfg.get("size") or 0) or None, classes, a.batch_size, crop,
+                                 a.workers, progress=sys.stderr.isatty())
     thr = run_threshold(run)
     if thr is not None and len(df):
         df["threshold"] = thr
         df["covid_positive"] = df["p_covid"] >= thr
     for err in errors:
         print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
+    if crop is not None and len(df) and df["fell_back"].any():
+        print(f"{int(df['fell_back'].sum())} film(s) with fell_back=True: {inputs.FALLBACK_WARNING}", file=sys.stderr)
     if a.csv:
         runs.write_csv(a.csv, df)
     if a.json:
@@ -111,6 +202,7 @@ def main(argv=None) -> int:
             "run": str(run),
             "threshold": thr,
             "n": len(df),
+            "shard": a.shard,
             "predictions": json.loads(df.to_json(orient="records")),
             "errors": [{"path": e.name, "reason": e.reason} for e in errors],
         }

@@ -26,7 +26,7 @@ Recipe, in order:
 
 Class weights (balanced per source within a class by default), a checkpoint every epoch
 (``--resume RUN`` continues a killed run), fixed seeds (same seed, same numbers on one machine)
-and ``--strategy mirrored`` (tf.distribute).
+and ``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`).
 
 The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv
 (one row per member and epoch), predictions.csv, env.json and, through
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, images, inputs, runs
+from core import config, distribute, images, inputs, runs
 
 AUGMENT = {
     # Every knob survives the per-image standardisation inside the model (a linear brightness or
@@ -560,18 +560,6 @@ def _setup_tf(seed: int, logical_cpus: int | None):
     tf.config.experimental.enable_op_determinism()
 
 
-def _strategy(name: str | None):
-    import tensorflow as tf
-
-    if not name or name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    raise ValueError(f"unknown strategy {name!r}; choose default or mirrored")
-
-
 def _model_kwargs(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("crop", "contrast", "width", "dropout", "field") if cfg.get(k) is not None}
 
@@ -766,14 +754,14 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
     adversarial = model is not net
     y = _targets(tr, len(classes), sources, adversarial)
     w = sample_weights(tr, classes, cfg["balance"])
-    ds = make_dataset(x_dev[~own], y, {"probs": w, "source": w} if adversarial else w, batch, seed,
-                      cfg["augment"], bool(cfg["hflip"]))
+    ds = distribute.shard(make_dataset(x_dev[~own], y, {"probs": w, "source": w} if adversarial else w, batch,
+                                       seed, cfg["augment"], bool(cfg["hflip"])))
     if state["epoch"]:
         ds = ds.skip(state["epoch"] * steps)
     cb = _epoch_callback(run, ckpt, member, fold, x_dev[own], net, sources, state, cfg)
     if state["epoch"] < epochs:
-        model.fit(ds, epochs=epochs, initial_epoch=int(state["epoch"]), steps_per_epoch=steps, callbacks=[cb],
-                  verbose=1 if cfg["verbose"] else 0)
+        model.fit(ds, epochs=epochs, initial_epoch=int(state["epoch"]), steps_per_epoch=steps,
+                  callbacks=distribute.callbacks(strategy, model) + [cb], verbose=1 if cfg["verbose"] else 0)
     return net
 
 
@@ -914,13 +902,15 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
     return out
 
 
-def train(cfg: dict | None = None, **kw) -> Path:
-    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder."""
+def train(cfg: dict | None = None, **kw) -> Path | None:
+    """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder
+    (``None`` on the non-chief workers of a multi-worker run, which write none)."""
     cfg, state, run = _start({**DEFAULTS, **(cfg or {}), **kw}, kw)
     _check(cfg)
+    distribute.check(cfg.get("strategy"), resume=bool(cfg.get("resume")))  # before any work (TF_CONFIG)
     _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
     root = config.data_dir(cfg["data"])
-    runs_root = config.runs_dir(cfg["runs"])
+    runs_root = distribute.runs_root(config.runs_dir(cfg["runs"]), cfg.get("strategy"))  # chief only
     cfg["data"] = str(root)
     data = _load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
     if run is None:
@@ -935,7 +925,7 @@ def train(cfg: dict | None = None, **kw) -> Path:
         f"{cfg['members']} member(s); test {int((data['rest']['split'] == 'test').sum())}, "
         f"external {int((data['rest']['split'] == 'external').sum())}")
 
-    strategy = _strategy(cfg.get("strategy"))
+    strategy = distribute.strategy(cfg.get("strategy"))
     t1 = time.time()
     nets = []
     for member in range(int(cfg["members"])):
@@ -961,10 +951,15 @@ def train(cfg: dict | None = None, **kw) -> Path:
     runs.write_json(run / "config.json", _final_config(cfg, state, data, calibration, model, run, timing))
     runs.write_json(run / "env.json", runs.environment())
     shutil.rmtree(ckpt, ignore_errors=True)
+    if not distribute.is_chief(cfg.get("strategy")):  # a worker of a multi-worker run: the chief wrote it
+        distribute.discard(run, cfg.get("strategy"))
+        distribute.barrier(strategy)  # stay in the cluster until the chief is done
+        return None
     if cfg.get("evaluate"):
         from core.evaluate import evaluate_run
 
         evaluate_run(run, progress=False)
+    distribute.barrier(strategy)
     log(f"run written to {run}")
     return run
 
@@ -1060,7 +1055,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated sources left out of the run entirely (e.g. to measure what a new "
                    "collection adds); the other images keep their split")
     p.add_argument("--limit", type=int, help="at most N images per split, source and label (quick runs)")
-    p.add_argument("--strategy", choices=["default", "mirrored"], help="tf.distribute strategy")
+    p.add_argument("--strategy", choices=list(distribute.STRATEGIES),
+                   help="tf.distribute strategy: mirrored = local devices; multiworker = several hosts "
+                   "(TF_CONFIG on each, see README)")
     p.add_argument("--logical-cpus", type=int, help="split the CPU into N logical devices (to test mirrored)")
     p.add_argument("--crop", type=float, help="default preset: border fraction blanked (default 0.12)")
     p.add_argument("--contrast", choices=["standard", "local"],
@@ -1123,6 +1120,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log(f"error: {exc}")
         return 2
+    if run is None:  # a non-chief worker of a multi-worker run
+        log("worker finished; the chief wrote the run folder")
+        return 0
     result = {"run": str(run), "config": runs.read_config(run)}
     if (run / "metrics.json").is_file():
         result["metrics"] = runs.read_metrics(run)

@@ -9,11 +9,15 @@ is loaded, and its sha256 checked, again); arrays by content (Streamlit hashes t
 sessions never see each other's results under a wrong key. Streamlit leaves ``_``-named
 arguments out of a cache key, so no key argument here starts with ``_``.
 Nothing here computes a metric, touches pixels or builds a model: it only calls ``core``.
+Model work inside the cached calls runs in a :func:`core.work.slot` (a bounded, first-come
+first-served line shared by all sessions), so many sessions at once slow down instead of
+running out of memory; cache hits never wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import config, runs
+from core import config, runs, work
 
 NO_DATA = (
     "This page needs the chest X-ray images, which are not in the repository: get them with "
@@ -214,7 +218,19 @@ def seed_runs(run: Path) -> pd.DataFrame:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
 def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
-    return runs.load_model(run)
+    model = runs.load_model(run)
+    try:  # the Explain page needs it for every film: load it with the model, before the freeze
+        from core import lungs
+
+        lungs.lung_model()
+    except (FileNotFoundError, OSError, ValueError):
+        pass
+    # Streamlit collects garbage after every script run (gc.collect(2), and keras'
+    # clear_session() collects again): with TensorFlow's ~400k objects that is ~0.2-0.5 s each,
+    # holding the GIL, so each session's run stalls all the others. Freezing what is loaded now
+    # (modules, models) leaves those collections only the objects the sessions create.
+    gc.freeze()
+    return model
 
 
 def model_key(run: Path | str) -> tuple:
@@ -246,7 +262,9 @@ def probabilities(run: str, image: np.ndarray) -> np.ndarray:
 def _probabilities(run: str, key: tuple, image: np.ndarray) -> np.ndarray:
     from core import model as cmodel
 
-    return cmodel.probabilities(model(Path(run)), image)[0]
+    m = model(Path(run))
+    with work.slot():
+        return cmodel.probabilities(m, image)[0]
 
 
 def conv_layers(run: str) -> list[str]:
@@ -272,7 +290,9 @@ def heatmap(run: str, image: np.ndarray, method: str, class_index: int = 0, laye
 def _heatmap(run: str, key: tuple, image: np.ndarray, method: str, class_index: int, layer: str | None) -> np.ndarray:
     from core import explain
 
-    return explain.explain(model(Path(run)), image, method, class_index=class_index, layer=layer)
+    m = model(Path(run))
+    with work.slot():
+        return explain.explain(m, image, method, class_index=class_index, layer=layer)
 
 
 # --------------------------------------------------------------------------- one film (Explain page)
@@ -297,12 +317,14 @@ def _film(run: str, key: tuple, config_stamp: tuple | None, image: np.ndarray, d
     from core.severity import LUNG_SIDE  # the lung mask and the severity's lung statistics use one copy
 
     m = model(Path(run))
-    x, boxes, fb = inputs.prepare([image], int(m.input_shape[1]), inputs.settings(run_config(Path(run))))
+    crop = inputs.settings(run_config(Path(run)))
     small = explain.display_film(image, LUNG_SIDE)
-    try:
-        mask = lungs.mask(small)
-    except (FileNotFoundError, OSError, ValueError):
-        mask = None
+    with work.slot():  # the lung U-Net runs here (and in prepare, for a lung-crop run)
+        x, boxes, fb = inputs.prepare([image], int(m.input_shape[1]), crop)
+        try:
+            mask = lungs.mask(small)
+        except (FileNotFoundError, OSError, ValueError):
+            mask = None
     return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fb[0]),
             "shown": (np.clip(explain.display_film(image), 0, 255) + 0.5).astype(np.uint8),
             "small": small, "lungs": mask, "warnings": checks.image_warnings(image, data, lungs=mask)}
@@ -317,7 +339,9 @@ def faithfulness(run: str, x: np.ndarray, hmap: np.ndarray, class_index: int) ->
 def _faithfulness(run: str, key: tuple, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
     from core import trust as ctrust
 
-    return ctrust.faithfulness(model(Path(run)), x, hmap, class_index)
+    m = model(Path(run))
+    with work.slot():
+        return ctrust.faithfulness(m, x, hmap, class_index)
 
 
 def features(run: str, x: np.ndarray) -> np.ndarray:
@@ -329,7 +353,9 @@ def features(run: str, x: np.ndarray) -> np.ndarray:
 def _features(run: str, key: tuple, x: np.ndarray) -> np.ndarray:
     from core import model as cmodel
 
-    return cmodel.features(model(Path(run)), x)
+    m = model(Path(run))
+    with work.slot():
+        return cmodel.features(m, x)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -535,7 +561,9 @@ def _audit_cases(run: str, key: tuple, root: str, paths: tuple[str, ...], method
                  file_stamps: tuple) -> list[dict]:
     from core import findings
 
-    return findings.case_images(model(Path(run)), run_config(Path(run)), root, list(paths), method)
+    m, cfg = model(Path(run)), run_config(Path(run))
+    with work.slot():
+        return findings.case_images(m, cfg, root, list(paths), method)
 
 
 def audit_cases(run: Path, root: str, paths: tuple[str, ...], method: str) -> list[dict]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -82,3 +83,83 @@ def test_p_covid_is_higher_on_covid_images(cxr_root, shipped_run):
     assert roc_auc_score(y, p) > 0.85
     # and the other column is its complement, so reading p_other as P(covid) would fail the check
     assert roc_auc_score(y, df["p_other"]) < 0.15
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+    """A copy of the shipped run whose config.json asks for the lung crop (defaults)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("runs") / "lung-crop"
+    shutil.copytree(config.DEFAULT_RUN, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["lung_crop"] = {}
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    return run
+
+
+def _films(cxr_root, n):
+    from test_load import pool_files
+
+    return pool_files(cxr_root, n)
+
+
+def test_parse_shard():
+    assert predict.parse_shard("2/8") == (2, 8) and predict.parse_shard("1/1") == (1, 1)
+    for bad in ("0/4", "5/4", "a/b", "3", "1/2/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            predict.parse_shard(bad)
+    parts = [predict.shard(list(range(10)), i, 3) for i in (1, 2, 3)]
+    assert sum(parts, []) == list(range(10)) and [len(p) for p in parts] == [3, 3, 4]
+    assert sum((predict.shard([1, 2], i, 4) for i in range(1, 5)), []) == [1, 2]  # more parts than files
+    parts = [predict.shard(list(range(14)), i, 3, batch_size=4) for i in (1, 2, 3)]  # 4 batches: 1, 1, 2
+    assert sum(parts, []) == list(range(14)) and [p[0] % 4 for p in parts] == [0, 0, 0]
+
+
+def test_shards_concatenate_to_the_whole_csv(cxr_root, tmp_path, capsys):
+    folder = tmp_path / "archive"
+    for sub, f in (("a", f) if i % 2 else ("b", f) for i, f in enumerate(_films(cxr_root, 13))):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / f.name).write_bytes(f.read_bytes())
+    (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    whole = tmp_path / "whole.csv"
+    assert predict.main([str(folder), "--csv", str(whole), "--batch-size", "4"]) == 0
+    parts = []
+    for i in (1, 2, 3):  # 14 files in batches of 4: parts of 1, 1 and 2 batches
+        parts.append(tmp_path / f"part{i}.csv")
+        predict.main([str(folder), "--shard", f"{i}/3", "--csv", str(parts[-1]), "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert err.count("broken.png") == 2  # reported by the whole run and by the one shard that holds it
+    text = [p.read_text().splitlines() for p in parts]
+    assert whole.read_text().splitlines() == text[0][:1] + sum((t[1:] for t in text), [])
+    assert len(pd.read_csv(whole)) == 13 and [len(t) - 1 for t in text] == [4, 3, 6]
+    with pytest.raises(SystemExit):
+        predict.main([str(folder), "--shard", "0/3"])
+    assert "numbered 1..N" in capsys.readouterr().err
+
+
+def test_batch_prediction_prepares_films_through_core_inputs(cxr_root, crop_run):
+    """A lung-crop run: each row is what core.inputs.load + the model give, not the whole film."""
+    from core import inputs
+
+    files = _films(cxr_root, 6)
+    model = runs.load_model(crop_run)
+    crop = inputs.settings(runs.read_config(crop_run))
+    df, errors = predict.predict_paths(model, files, lung_crop=crop, batch_size=4, workers=2)
+    assert not errors and df["path"].tolist() == [str(f) for f in files]
+    assert "fell_back" in df.columns
+    size = model_lib.input_size(model)
+    whole = []
+    for f, row in zip(files, df.itertuples(), strict=True):
+        x, box, fell_back, film = inputs.load(f, size, crop)
+        assert row.p_covid == pytest.approx(float(model_lib.probabilities(model, x)[0, config.COVID_INDEX]), abs=1e-5)
+        assert row.fell_back == fell_back
+        whole.append(float(model_lib.probabilities(model, inputs.prepare([film], size)[0])[0, config.COVID_INDEX]))
+    assert np.abs(df["p_covid"].to_numpy() - np.array(whole)).max() > 1e-3  # the crop changed the answers
+
+
+def test_cli_uses_the_run_lung_crop(cxr_root, crop_run, capsys):
+    files = _films(cxr_root, 3)
+    assert predict.main([str(f) for f in files] + ["--run", str(crop_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 3 and all("fell_back" in r for r in out["predictions"])

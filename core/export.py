@@ -1,0 +1,190 @@
+"""Serving export: ``python -m core.export RUN --out DIR [--json]``.
+
+Writes a TensorFlow SavedModel that TensorFlow Serving loads as it is (``DIR`` is one version
+folder, e.g. ``serving/cxr/1``). Its ``serving_default`` signature takes what a client has,
+decoded grey films, and does every other step inside:
+
+- input ``image``: float32 ``(batch, height, width, 1)``, raw grey pixels in [0, 255] as
+  :func:`core.images.decode` gives them; any height and width, one size for the whole batch
+  (send one film per request for films of different sizes);
+- outputs ``p_covid`` ``(batch,)`` = P(COVID-19), ``probs`` ``(batch, n_classes)`` (the run's
+  classes, COVID-19 first), ``box`` ``(batch, 4)`` the region the network saw (y0, x0, y1, x1,
+  fractions of the film) and ``fell_back`` ``(batch,)``: True where the run crops to the lungs
+  but none were found, so the whole film was used (show :data:`core.inputs.FALLBACK_WARNING`).
+
+The preparation is :mod:`core.inputs` rewritten in TensorFlow ops: the resize of
+:func:`core.images.resize` (area when shrinking, bilinear otherwise), and for a run whose config
+has ``lung_crop``, the shipped lung U-Net (:mod:`core.lungs`) on the film at the net's size, the
+box rule of :func:`core.inputs.lung_box` (threshold, trimmed mass per axis, margin, the
+min_area / min_side fallback to the whole film), the pixel bounds of :func:`core.inputs.crop`,
+the crop and the resize. ``tests/test_export.py`` compares both paths on real films.
+``DIR/export.json`` records the run, its model's sha256, the lung-crop settings and the
+signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core import config, inputs, runs
+
+SIGNATURE = "serving_default"
+
+
+def resize(img, size: int):
+    """:func:`core.images.resize` in TF ops: (h, w, 1) or (n, h, w, 1) -> (.., size, size, 1);
+    area interpolation when ``size`` is below the longer side, bilinear otherwise (as cv2)."""
+    import tensorflow as tf
+
+    h, w = tf.shape(img)[-3], tf.shape(img)[-2]
+    return tf.cond(
+        size < tf.maximum(h, w),
+        lambda: tf.image.resize(img, [size, size], method="area"),
+        lambda: tf.image.resize(img, [size, size], method="bilinear"),
+    )
+
+
+def lung_box(prob, crop: dict):
+    """:func:`core.inputs.lung_box` in TF ops on one (n, n) probability map.
+
+    Returns ``(box float64 (4,), found bool)``; ``box`` is the whole film when not found. All
+    arithmetic is float64 on integer pixel counts, as numpy does it, so the rule is the same.
+    """
+    import tensorflow as tf
+
+    c = {**inputs.LUNG_CROP, **crop}
+    m = tf.cast(prob >= c["threshold"], tf.float64)
+    h, w = tf.shape(prob, out_type=tf.int64)[0], tf.shape(prob, out_type=tf.int64)[1]
+    total = tf.reduce_sum(m)
+
+    def span(counts, n):
+        cum = tf.cumsum(counts)
+        lo = tf.searchsorted(cum, [c["trim"] * total], side="right", out_type=tf.int64)[0]
+        hi = tf.searchsorted(cum, [(1.0 - c["trim"]) * total], side="left", out_type=tf.int64)[0] + 1
+        n_f = tf.cast(n, tf.float64)
+        return tf.cast(lo, tf.float64) / n_f, tf.cast(tf.minimum(hi, n), tf.float64) / n_f
+
+    y0, y1 = span(tf.reduce_sum(m, axis=1), h)
+    x0, x1 = span(tf.reduce_sum(m, axis=0), w)
+    found = (total >= c["min_area"] * tf.cast(h * w, tf.float64)) & (y1 - y0 >= c["min_side"]) & (
+        x1 - x0 >= c["min_side"])
+    dy, dx = c["margin"] * (y1 - y0), c["margin"] * (x1 - x0)
+    zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
+    box = tf.stack([tf.maximum(zero, y0 - dy), tf.maximum(zero, x0 - dx),
+                    tf.minimum(one, y1 + dy), tf.minimum(one, x1 + dx)])
+    return tf.where(found, box, tf.constant(inputs.FULL_BOX, tf.float64)), found
+
+
+def crop(film, box):
+    """:func:`core.inputs.crop` in TF ops: the part of ``film`` (h, w, 1) inside the fractional box."""
+    import tensorflow as tf
+
+    shape = tf.shape(film, out_type=tf.int64)
+    h, w = shape[0], shape[1]
+    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+    y0, x0 = tf.cast(tf.floor(box[0] * hf), tf.int64), tf.cast(tf.floor(box[1] * wf), tf.int64)
+    y1 = tf.minimum(h, tf.maximum(y0 + 1, tf.cast(tf.math.ceil(box[2] * hf), tf.int64)))
+    x1 = tf.minimum(w, tf.maximum(x0 + 1, tf.cast(tf.math.ceil(box[3] * wf), tf.int64)))
+    return film[y0:y1, x0:x1]
+
+
+def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | None = None):
+    """The signature's function: films (n, h, w, 1) -> dict of p_covid, probs, box, fell_back."""
+    import tensorflow as tf
+
+    from core import model as model_lib
+
+    size = model_lib.input_size(model)
+
+    def prepare(films):
+        n = tf.shape(films)[0]
+        if lung_crop is None:
+            return resize(films, size), tf.tile(tf.constant([inputs.FULL_BOX], tf.float64), [n, 1]), tf.zeros([n], tf.bool)
+        probs = lung_model(resize(films, net_size), training=False)[..., 0]
+
+        def one(args):
+            film, prob = args
+            box, found = lung_box(prob, lung_crop)
+            return resize(crop(film, box), size), box, tf.logical_not(found)
+
+        sig = (tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([4], tf.float64), tf.TensorSpec([], tf.bool))
+        return tf.map_fn(one, (films, probs), fn_output_signature=sig)
+
+    def serve(image):
+        x, box, fell_back = prepare(tf.cast(image, tf.float32))
+        probs = model(x, training=False)
+        return {"p_covid": probs[:, config.COVID_INDEX], "probs": probs, "box": box, "fell_back": fell_back}
+
+    return serve
+
+
+def export(run, out) -> dict:
+    """Write the SavedModel of ``run`` to ``out`` (created; must not exist or be empty); return
+    what ``export.json`` records."""
+    import keras
+    import tensorflow as tf
+
+    run = runs.resolve_run(run)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise runs.RunError(f"{out} is not empty; export into a new folder (TF Serving: <model>/<version>)")
+    cfg = runs.read_config(run)
+    model = runs.load_model(run)
+    crop_cfg = inputs.settings(cfg)
+    lung_model = net = None
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if crop_cfg is not None:
+        from core import lungs
+
+        lung_model, net = lungs.lung_model(), lungs.net_size()
+        archive.track(lung_model)
+    fn = serving_fn(model, crop_cfg, lung_model, net)
+    archive.add_endpoint(SIGNATURE, fn, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
+    archive.write_out(str(out), verbose=False)
+    classes = list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
+    record = {
+        "run": str(run),
+        "model_sha256": runs.sha256(run / "model.keras"),
+        "classes": classes,
+        "lung_crop": crop_cfg,
+        "lung_net_size": net,
+        "signature": {
+            "name": SIGNATURE,
+            "inputs": {"image": "float32 (batch, height, width, 1): raw grey films in [0, 255], one size per batch"},
+            "outputs": {
+                "p_covid": "float32 (batch,): P(COVID-19)",
+                "probs": f"float32 (batch, {len(classes)}): {', '.join(classes)}",
+                "box": "float64 (batch, 4): region the network saw, y0 x0 y1 x1 as fractions of the film",
+                "fell_back": "bool (batch,): lung crop asked for but no lungs found (whole film used)",
+            },
+        },
+    }
+    (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m core.export",
+        description="Export a run as a TensorFlow SavedModel for TF Serving: grey films in, P(covid) out, "
+        "preparation (resize, the run's lung crop) inside. Use a version folder, e.g. --out serving/cxr/1.",
+    )
+    p.add_argument("run", nargs="?", help="run folder (default: the shipped model in assets/model)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the SavedModel")
+    p.add_argument("--json", action="store_true", help="print what export.json records as one JSON object")
+    a = p.parse_args(argv)
+    try:
+        record = export(a.run, a.out)
+    except (runs.RunError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record) if a.json else f"SavedModel written to {a.out} (signature {SIGNATURE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
