@@ -909,6 +909,8 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
     _check(cfg)
     distribute.check(cfg.get("strategy"), resume=bool(cfg.get("resume")))  # before any work (TF_CONFIG)
     _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
+    # before TensorFlow runs anything (the lung crop does): collectives are configured at creation
+    strategy = distribute.strategy(cfg.get("strategy"))
     root = config.data_dir(cfg["data"])
     runs_root = distribute.runs_root(config.runs_dir(cfg["runs"]), cfg.get("strategy"))  # chief only
     cfg["data"] = str(root)
@@ -925,7 +927,6 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
         f"{cfg['members']} member(s); test {int((data['rest']['split'] == 'test').sum())}, "
         f"external {int((data['rest']['split'] == 'external').sum())}")
 
-    strategy = distribute.strategy(cfg.get("strategy"))
     t1 = time.time()
     nets = []
     for member in range(int(cfg["members"])):
