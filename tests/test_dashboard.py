@@ -560,3 +560,28 @@ def test_swapped_model_is_loaded_and_checked_again(tmp_path, monkeypatch, shippe
     assert not at.exception, [e.value for e in at.exception]
     assert any("sha256" in e.value for e in at.error), [e.value for e in at.error]
     assert not any(m.label == "P(covid)" for m in at.metric)
+
+
+def test_evaluation_page_opens_with_the_leave_one_source_out_table(tmp_path, monkeypatch, shipped_run):
+    """The headline of the Evaluation page is the run's crossval.json, row by row, mean and worst."""
+    from core import crossval
+
+    run = _copy_of_shipped(tmp_path, monkeypatch)
+    folds = {"nih": {"n": 220, "roc_auc": {"value": 0.611, "ci_low": 0.55, "ci_high": 0.67},
+                     "specificity": {"value": 0.123, "ci_low": 0.08, "ci_high": 0.17}},
+             "hannover": {"n": 166, "roc_auc": {"value": 0.944, "ci_low": 0.91, "ci_high": 0.97},
+                          "sensitivity": {"value": 0.981, "ci_low": 0.96, "ci_high": 1.0}}}
+    runs.write_json(run / "crossval.json", crossval.summarise(folds))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["run"] = str(run)
+    at.run()
+    at.switch_page("views/evaluation.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = next(d.value for d in at.dataframe if "held-out source" in d.value.columns)
+    assert table["held-out source"].tolist() == ["nih", "hannover"]
+    assert table["AUC vs other class [95% CI]"].tolist() == ["0.611 [0.550, 0.670]", "0.944 [0.910, 0.970]"]
+    assert table["specificity"].tolist()[0] == "0.123 [0.080, 0.170]"
+    assert "Mean AUC 0.78, worst 0.61 (nih)" in texts(at)
+    (run / "crossval.json").unlink()
+    at.run()
+    assert "has no leave-one-source-out table" in texts(at)
