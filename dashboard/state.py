@@ -223,12 +223,37 @@ def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
         lungs.lung_model()
     except (FileNotFoundError, OSError, ValueError):
         pass
-    # Streamlit collects garbage after every script run (gc.collect(2), and keras'
-    # clear_session() collects again): with TensorFlow's ~400k objects that is ~0.2-0.5 s each,
-    # holding the GIL, so each session's run stalls all the others. Freezing what is loaded now
-    # (modules, models) leaves those collections only the objects the sessions create.
+    # Streamlit collects garbage after every script run (gc.collect(2)): with TensorFlow's ~400k
+    # objects that is ~0.2-0.5 s each, holding the GIL, so each session's run stalls all the
+    # others. Freezing what is loaded now (modules, models) leaves it only the objects the
+    # sessions create.
     gc.freeze()
+    keep_tensorflow_kernels()
     return model
+
+
+def keep_tensorflow_kernels() -> None:
+    """Stop Streamlit's after-run clean-up from emptying TensorFlow's kernel cache.
+
+    After every script run (a page, a fragment) Streamlit calls ``keras.backend.clear_session()``
+    when Keras is imported, for scripts that build models on each run. That empties TensorFlow's
+    kernel cache, so the next call of every traced model function re-instantiates its kernels:
+    measured on this app's models, 12-15x the call itself (lung mask 14 -> 210 ms, probabilities
+    5 -> 58 ms, Grad-CAM 5 -> 55 ms), about 0.4 s of CPU per upload. The dashboard builds no
+    model in a script run (models are loaded once, in ``st.cache_resource``; Keras' own
+    per-thread state is fresh in every script thread anyway), so in this process
+    ``clear_session`` does nothing; Streamlit's own ``gc.collect`` still runs after each run.
+    """
+    import keras
+
+    if getattr(keras.backend.clear_session, "keeps_kernels", False):
+        return
+
+    def clear_session(free_memory: bool = True) -> None:
+        """Nothing to clear in the dashboard (see dashboard.state.keep_tensorflow_kernels)."""
+
+    clear_session.keeps_kernels = True
+    keras.backend.clear_session = clear_session
 
 
 def model_key(run: Path | str) -> tuple:

@@ -163,7 +163,8 @@ def test_slots_from_the_environment(monkeypatch):
 def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
     """The page's analysis of a film (dashboard.state.case) waits in line and says so before it
     waits; loading the model freezes the heap (Streamlit's full collection after every script
-    run then skips TensorFlow's objects); a film already analysed never waits."""
+    run then skips TensorFlow's objects) and keeps TensorFlow's kernels across script runs; a
+    film already analysed never waits."""
     import gc
 
     from test_dashboard import chest_like_png
@@ -171,9 +172,13 @@ def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
     from core import config
     from dashboard import state
 
+    import keras
+
     run = config.DEFAULT_RUN
     state.model(run)
     assert gc.get_freeze_count() > 50_000
+    # Streamlit's after-run keras.backend.clear_session() no longer empties TensorFlow's kernel cache.
+    assert getattr(keras.backend.clear_session, "keeps_kernels", False)
     work.configure(1)
     data = chest_like_png(seed=11)
     got, told = {}, []
