@@ -727,21 +727,36 @@ def _to_rgb(image) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img
 
 
+def quantize(heatmap) -> np.ndarray:
+    """A [0, 1] heatmap as uint8 levels 0-255, the levels :func:`colorize` maps to colours
+    (a quarter of the memory of float32; :func:`colorize` and :func:`overlay` take it as is)."""
+    h = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    return (np.clip(h, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def colorize(heatmap, colormap: str = "jet", size: tuple[int, int] | None = None) -> np.ndarray:
-    """A [0, 1] heatmap as a uint8 RGB picture, resized to ``size`` = (H, W) if given."""
-    h = np.nan_to_num(np.asarray(heatmap, dtype=np.float32).squeeze())
+    """A heatmap as a uint8 RGB picture, resized to ``size`` = (H, W) if given.
+
+    ``heatmap`` is float in [0, 1], or uint8 levels from :func:`quantize` (the same colours).
+    """
+    h = np.asarray(heatmap).squeeze()
     if h.ndim != 2:
         raise ValueError(f"expected a 2-D heatmap; got shape {np.shape(heatmap)}")
-    if size is not None and h.shape != tuple(size):
+    if h.dtype != np.uint8:
+        h = np.nan_to_num(h.astype(np.float32, copy=False))
+        if size is not None and h.shape != tuple(size):
+            h = cv2.resize(h, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        h = quantize(h)
+    elif size is not None and h.shape != tuple(size):
         h = cv2.resize(h, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    h8 = (np.clip(h, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(h8, _colormap(colormap)), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(cv2.applyColorMap(h, _colormap(colormap)), cv2.COLOR_BGR2RGB)
 
 
 def overlay(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:
     """Blend a colour-mapped heatmap over the image: uint8 RGB (H, W, 3) at the image's size.
 
-    ``image`` is grey (H, W) in [0, 255] (or RGB); ``heatmap`` any size in [0, 1] (resized);
+    ``image`` is grey (H, W) in [0, 255] (or RGB); ``heatmap`` any size in [0, 1] (resized), or
+    uint8 levels from :func:`quantize`;
     ``alpha`` in [0, 1] is the heatmap's weight: 0 returns the image itself.
     """
     if not 0.0 <= float(alpha) <= 1.0:
@@ -815,9 +830,9 @@ def film_views(film, heat_film, view: str = "overlay", alpha: float = 0.4, color
     """The pictures of one view of a heatmap on the original film, each uint8 RGB at the film's size.
 
     ``film`` is the grey film at display resolution, ``heat_film`` the map already on it
-    (:func:`core.inputs.to_film`). ``view``: ``"overlay"`` -> [overlay]; ``"side by side"`` ->
-    [film, overlay] (to be shown with linked zoom); ``"wipe"`` -> [overlay left of ``position``,
-    film right of it]. ``lung_mask`` draws the lungs' outline on every picture; ``box`` (not the
+    (:func:`core.inputs.to_film`; float in [0, 1] or uint8 levels from :func:`quantize`).
+    ``view``: ``"overlay"`` -> [overlay]; ``"side by side"`` -> [film, overlay] (to be shown with
+    linked zoom); ``"wipe"`` -> [overlay left of ``position``, film right of it]. ``lung_mask`` draws the lungs' outline on every picture; ``box`` (not the
     whole film) marks the region a lung-cropped network saw.
     """
     if view not in VIEWS:

@@ -500,9 +500,15 @@ def estimate(record: dict, film: np.ndarray, model=None, cfg: dict | None = None
     return estimate_prepared(record, x, _small(film), model)
 
 
-def estimate_prepared(record: dict, x: np.ndarray | None, small: np.ndarray, model=None) -> dict:
+def estimate_prepared(record: dict, x: np.ndarray | None, small: np.ndarray, model=None, *,
+                      features: np.ndarray | None = None, mask: np.ndarray | None = None) -> dict:
     """:func:`estimate` from what the caller already has: the network's input ``x`` (through
-    :mod:`core.inputs`) and the film at most :data:`LUNG_SIDE` px (for the lung statistics)."""
+    :mod:`core.inputs`) and the film at most :data:`LUNG_SIDE` px (for the lung statistics).
+
+    A caller that has already computed them passes the classifier's penultimate ``features``
+    of ``x`` (:func:`core.model.features`, shape (1, d)) and the lung ``mask`` of ``small``
+    (:func:`core.lungs.mask`); then neither network runs again here.
+    """
     from core import lungs
 
     kinds = {k for m in record["models"].values() for k in m["features"]}
@@ -510,10 +516,11 @@ def estimate_prepared(record: dict, x: np.ndarray | None, small: np.ndarray, mod
     if kinds & {"classifier", "both"}:
         from core import model as cmodel
 
-        feats["classifier"] = cmodel.features(model, np.asarray(x, np.float32)[None])
+        feats["classifier"] = (np.asarray(features, np.float32).reshape(1, -1) if features is not None
+                               else cmodel.features(model, np.asarray(x, np.float32)[None]))
     if kinds & {"lungs", "both"}:
         small = np.asarray(small, np.float32)
-        feats["lungs"] = lung_features(small, lungs.mask(small))[None]
+        feats["lungs"] = lung_features(small, lungs.mask(small) if mask is None else mask)[None]
     if "both" in kinds:
         feats["both"] = np.concatenate([feats["classifier"], feats["lungs"]], axis=1)
     out = {}

@@ -6,18 +6,22 @@ through :mod:`dashboard.state`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from core import report
+from core import report, work
 from dashboard import state
 
 SLOW = {"scorecam", "smoothgrad"}
 MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
 TRUST_TITLE = "How far to trust this map"
 FIG_HEIGHT = 620  # pixels of one overlay figure
+QUEUED = ("Queued: the server is busy with other people's films ({ahead} waiting before yours; it analyses "
+          "{slots} at a time). Yours starts as soon as a place is free.")
+WAITED = "This film waited {s:.1f} s in line: the server was busy with other people's films."
 
 
 def controls(run: Path, key: str) -> dict:
@@ -91,8 +95,9 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     return call
 
 
-def severity_for(run: Path, x: np.ndarray, small: np.ndarray, call: str) -> tuple[dict | None, str]:
-    """The severity estimate for a film the classifier calls COVID-19, or None and why not."""
+def severity_for(run: Path, entry: dict, call: str) -> tuple[dict | None, str]:
+    """The severity estimate of an analysed film (:func:`dashboard.state.case`) the classifier
+    calls COVID-19, or None and why not."""
     from core import severity
 
     if call != "covid":
@@ -103,7 +108,7 @@ def severity_for(run: Path, x: np.ndarray, small: np.ndarray, call: str) -> tupl
     why = severity.usable(record, state.model_sha256(run))
     if why:
         return None, f"No severity estimate: {why}."
-    return state.severity(str(run), x, small), severity.TRAINED_ON.format(
+    return state.severity(run, entry), severity.TRAINED_ON.format(
         n=record["cv"]["n_images"], p=record["cv"]["n_patients"])
 
 
@@ -158,49 +163,60 @@ def figure(pics: list[np.ndarray], titles: list[str], height: int | None = None)
                               "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "rgba(0,0,0,0)"})
 
 
-def show_case(run: Path, film: np.ndarray, *, data: bytes | None = None, case_id: str = "uploaded image",
+def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, case_id: str = "uploaded image",
               key: str = "case") -> None:
     """Answer, severity, heatmaps on the original film with a trust panel each, and downloads.
 
-    ``film`` is the decoded grey film at its own resolution, ``data`` the original bytes (for
-    the colour check). The heavy work (network input, maps, lung mask, faithfulness, features)
-    goes through cached calls in :mod:`dashboard.state`; view changes (opacity, colormap,
-    outline, view, wipe) rerun only a fragment that redraws.
+    ``data`` are the film's bytes and ``name`` its file name; ``colour_check`` for uploads (the
+    colour check needs the original bytes). The film is analysed once per session
+    (:func:`dashboard.state.case`: decode, checks, network input, lung mask, probabilities,
+    features and the maps, in one model slot; "queued" is shown while it waits for one); reruns
+    for the controls only look it up, and view changes (opacity, colormap, outline, view, wipe)
+    rerun only a fragment that redraws.
     """
-    from core import explain, inputs, trust
+    from core import explain, images, inputs, trust
 
-    head = st.container()
-    opts = controls(run, key)
+    notice, head, ctrl = st.empty(), st.container(), st.empty()
+    with ctrl.container():
+        opts = controls(run, key)
     if not opts["methods"]:
         st.info("Pick at least one explanation method.")
         return
+    ci, layer = opts["class_index"], opts["layer"]
+
+    def queued(ahead: int) -> None:
+        notice.info(QUEUED.format(ahead=ahead, slots=work.slots()), icon=":material/hourglass_top:")
+
+    try:
+        with st.spinner("Score-CAM and SmoothGrad take seconds...") if SLOW & set(opts["methods"]) else nullcontext():
+            entry, waited = state.case(run, data, name, colour_check=colour_check,
+                                       maps=[(m, ci, layer) for m in opts["methods"]], on_wait=queued)
+    except images.ImageError as exc:
+        notice.empty()
+        ctrl.empty()
+        st.error(state.error_sentence(exc))
+        return
+    if waited is not None:
+        notice.caption(WAITED.format(s=waited))
     classes = state.run_classes(run)
-    f = state.film(str(run), film, data)
-    x, box, fell_back, shown, warnings, mask_film = (f[k] for k in ("x", "box", "fell_back", "shown", "warnings",
-                                                                    "lungs"))
-    probs = state.probabilities(str(run), x)
+    x, box, warnings, mask_film = entry["x"], entry["box"], entry["warnings"], entry["lungs"]
     mask_net = None if mask_film is None else inputs.from_film(mask_film, box, x.shape[0]) >= 0.5
-    feats = state.features(str(run), x)
-    ci = opts["class_index"]
     maps = []
     for method in opts["methods"]:
-        with st.spinner(f"{explain.TITLES.get(method, method)}..."):
-            hmap = state.heatmap(str(run), x, method, ci, opts["layer"])
-            faith = state.faithfulness(str(run), x, hmap, ci)
-        rows = trust.panel(hmap, mask_net, faith, method=method, audit_summary=state.audit_summary(run),
+        got = entry["maps"][(method, ci, layer)]
+        rows = trust.panel(got["hmap"], mask_net, got["faith"], method=method, audit_summary=state.audit_summary(run),
                            model_sha256=state.model_sha256(run), warnings=warnings,
-                           reference=state.ood_reference(run), features=feats, class_name=classes[ci])
-        maps.append({"method": method, "title": explain.TITLES.get(method, method),
-                     "heat": inputs.to_film(hmap, box, shown.shape), "rows": rows})
+                           reference=state.ood_reference(run), features=entry["features"], class_name=classes[ci])
+        maps.append({"method": method, "title": explain.TITLES.get(method, method), "heat": got["heat"], "rows": rows})
     with head:
-        call = show_probabilities(run, probs, warnings)
-        if fell_back:
+        call = show_probabilities(run, entry["probs"], warnings)
+        if entry["fell_back"]:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, x, f["small"], call) if not warnings else (None, "")
+        est, note = severity_for(run, entry, call) if not warnings else (None, "")
         if not warnings:
             show_severity(est, note)
-    probs_d = {c: float(p) for c, p in zip(classes, probs, strict=False)}
-    case = {"run": run, "x": x, "film": shown, "box": box, "mask": mask_film, "maps": maps, "probs": probs_d,
+    probs_d = {c: float(p) for c, p in zip(classes, entry["probs"], strict=False)}
+    case = {"run": run, "x": x, "film": entry["shown"], "box": box, "mask": mask_film, "maps": maps, "probs": probs_d,
             "warnings": warnings, "severity": est, "severity_note": note, "case_id": case_id,
             "class_name": classes[ci], "threshold": state.threshold(run), "run_label": state.run_label(str(run))}
     _views(case, key)

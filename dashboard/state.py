@@ -1,24 +1,32 @@
 """Shared state of the dashboard: which run and data root, and cached calls into ``core``.
 
 Models live in ``st.cache_resource`` (one shared, never-modified copy per process); tables,
-predictions and heatmaps in ``st.cache_data`` (in memory only, bounded by ``max_entries`` so
-that hundreds of uploads do not grow the process). Every cache is keyed on what it reads: a
-file by its path and :func:`stamp` (size, mtime, inode), so a run that ``core.evaluate``,
-``core.audit`` or ``core.train --recalibrate`` rewrites is re-read (and a swapped model.keras
-is loaded, and its sha256 checked, again); arrays by content (Streamlit hashes them), so
-sessions never see each other's results under a wrong key. Streamlit leaves ``_``-named
-arguments out of a cache key, so no key argument here starts with ``_``.
+predictions and dataset heatmaps in ``st.cache_data`` (in memory only, bounded by
+``max_entries``). Every cache is keyed on what it reads: a file by its path and :func:`stamp`
+(size, mtime, inode), so a run that ``core.evaluate``, ``core.audit`` or
+``core.train --recalibrate`` rewrites is re-read (and a swapped model.keras is loaded, and its
+sha256 checked, again). Streamlit leaves ``_``-named arguments out of a cache key, so no key
+argument here starts with ``_``.
+A film on the Explain page (an upload, or a dataset film opened there or on the Misclassified
+page) is analysed once per session by :func:`case` and kept in that session's own state, keyed
+by the sha256 of its bytes: never shared across sessions, a few films per session and a bound
+over all sessions together, so hundreds of uploads do not grow the process.
 Nothing here computes a metric, touches pixels or builds a model: it only calls ``core``.
-Model work inside the cached calls runs in a :func:`core.work.slot` (a bounded, first-come
-first-served line shared by all sessions), so many sessions at once slow down instead of
-running out of memory; cache hits never wait.
+Model work runs in a :func:`core.work.slot` (a bounded, first-come first-served line shared by
+all sessions), so many sessions at once slow down instead of running out of memory; cache
+hits never wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import hashlib
 import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +42,8 @@ NO_DATA = (
 )
 NO_RUN = "No model run was found: the shipped model `assets/model` is missing; train one with `python -m core.train`."
 
-HEATMAP_CACHE = 128  # heatmaps kept in memory (each 224x224 float32 = 200 kB)
-IMAGE_CACHE = 256  # decoded thumbnails / dataset images kept in memory
+HEATMAP_CACHE = 128  # audit cases (heatmaps of dataset films) kept in memory
+IMAGE_CACHE = 256  # decoded thumbnails kept in memory
 
 
 # --------------------------------------------------------------------------- arguments
@@ -225,12 +233,37 @@ def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
         lungs.lung_model()
     except (FileNotFoundError, OSError, ValueError):
         pass
-    # Streamlit collects garbage after every script run (gc.collect(2), and keras'
-    # clear_session() collects again): with TensorFlow's ~400k objects that is ~0.2-0.5 s each,
-    # holding the GIL, so each session's run stalls all the others. Freezing what is loaded now
-    # (modules, models) leaves those collections only the objects the sessions create.
+    # Streamlit collects garbage after every script run (gc.collect(2)): with TensorFlow's ~400k
+    # objects that is ~0.2-0.5 s each, holding the GIL, so each session's run stalls all the
+    # others. Freezing what is loaded now (modules, models) leaves it only the objects the
+    # sessions create.
     gc.freeze()
+    keep_tensorflow_kernels()
     return model
+
+
+def keep_tensorflow_kernels() -> None:
+    """Stop Streamlit's after-run clean-up from emptying TensorFlow's kernel cache.
+
+    After every script run (a page, a fragment) Streamlit calls ``keras.backend.clear_session()``
+    when Keras is imported, for scripts that build models on each run. That empties TensorFlow's
+    kernel cache, so the next call of every traced model function re-instantiates its kernels:
+    measured on this app's models, 12-15x the call itself (lung mask 14 -> 210 ms, probabilities
+    5 -> 58 ms, Grad-CAM 5 -> 55 ms), about 0.4 s of CPU per upload. The dashboard builds no
+    model in a script run (models are loaded once, in ``st.cache_resource``; Keras' own
+    per-thread state is fresh in every script thread anyway), so in this process
+    ``clear_session`` does nothing; Streamlit's own ``gc.collect`` still runs after each run.
+    """
+    import keras
+
+    if getattr(keras.backend.clear_session, "keeps_kernels", False):
+        return
+
+    def clear_session(free_memory: bool = True) -> None:
+        """Nothing to clear in the dashboard (see dashboard.state.keep_tensorflow_kernels)."""
+
+    clear_session.keeps_kernels = True
+    keras.backend.clear_session = clear_session
 
 
 def model_key(run: Path | str) -> tuple:
@@ -253,20 +286,6 @@ def model_size(run: Path) -> int:
     return cmodel.input_size(model(run))
 
 
-def probabilities(run: str, image: np.ndarray) -> np.ndarray:
-    """Class probabilities (n_classes,) of one raw grey image at the model's size."""
-    return _probabilities(run, model_key(run), image)
-
-
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def _probabilities(run: str, key: tuple, image: np.ndarray) -> np.ndarray:
-    from core import model as cmodel
-
-    m = model(Path(run))
-    with work.slot():
-        return cmodel.probabilities(m, image)[0]
-
-
 def conv_layers(run: str) -> list[str]:
     """Explainable convolution layers of a run's model, and the default one first."""
     return _conv_layers(run, model_key(run))
@@ -281,81 +300,128 @@ def _conv_layers(run: str, key: tuple) -> list[str]:
     return [default] + [name for name in explain.conv_layers(m) if name != default]
 
 
-def heatmap(run: str, image: np.ndarray, method: str, class_index: int = 0, layer: str | None = None) -> np.ndarray:
-    """A [0, 1] heatmap (H, W) of ``method`` for one image (see :mod:`core.explain`)."""
-    return _heatmap(run, model_key(run), image, method, class_index, layer)
-
-
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def _heatmap(run: str, key: tuple, image: np.ndarray, method: str, class_index: int, layer: str | None) -> np.ndarray:
-    from core import explain
-
-    m = model(Path(run))
-    with work.slot():
-        return explain.explain(m, image, method, class_index=class_index, layer=layer)
-
-
 # --------------------------------------------------------------------------- one film (Explain page)
 
+CASES_PER_SESSION = 2  # analysed films one session keeps: the one shown and the one before it
+CASES_IN_ALL = 32  # analysed films all sessions together keep (1-3 MB each); the oldest go first
+SHOWN_MAX = 1024  # longer side (px) of the film as sent to the browser
+SESSION_CASES = "_explain_cases"  # the session-state key of a session's analysed films
+_ALL: collections.deque = collections.deque()  # (weak reference to a session's store, key), oldest first
+_ALL_LOCK = threading.Lock()  # guards _ALL and every store (another session's thread may evict)
 
-def film(run: str, image: np.ndarray, data: bytes | None = None) -> dict:
-    """Everything the Explain page needs of one decoded film that does not depend on the map.
+MapKey = tuple[str, int, "str | None"]  # (method, class index, layer)
 
-    ``x``, ``box``, ``fell_back``: the network's input through :func:`core.inputs.prepare` (the
-    run's own lung crop or the whole film); ``shown``: the film at display resolution
-    (:func:`core.explain.display_film`, uint8); ``small``: a copy of at most core.severity.LUNG_SIDE px and its
-    lung mask ``lungs`` (None without the lung model; fractions match the film's, so
-    core.inputs.from_film applies); ``warnings``: core.checks on the film and its bytes. One
-    cached call, so the film (up to 4 MB) is hashed once per run of the page.
+
+def _store() -> collections.OrderedDict:
+    """This session's analysed films (in its session state: no other session can reach them)."""
+    store = st.session_state.get(SESSION_CASES)
+    if store is None:
+        store = st.session_state[SESSION_CASES] = collections.OrderedDict()
+    return store
+
+
+def _keep(store: collections.OrderedDict, key: tuple, entry: dict) -> None:
+    """Put ``entry`` in the session's store as its newest; evict beyond both bounds."""
+    with _ALL_LOCK:
+        fresh = key not in store
+        store[key] = entry
+        store.move_to_end(key)
+        while len(store) > CASES_PER_SESSION:
+            store.popitem(last=False)
+        if fresh:
+            _ALL.append((weakref.ref(store), key))
+        while len(_ALL) > CASES_IN_ALL:
+            ref, old = _ALL.popleft()
+            other = ref()
+            if other is not None and old != key:
+                other.pop(old, None)
+
+
+def case(run: Path, data: bytes, name: str, *, colour_check: bool = True, maps: Sequence[MapKey] = (),
+         on_wait: Callable[[int], None] | None = None) -> tuple[dict, float | None]:
+    """One film analysed for this session, and the seconds it waited in line (None: no wait).
+
+    ``data`` are the file's bytes (an upload, or a dataset file read with :func:`dataset_bytes`),
+    ``name`` its name; ``colour_check`` runs core.checks' colour check on the bytes (uploads).
+    The analysis is kept in the session's own state, keyed by the run's model and the bytes'
+    sha256 (never shared with another session, at most :data:`CASES_PER_SESSION` films per
+    session and :data:`CASES_IN_ALL` in all), so reruns of the page (a widget, a method added)
+    never decode or run the model again. What is missing (the film's analysis on the first
+    call, maps of ``maps`` = (method, class index, layer) asked for the first time) is computed
+    in ONE :func:`core.work.slot`; ``on_wait(ahead)`` is called before waiting for it (the page
+    says "queued").
+
+    The result holds the network's input ``x``, ``box``, ``fell_back`` (core.inputs.prepare, the
+    run's lung crop), ``shown`` (the film as uint8, at most :data:`SHOWN_MAX` px), ``film_shape``,
+    ``small`` (at most core.severity.LUNG_SIDE px) and its lung mask ``lungs`` (None without the
+    lung model), ``warnings`` (core.checks), ``probs``, ``features`` (penultimate, (1, d)) and
+    ``maps``: {(method, class index, layer): {"hmap" (network grid), "heat" (uint8 levels on
+    ``shown``, core.explain.quantize), "faith" (core.trust.faithfulness)}}. Raises
+    core.images.ImageError for a file that cannot be used (remembered too).
     """
-    return _film(run, model_key(run), _stamp(run, "config.json"), image, data)
+    from core import images
+
+    key = (str(run), model_key(run), hashlib.sha256(data).hexdigest(), str(name), bool(colour_check))
+    store = _store()
+    with _ALL_LOCK:
+        entry = store.get(key)
+    if entry is not None and "error" in entry:
+        raise images.ImageError(*entry["error"])
+    todo = [k for k in dict.fromkeys(maps) if entry is None or k not in entry["maps"]]
+    if entry is not None and not todo:
+        _keep(store, key, entry)
+        return entry, None
+    m = model(run)
+    with work.slot(on_wait) as ticket:
+        try:
+            if entry is None:
+                entry = _analyse(run, m, data, name, colour_check)
+        except images.ImageError as exc:
+            _keep(store, key, {"error": (exc.name, exc.reason)})
+            raise
+        for method, ci, layer in todo:
+            entry["maps"][(method, ci, layer)] = _map(m, entry, method, ci, layer)
+    _keep(store, key, entry)
+    return entry, (ticket.wait_s if ticket.waited else None)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def _film(run: str, key: tuple, config_stamp: tuple | None, image: np.ndarray, data: bytes | None) -> dict:
-    from core import checks, explain, inputs, lungs
+def _analyse(run: Path, m, data: bytes, name: str, colour_check: bool) -> dict:
+    """Decode, check, prepare, lung mask, probabilities and features of one film (see :func:`case`)."""
+    from core import checks, explain, images, inputs, lungs
+    from core import model as cmodel
     from core.severity import LUNG_SIDE  # the lung mask and the severity's lung statistics use one copy
 
-    m = model(Path(run))
-    crop = inputs.settings(run_config(Path(run)))
-    small = explain.display_film(image, LUNG_SIDE)
-    with work.slot():  # the lung U-Net runs here (and in prepare, for a lung-crop run)
-        x, boxes, fb = inputs.prepare([image], int(m.input_shape[1]), crop)
-        try:
-            mask = lungs.mask(small)
-        except (FileNotFoundError, OSError, ValueError):
-            mask = None
-    return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fb[0]),
-            "shown": (np.clip(explain.display_film(image), 0, 255) + 0.5).astype(np.uint8),
-            "small": small, "lungs": mask, "warnings": checks.image_warnings(image, data, lungs=mask)}
+    film = images.load(data, name=name)
+    x, boxes, fell_back = inputs.prepare([film], cmodel.input_size(m), inputs.settings(run_config(run)))
+    small = explain.display_film(film, LUNG_SIDE)
+    try:
+        mask = lungs.mask(small)
+    except (FileNotFoundError, OSError, ValueError):
+        mask = None
+    # the frontal-view checks read the lungs' bounding box when there is a mask (tilted films pass)
+    warnings = checks.image_warnings(film, data if colour_check else None, lungs=mask)
+    return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fell_back[0]),
+            "shown": (np.clip(explain.display_film(film, SHOWN_MAX), 0, 255) + 0.5).astype(np.uint8),
+            "film_shape": film.shape, "small": small, "lungs": mask, "warnings": warnings,
+            "probs": cmodel.probabilities(m, x)[0], "features": cmodel.features(m, x), "maps": {}}
 
 
-def faithfulness(run: str, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
-    """core.trust.faithfulness of one map (one batched forward pass)."""
-    return _faithfulness(run, model_key(run), x, hmap, class_index)
-
-
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def _faithfulness(run: str, key: tuple, x: np.ndarray, hmap: np.ndarray, class_index: int) -> dict:
+def _map(m, entry: dict, method: str, class_index: int, layer: str | None) -> dict:
+    """One heatmap of an analysed film, on the network's grid and on the shown film, and its faithfulness."""
+    from core import explain, inputs
     from core import trust as ctrust
 
-    m = model(Path(run))
-    with work.slot():
-        return ctrust.faithfulness(m, x, hmap, class_index)
+    hmap = explain.explain(m, entry["x"], method, class_index=class_index, layer=layer)
+    heat = explain.quantize(inputs.to_film(hmap, entry["box"], entry["shown"].shape))
+    return {"hmap": hmap, "heat": heat, "faith": ctrust.faithfulness(m, entry["x"], hmap, class_index)}
 
 
-def features(run: str, x: np.ndarray) -> np.ndarray:
-    """Penultimate features (1, d) of the network's input (core.model.features)."""
-    return _features(run, model_key(run), x)
+def severity(run: Path, entry: dict) -> dict:
+    """Severity estimate of an analysed film (core.severity.estimate_prepared, from its features and lung mask)."""
+    from core import severity as sev
 
-
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def _features(run: str, key: tuple, x: np.ndarray) -> np.ndarray:
-    from core import model as cmodel
-
-    m = model(Path(run))
-    with work.slot():
-        return cmodel.features(m, x)
+    return sev.estimate_prepared(severity_record(), entry["x"], entry["small"], model(run),
+                                 features=entry["features"], mask=entry["lungs"])
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -398,33 +464,15 @@ def severity_record() -> dict | None:
     return _severity_record(str(path), stamp(path))
 
 
-def severity(run: str, x: np.ndarray, small: np.ndarray) -> dict:
-    """Severity estimate (core.severity.estimate_prepared) from the network's input and the small film."""
-    from core import severity as sev
-
-    return _severity(run, model_key(run), stamp(sev.ASSET_DIR / "severity.json"), x, small)
-
-
-@st.cache_data(max_entries=HEATMAP_CACHE, show_spinner=False)
-def _severity(run: str, key: tuple, record_stamp: tuple | None, x: np.ndarray, small: np.ndarray) -> dict:
-    from core import severity as sev
-
-    return sev.estimate_prepared(severity_record(), x, small, model(Path(run)))
-
-
 # --------------------------------------------------------------------------- images
 
 
-def dataset_image(root: str, rel: str, size: int | None = None) -> np.ndarray:
-    """A dataset image (path relative to the data root) through core.images.load.
-
-    Thumbnails (``size`` given) are cached generously; native-size images (up to 1024 x 1024
-    float32 = 4 MB each) only a few at a time, so memory stays bounded. Keyed on the file's stamp.
-    """
+def dataset_image(root: str, rel: str, size: int) -> np.ndarray:
+    """A thumbnail (``size`` x ``size``) of a dataset image (path relative to the data root),
+    through core.images.load; cached, keyed on the file's stamp."""
     from core import datasets
 
-    file_stamp = stamp(datasets.abspath(root, rel))
-    return _native_image(root, rel, file_stamp) if size is None else _small_image(root, rel, size, file_stamp)
+    return _small_image(root, rel, size, stamp(datasets.abspath(root, rel)))
 
 
 @st.cache_data(max_entries=IMAGE_CACHE, show_spinner=False)
@@ -434,23 +482,11 @@ def _small_image(root: str, rel: str, size: int, file_stamp: tuple | None) -> np
     return images.load(datasets.abspath(root, rel), size)
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
-def _native_image(root: str, rel: str, file_stamp: tuple | None) -> np.ndarray:
+def dataset_bytes(root: str, rel: str) -> bytes:
+    """The bytes of a dataset file, for :func:`case` (core.images.ImageError when missing, empty or huge)."""
     from core import datasets, images
 
-    return images.load(datasets.abspath(root, rel))
-
-
-def upload(data: bytes, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode uploaded bytes in memory: (native grey image, image at the model's size).
-
-    One decode through :func:`core.images.load`; raises :class:`core.images.ImageError`.
-    Not cached: an upload is never kept beyond the session's widget state.
-    """
-    from core import images
-
-    native = images.load(data, name=name)
-    return native, images.resize(native, size)
+    return images.read_bytes(datasets.abspath(root, rel), name=rel)[0]
 
 
 def error_sentence(exc: BaseException) -> str:

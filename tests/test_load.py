@@ -11,11 +11,12 @@
   config and page state around each run, so the script runs of the 8 live sessions are
   interleaved under a lock rather than overlapped (measured: overlapping runs fail in AppTest's
   own bookkeeping about 1 time in 4). Truly simultaneous hits on the shared caches are tested
-  by ``test_parallel_calls_into_the_shared_caches`` (8 threads calling the page's cached functions
-  at the same moment).
-* 200 different uploads go through the app's own cached path (``dashboard.state.upload`` ->
-  ``probabilities`` -> ``heatmap`` -> ``core.explain.overlay``, the functions the Explain page
-  calls) in one process: resident memory after a warm-up of 20 must grow by less than a bound.
+  by ``test_parallel_calls_into_the_case_store`` (8 threads calling the page's analysis at the
+  same moment). Analysed films live in each session's own state (``dashboard.state.case``): the
+  8 sessions must each hold their own copy of a film two of them uploaded.
+* 200 different uploads go through the app's own path (``dashboard.state.case`` ->
+  ``core.explain.film_views``, what the Explain page calls) in one process: resident memory after
+  a warm-up of 20 must grow by less than a bound.
   (200 full AppTest runs take minutes; ``tests/benchmarks/bench_load.py`` does that and reports it.)
 
 The model is the shipped one when present, else a tiny known-answer run (P(covid) a function
@@ -24,6 +25,7 @@ of mean brightness) written by the test.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -33,6 +35,7 @@ import numpy as np
 import pytest
 
 from core import checks, config, images, runs
+from dashboard import state
 
 N_SESSIONS = 8
 _RUN_LOCK = threading.Lock()  # AppTest.run is not thread-safe (see the module docstring)
@@ -115,22 +118,28 @@ def pool_files(cxr_root: Path, n: int) -> list[Path]:
 
 def distinct_cases(run: Path, files: list[Path], k: int, gap: float = 0.01) -> list[tuple[Path, float]]:
     """k files whose directly computed P(covid) differ pairwise by at least ``gap``."""
+    from core import inputs
     from core import model as cmodel
 
     model = runs.load_model(run)
     size = cmodel.input_size(model)
+    crop = inputs.settings(runs.read_config(run))
     chosen: list[tuple[Path, float]] = []
     for f in files:
         native = images.load(f)
         if checks.image_warnings(native, f.read_bytes()):
             continue  # the page withholds the answer for such images
-        p = float(cmodel.probabilities(model, images.resize(native, size))[0, config.COVID_INDEX])
+        p = float(cmodel.probabilities(model, inputs.prepare([native], size, crop)[0])[0, config.COVID_INDEX])
         if all(abs(p - q) >= gap for _, q in chosen):
             chosen.append((f, p))
         if len(chosen) == k:
             break
     assert len(chosen) == k, f"only {len(chosen)} images with distinct P(covid) among {len(files)}"
     return chosen
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _elements(at, kind: str) -> list:
@@ -202,7 +211,8 @@ def test_concurrent_sessions_get_their_own_result(app_env, cxr_root, one_server)
         assert r["images"] >= 2, f"session {i}: no heatmap overlay"
     lat = sorted(r["seconds"] for r in results.values())
     print(f"{N_SESSIONS} concurrent uploads: latency p50 {np.percentile(lat, 50):.2f} s, max {lat[-1]:.2f} s")
-    # Second round: every session uploads the image of its neighbour; each must follow its own upload.
+    # Second round: every session uploads the image of its neighbour; each must follow its own upload,
+    # and compute it itself: analysed films live in the session's own state, never shared.
     for i in range(N_SESSIONS):
         j = (i + 1) % N_SESSIONS
         f, expected = cases[j]
@@ -210,26 +220,38 @@ def test_concurrent_sessions_get_their_own_result(app_env, cxr_root, one_server)
         shown = shown_p_covid(at)
         assert shown is not None and abs(shown - expected) <= 0.0011, (
             i, j, shown, expected, [e.value for e in list(at.error) + list(at.exception) + list(at.warning)])
+    stores = [dict(results[i]["at"].session_state[state.SESSION_CASES]) for i in range(N_SESSIONS)]
+    for i, store in enumerate(stores):
+        j = (i + 1) % N_SESSIONS
+        assert [k[2] for k in store] == [digest(cases[i][0]), digest(cases[j][0])], f"session {i} keeps its own two films"
+        mine = next(v for k, v in store.items() if k[2] == digest(cases[j][0]))
+        theirs = next(v for k, v in stores[j].items() if k[2] == digest(cases[j][0]))
+        assert mine is not theirs and mine["shown"] is not theirs["shown"], "a film is never shared across sessions"
+        assert np.array_equal(mine["probs"], theirs["probs"])
 
 
 def test_memory_bounded_across_200_uploads(app_env, cxr_root):
-    """200 different uploads through the app's cached functions: RSS growth after warm-up is bounded."""
+    """200 different uploads through the Explain page's path (dashboard.state.case, then the
+    redraw's core.explain.film_views): the session keeps its last films only, RSS growth after
+    warm-up is bounded."""
     from core import explain
     from dashboard import state
 
     run = app_env
-    size = state.model_size(run)
     files = pool_files(cxr_root, 200)
     assert len(files) == 200
     blobs = [f.read_bytes() for f in files]
     rss = []
     t0 = time.perf_counter()
     for i, data in enumerate(blobs):
-        native, image = state.upload(data, files[i].name, size)
-        probs = state.probabilities(str(run), image)
-        hmap = state.heatmap(str(run), image, "gradcam", 0, None)
-        over = explain.overlay(image, hmap, 0.4, "jet")
-        assert over.shape == (size, size, 3) and np.isfinite(probs).all()
+        try:
+            entry, _ = state.case(run, data, files[i].name, maps=[("gradcam", 0, None)])
+        except images.ImageError:
+            continue
+        heat = entry["maps"][("gradcam", 0, None)]["heat"]
+        over = explain.film_views(entry["shown"], heat, "overlay", 0.4, "jet", entry["lungs"], entry["box"])[0]
+        assert over.shape == (*entry["shown"].shape, 3) and np.isfinite(entry["probs"]).all()
+        assert len(state._store()) <= state.CASES_PER_SESSION
         if i in (19, 199) or i % 20 == 19:
             rss.append(rss_mib())
     seconds = time.perf_counter() - t0
@@ -239,19 +261,21 @@ def test_memory_bounded_across_200_uploads(app_env, cxr_root):
     assert growth < 120, f"RSS grew by {growth:.0f} MiB over 180 uploads: {rss}"
 
 
-def test_parallel_calls_into_the_shared_caches(app_env, cxr_root):
-    """8 threads hit the Explain page's cached functions at the same moment, twice, with rotated
-    images: each gets exactly its own P(covid) and heatmap (compared with uncached direct calls)."""
-    from core import explain
+def test_parallel_calls_into_the_case_store(app_env, cxr_root):
+    """8 threads analyse films through dashboard.state.case at the same moment, twice, with rotated
+    images (threads outside a script run share one session's store, so they also evict each
+    other's films): each gets exactly its own P(covid) and heatmap (compared with direct calls)."""
+    from core import explain, inputs
     from core import model as cmodel
     from dashboard import state
 
     run = app_env
     model = runs.load_model(run)
     size = cmodel.input_size(model)
+    crop = inputs.settings(runs.read_config(run))
     cases = distinct_cases(run, pool_files(cxr_root, 80), N_SESSIONS)
     blobs = [(f.name, f.read_bytes()) for f, _ in cases]
-    direct_heat = [explain.explain(model, images.load(b, size, name=n), "gradcam") for n, b in blobs]
+    direct_heat = [explain.explain(model, inputs.load(b, size, crop, name=n)[0], "gradcam") for n, b in blobs]
     barrier = threading.Barrier(N_SESSIONS)
     got: dict[tuple[int, int], tuple[float, np.ndarray]] = {}
     crashes: list[str] = []
@@ -261,11 +285,9 @@ def test_parallel_calls_into_the_shared_caches(app_env, cxr_root):
             for rnd in range(2):
                 k = (i + rnd * 3) % N_SESSIONS
                 name, data = blobs[k]
-                _, image = state.upload(data, name, size)
                 barrier.wait(timeout=300)
-                p = float(state.probabilities(str(run), image)[config.COVID_INDEX])
-                h = state.heatmap(str(run), image, "gradcam", 0, None)
-                got[(i, rnd)] = (k, p, h)
+                entry, _ = state.case(run, data, name, maps=[("gradcam", 0, None)])
+                got[(i, rnd)] = (k, float(entry["probs"][config.COVID_INDEX]), entry["maps"][("gradcam", 0, None)]["hmap"])
         except Exception as exc:  # reported below
             crashes.append(f"{i}: {exc!r}")
 
@@ -279,3 +301,4 @@ def test_parallel_calls_into_the_shared_caches(app_env, cxr_root):
     for (i, rnd), (k, p, h) in got.items():
         assert abs(p - cases[k][1]) < 1e-5, (i, rnd, k, p, cases[k][1])
         assert np.allclose(h, direct_heat[k], atol=1e-4), (i, rnd, k, float(np.abs(h - direct_heat[k]).max()))
+    assert len(state._store()) <= state.CASES_PER_SESSION

@@ -161,11 +161,14 @@ def test_slots_from_the_environment(monkeypatch):
 
 
 def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
-    """The cached model calls of dashboard.state wait in line; loading the model freezes the heap
-    (Streamlit's full collection after every script run then skips TensorFlow's objects)."""
+    """The page's analysis of a film (dashboard.state.case) waits in line and says so before it
+    waits; loading the model freezes the heap (Streamlit's full collection after every script
+    run then skips TensorFlow's objects) and keeps TensorFlow's kernels across script runs; a
+    film already analysed never waits."""
     import gc
 
-    import numpy as np
+    import keras
+    from test_dashboard import chest_like_png
 
     from core import config
     from dashboard import state
@@ -173,13 +176,22 @@ def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
     run = config.DEFAULT_RUN
     state.model(run)
     assert gc.get_freeze_count() > 50_000
+    # Streamlit's after-run keras.backend.clear_session() no longer empties TensorFlow's kernel cache.
+    assert getattr(keras.backend.clear_session, "keeps_kernels", False)
     work.configure(1)
-    image = np.random.default_rng(5).uniform(0, 255, (state.model_size(run),) * 2).astype(np.float32)
-    got = {}
+    data = chest_like_png(seed=11)
+    got, told = {}, []
     with work.slot():  # every slot is taken: the page's call must wait for it
-        th = threading.Thread(target=lambda: got.setdefault("p", state.probabilities(str(run), image)))
+        th = threading.Thread(target=lambda: got.setdefault("case", state.case(
+            run, data, "film.png", maps=[("gradcam", 0, None)], on_wait=told.append)))
         th.start()
         wait_until(lambda: work.queued() == 1)
-        assert "p" not in got
+        assert "case" not in got and told == [0], "told it is queued (nobody ahead) before it waits"
     th.join(timeout=60)
-    assert got["p"].shape == (len(state.run_classes(run)),) and abs(float(got["p"].sum()) - 1) < 1e-5
+    entry, waited = got["case"]
+    assert waited is not None and waited > 0
+    assert entry["probs"].shape == (len(state.run_classes(run)),) and abs(float(entry["probs"].sum()) - 1) < 1e-5
+    assert entry["maps"][("gradcam", 0, None)]["heat"].shape == entry["shown"].shape
+    with work.slot():  # a cache hit does not queue
+        again, waited = state.case(run, data, "film.png", maps=[("gradcam", 0, None)], on_wait=told.append)
+    assert again is entry and waited is None and told == [0]

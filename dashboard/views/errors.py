@@ -70,12 +70,12 @@ st.subheader("Open a case")
 kind_of = dict(zip(shown["path"], shown["error"], strict=False))
 case = st.selectbox("Case", list(kind_of), key="err_case", format_func=lambda p: f"{p}  ({kind_of[p]})")
 try:
-    native = state.dataset_image(str(root), case)
-    size = state.model_size(run)
+    data = state.dataset_bytes(str(root), case)
+    state.model_size(run)
 except (images.ImageError, runs.RunError) as exc:
     st.error(state.error_sentence(exc))
     st.stop()
 row = shown[shown["path"] == case].iloc[0]
 st.caption(f"True label: **{row['label']}** ({row['source']}); the model called it "
            f"{'covid' if row['error'] == 'false positive' else 'not covid'}.")
-components.show_case(run, native, case_id=case, key="err")
+components.show_case(run, data, case, colour_check=False, case_id=case, key="err")

@@ -32,14 +32,8 @@ if source == "Upload a file":
         st.info("Upload a frontal chest X-ray to see the model's output and its heatmaps.")
         model_size()  # load the model after the page is drawn, so that the first upload is fast
         st.stop()
-    size = model_size()
-    data = up.getvalue()
-    try:
-        native, _ = state.upload(data, up.name, size)
-    except images.ImageError as exc:
-        st.error(state.error_sentence(exc))
-        st.stop()
-    components.show_case(run, native, data=data, case_id="uploaded image", key="explain")
+    model_size()  # a broken run stops the page here, with one sentence
+    components.show_case(run, up.getvalue(), up.name, case_id="uploaded image", key="explain")
 else:
     root = state.data_root()
     if not state.has_data(root):
@@ -56,12 +50,12 @@ else:
         st.stop()
     labels = {r.path: f"{r.path}  ({r.source}, {r.label}, P(covid) {r.p_covid:.2f})" for r in test.itertuples()}
     rel = st.selectbox("Test image", list(labels), format_func=labels.get, key="explain_pick")
-    size = model_size()
+    model_size()
     try:
-        native = state.dataset_image(str(root), rel)
+        data = state.dataset_bytes(str(root), rel)
     except images.ImageError as exc:
         st.error(state.error_sentence(exc) + " Is the data root the one this run was trained on?")
         st.stop()
     row = test[test["path"] == rel].iloc[0]
     st.caption(f"True label: **{row['label']}** (source {row['source']}).")
-    components.show_case(run, native, case_id=rel, key="explain")
+    components.show_case(run, data, rel, colour_check=False, case_id=rel, key="explain")
