@@ -717,9 +717,11 @@ def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net,
                     row["grl_lambda"] = float(np.asarray(self.model.get_layer("grl").lam))
             state["history"].append(row)
             state["epoch"] = epoch + 1
-            runs.write_csv(run / "history.csv", pd.DataFrame(state["history"]))
+            # checkpoint first, history.csv last: a kill in between never leaves history.csv a row
+            # ahead of the checkpoint (resume would train that epoch again and rewrite the row)
             runs.atomic_save_model(self.model, ckpt / "last.keras")
             runs.write_json(ckpt / "state.json", state)
+            runs.write_csv(run / "history.csv", pd.DataFrame(state["history"]))
             if cfg["verbose"]:
                 log(f"member {member} epoch {epoch + 1}: " + " ".join(
                     f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_") and np.isfinite(v)))
