@@ -65,6 +65,12 @@ def train_fold(cfg: dict, source: str, folds_dir: Path) -> Path:
     if _complete(run):
         log(f"fold {source}: kept {run.name}")
         return run
+    if run is not None and (run / "model.keras").is_file() and (run / "predictions.csv").is_file():
+        from core.evaluate import evaluate_run  # killed while it was being evaluated: the model is done
+
+        log(f"fold {source}: evaluating {run.name}")
+        evaluate_run(run, progress=False)
+        return run
     if run is not None and (run / "checkpoint" / "state.json").is_file():
         log(f"fold {source}: resuming {run.name}")
         return train.train(resume=str(run), verbose=cfg.get("verbose", 1))

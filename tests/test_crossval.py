@@ -72,6 +72,14 @@ def test_crossval_cli_trains_each_fold_once_and_keeps_finished_folds(cxr_root, t
     assert res["worst_roc_auc"] == min(f["roc_auc"]["value"] for f in res["folds"].values())
     assert json.loads((out / "crossval.json").read_text())["folds"].keys() == res["folds"].keys()
 
+    # killed while it was being evaluated (model written, metrics not): evaluated, not trained again
+    before = (nih_run / "metrics.json").read_text()
+    (nih_run / "metrics.json").unlink()
+    third = subprocess.run([*cmd, "--sources", "nih"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "evaluating" in third.stderr and list((out / "folds").glob("*-holdout-nih")) == [nih_run]
+    assert json.loads((nih_run / "metrics.json").read_text())["external"] == json.loads(before)["external"]
+
 
 def test_crossval_refuses_a_source_that_cannot_be_held_out(cxr_root, tmp_path):
     out = subprocess.run([sys.executable, "-m", "core.crossval", "--data", str(cxr_root), "--out", str(tmp_path),
