@@ -1,0 +1,69 @@
+"""The ablation table of the model card from finished ``core.crossval`` folders, over seeds.
+
+    python tests/benchmarks/loso_table.py "crop, local=runs/crossval-a,runs/crossval-b" "no crop=runs/crossval-c"
+
+Each argument is ``LABEL=DIR[,DIR...]``: one recipe and the crossval folders of its seeds (each
+holding ``crossval.json``). For every recipe it prints one markdown row: the number of seeds, the
+leave-one-source-out AUC of each held-out source, their mean and worst, and the out-of-fold
+within-ieee8023 AUC (the ``val`` rows of the folds' runs that trained on ieee8023: development data
+only, never a test split), each as mean ± sd over the seeds (the value alone for one seed).
+``--json`` prints the same figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+
+def oof_within_ieee(run: Path) -> float:
+    """Out-of-fold within-ieee8023 AUC of one fold run (NaN when ieee8023 was held out)."""
+    p = pd.read_csv(Path(run) / "predictions.csv")
+    v = p[(p["split"] == "val") & (p["source"] == "ieee8023")]
+    y = (v["label"] == "covid").astype(int)
+    return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
+
+
+def seed_figures(folder: Path) -> dict:
+    """The figures of one seed: AUC per held-out source, mean, worst, out-of-fold within-ieee8023."""
+    cv = json.loads((Path(folder) / "crossval.json").read_text())
+    out = {s: f["roc_auc"]["value"] for s, f in cv["folds"].items()}
+    out["mean"], out["worst"] = cv["mean_roc_auc"], cv["worst_roc_auc"]
+    ws = [oof_within_ieee(Path(folder) / "folds" / Path(f["run"]).name) for f in cv["folds"].values()]
+    out["oof_within_ieee8023"] = float(np.nanmean(ws))
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipes", nargs="+", help="LABEL=DIR[,DIR...]: a recipe and the crossval folders of its seeds")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    a = p.parse_args(argv)
+    table = {}
+    for arg in a.recipes:
+        label, dirs = arg.split("=", 1)
+        table[label] = [seed_figures(Path(d)) for d in dirs.split(",")]
+    if a.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    cols = [c for c in next(iter(table.values()))[0] if c not in ("mean", "worst", "oof_within_ieee8023")]
+    cols += ["mean", "worst", "oof_within_ieee8023"]
+    print("| recipe | seeds | " + " | ".join(cols) + " |")
+    print("|---|---:|" + "---|" * len(cols))
+    for label, seeds in table.items():
+        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s[c] for s in seeds]) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
