@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,17 +33,28 @@ def films(cxr_root):
     return [(f.name, images.decode(f)) for f in pool_files(cxr_root, N_FILMS)]
 
 
-@pytest.fixture(scope="module")
-def crop_run(tmp_path_factory):
-    """A copy of the shipped run whose config.json asks for the lung crop (defaults); the model
-    file and its recorded sha256 are unchanged."""
-    run = tmp_path_factory.mktemp("runs") / "lung-crop"
+def _shipped_copy(tmp_path_factory, name: str, lung_crop) -> Path:
+    """A copy of the shipped run whose config.json sets ``lung_crop``; the model file and its
+    recorded sha256 are unchanged (the preparation is the run's setting, not the network's)."""
+    run = tmp_path_factory.mktemp("runs") / name
     shutil.copytree(config.DEFAULT_RUN, run)
     cfg = json.loads((run / "config.json").read_text())
-    cfg["lung_crop"] = {}
+    cfg["lung_crop"] = lung_crop
     (run / "config.json").write_text(json.dumps(cfg, indent=2))
     assert runs.sha256(run / "model.keras") == cfg["model_sha256"]
     return run
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+    """The shipped network with the lung crop (default settings)."""
+    return _shipped_copy(tmp_path_factory, "lung-crop", {})
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The shipped network on the whole film (no lung crop)."""
+    return _shipped_copy(tmp_path_factory, "whole-film", None)
 
 
 def serve(out):
@@ -79,12 +91,12 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path):
 
 
 @pytest.mark.slow
-def test_whole_film_export_matches_the_keras_model(films, tmp_path):
+def test_whole_film_export_matches_the_keras_model(films, whole_run, tmp_path):
     out = tmp_path / "cxr" / "1"
-    rec = export.export(config.DEFAULT_RUN, out)
+    rec = export.export(whole_run, out)
     assert rec["model_sha256"] == runs.read_config(config.DEFAULT_RUN)["model_sha256"]
     assert rec["lung_crop"] is None and json.loads((out / "export.json").read_text()) == rec
-    got_p, got_box, got_fb, ref_p, ref_box, ref_fb = compare(config.DEFAULT_RUN, out, films)
+    got_p, got_box, got_fb, ref_p, ref_box, ref_fb = compare(whole_run, out, films)
     np.testing.assert_allclose(got_p, ref_p, atol=1e-4)
     assert (got_box == np.asarray(inputs.FULL_BOX)).all() and not got_fb.any()
     assert got_p.std() > 0.01  # distinct films, distinct answers: not a constant output
@@ -93,7 +105,7 @@ def test_whole_film_export_matches_the_keras_model(films, tmp_path):
 
     same = [cv2.resize(f, (700, 600), interpolation=cv2.INTER_AREA) for _, f in films[:5]]
     o = serve(out)(np.stack(same)[..., None])
-    np.testing.assert_allclose(o["p_covid"], reference(config.DEFAULT_RUN, same)[0], atol=1e-4)
+    np.testing.assert_allclose(o["p_covid"], reference(whole_run, same)[0], atol=1e-4)
 
 
 @pytest.mark.slow

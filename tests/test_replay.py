@@ -40,8 +40,11 @@ def _sample(pred: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_shipped_predictions_are_what_its_model_says(shipped_run, cxr_root):
-    """predictions.csv matches model.keras on real images, prepared as the run prepares them."""
+    """predictions.csv matches model.keras on real images, prepared as the run prepares them: test
+    rows are the saved model's output; ``val`` rows of an ensemble are out-of-fold, the output of
+    the member that did not train on the row's fold, through the run's calibration."""
     from core import model as cmodel
+    from core import train
 
     cfg = runs.read_config(shipped_run)
     model = runs.load_model(shipped_run)
@@ -51,5 +54,10 @@ def test_shipped_predictions_are_what_its_model_says(shipped_run, cxr_root):
     size, crop = cmodel.input_size(model), inputs.settings(cfg)
     x = np.stack([inputs.load(cxr_root / rel, size, crop)[0] for rel in rows["path"]])
     probs = cmodel.probabilities(model, x)
+    members = cmodel.members(model)
+    for i, (split, fold) in enumerate(zip(rows["split"], rows.get("fold", [0] * len(rows)), strict=True)):
+        if split == "val" and members:
+            logits = cmodel.probabilities(members[int(fold)], x[i : i + 1])
+            probs[i] = train.apply_calibration(logits, cfg["calibration"])[0]
     expected = rows[[f"p_{c}" for c in classes]].to_numpy(float)
     assert np.abs(probs - expected).max() <= 1e-4, np.c_[expected[:, 0], probs[:, 0]]
