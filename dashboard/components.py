@@ -90,7 +90,7 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     call = report.decision(p_covid, thr)
     colour = "red" if call == "covid" else "green"
     with st.container(border=True):
-        st.markdown(f"Decision at the run's operating point (P(covid) ≥ {thr:.3f}, chosen on validation data): "
+        st.markdown(f"Decision at the run's operating point (P(covid) ≥ {thr:.3f}, chosen on held-out development data): "
                     f"**:{colour}[{call}]**")
     return call
 

@@ -25,7 +25,7 @@ if thr is None:
 wrong = report.misclassified(pred, thr)
 n_test = int((pred["split"] == "test").sum())
 st.caption(f"{len(wrong)} of {n_test} test images are misclassified at the operating point "
-           f"P(covid) ≥ {thr:.3f} (chosen on validation data).")
+           f"P(covid) ≥ {thr:.3f} (chosen on held-out development data, never the test split).")
 
 f1, f2, f3, f4 = st.columns(4)
 kinds = f1.multiselect("Error", ["false positive", "false negative"], default=["false positive", "false negative"],

@@ -103,7 +103,7 @@ thr_op = 0.5 if thr_op is None else thr_op
 st.subheader("Operating point")
 c1, c2 = st.columns([2, 1])
 t = c1.slider("Threshold on P(covid)", 0.0, 1.0, float(round(thr_op, 3)), 0.001, format="%.3f", key="eval_thr",
-              help="The run's operating point was chosen on validation data (target sensitivity); moving it "
+              help="The run's operating point was chosen on held-out development data (out-of-fold predictions; target sensitivity); moving it "
                    "here shows the trade-off on the test split, it does not re-tune the model.")
 sample_prev = float(y.mean()) if len(y) else 0.5
 prev = c2.number_input("Prevalence of COVID-19 among those tested", 0.001, 0.999,

@@ -155,7 +155,7 @@ if sl.get("slices"):
              "specificity": fmt(s["metrics"]["specificity"]), "flagged": ", ".join(s["flags"])}
             for s in sl["slices"] if s["flags"] or not only]
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="sc_slices")
-    st.caption(f"Threshold {sl.get('threshold', 0.5):.2f} (chosen on validation). Rule: {sl.get('rule', '')}.")
+    st.caption(f"Threshold {sl.get('threshold', 0.5):.2f} (chosen on held-out development data). Rule: {sl.get('rule', '')}.")
 
 # ------------------------------------------------------------------ probes
 probes = summary.get("probes") or {}
