@@ -6,7 +6,10 @@ Each argument is ``LABEL=DIR[,DIR...]``: one recipe and the crossval folders of 
 holding ``crossval.json``). For every recipe it prints one markdown row: the number of seeds, the
 leave-one-source-out AUC of each held-out source, their mean and worst, and the out-of-fold
 within-ieee8023 AUC (the ``val`` rows of the folds' runs that trained on ieee8023: development data
-only, never a test split), each as mean ± sd over the seeds (the value alone for one seed).
+only, never a test split), each as mean ± sd over the seeds (the value alone for one seed; "–"
+for a source the recipe could not hold out). Mean and worst are over the sources each recipe held out.
+``test_internal`` and ``test_within_ieee8023`` are the fold runs' internal test-split AUCs (all
+sources / ieee8023 alone, mean over the folds that have them): reported, not for choosing.
 ``--json`` prints the same figures as JSON.
 """
 
@@ -36,11 +39,22 @@ def seed_figures(folder: Path) -> dict:
     out["mean"], out["worst"] = cv["mean_roc_auc"], cv["worst_roc_auc"]
     ws = [oof_within_ieee(Path(folder) / "folds" / Path(f["run"]).name) for f in cv["folds"].values()]
     out["oof_within_ieee8023"] = float(np.nanmean(ws))
+    # reported, never used to choose: the fold runs' own internal test splits
+    internal = [_value(f.get("internal_roc_auc")) for f in cv["folds"].values()]
+    within = [_value(f.get("internal_within_ieee8023_auc")) for f in cv["folds"].values()]
+    out["test_internal"] = float(np.nanmean(internal))
+    out["test_within_ieee8023"] = float(np.nanmean(within))
     return out
 
 
+def _value(cell) -> float:
+    return float(cell["value"]) if isinstance(cell, dict) and cell.get("value") is not None else float("nan")
+
+
 def _cell(values: list[float]) -> str:
-    v = np.asarray(values, dtype=float)
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "–"  # a source this recipe could not hold out (e.g. excluded from its data)
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
@@ -56,12 +70,12 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(table, indent=2))
         return 0
-    cols = [c for c in next(iter(table.values()))[0] if c not in ("mean", "worst", "oof_within_ieee8023")]
-    cols += ["mean", "worst", "oof_within_ieee8023"]
+    last = ("mean", "worst", "oof_within_ieee8023", "test_within_ieee8023", "test_internal")
+    cols = sorted({c for seeds in table.values() for s in seeds for c in s} - set(last)) + list(last)
     print("| recipe | seeds | " + " | ".join(cols) + " |")
     print("|---|---:|" + "---|" * len(cols))
     for label, seeds in table.items():
-        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s[c] for s in seeds]) for c in cols) + " |")
+        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s.get(c) for s in seeds]) for c in cols) + " |")
     return 0
 
 
