@@ -813,15 +813,19 @@ def _load_data(cfg: dict, root: Path, cache_dir: Path | None) -> dict:
             "prepare_seconds": time.time() - t0}
 
 
-def _out_of_fold(nets: list, data: dict) -> np.ndarray:
-    """Logits of every development image from the member that did not train on it (NaN where none did)."""
-    dev, x_dev = data["dev"], data["x_dev"]
-    n_classes = int(nets[0].output_shape[-1])
-    out = np.full((len(dev), n_classes), np.nan, np.float32)
+def out_of_fold_logits(nets: list, x: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Pre-calibration logits of each image from the member that did not train on it.
+
+    Row ``i`` is scored by ``nets[fold[i]]`` (member k left fold k out); rows whose fold names no
+    member (a fold beyond ``members``, or -1) stay NaN. Training and ``--recalibrate`` both fit
+    the calibration on these.
+    """
+    fold = np.asarray(fold)
+    out = np.full((len(x), int(nets[0].output_shape[-1])), np.nan, np.float32)
     for k, net in enumerate(nets):
-        own = (dev["fold"] == k).to_numpy()
+        own = fold == k
         if own.any():
-            out[own] = _logits(net, x_dev[own])
+            out[own] = _logits(net, x[own])
     return out
 
 
@@ -946,7 +950,7 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
         nets.append(net)
     train_s = time.time() - t1
 
-    oof = _out_of_fold(nets, data)
+    oof = out_of_fold_logits(nets, data["x_dev"], data["dev"]["fold"].to_numpy())
     model, calibration = _assemble(nets, oof, data["dev"], cfg)
     runs.write_csv(run / "predictions.csv", _predictions(model, oof, calibration, data, config.classes(cfg["task"])))
     runs.atomic_save_model(model, run / "model.keras")
@@ -975,7 +979,6 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     is refitted on those logits, predictions.csv and config.json (``calibration``,
     ``model_sha256``) are rewritten, and metrics.json is re-evaluated.
     """
-    import keras
 
     from core import model as model_lib
 
@@ -991,14 +994,9 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     classes = list(cfg["classes"])
     y = np.array([classes.index(c) for c in pred["class"]])
     is_val = (pred["split"] == "val").to_numpy()
-    nets = model_lib.members(model) or [keras.Model(model.input, model.get_layer("logits").output)]
     folds = pred["fold"].fillna(0).astype(int).to_numpy() if "fold" in pred.columns else np.zeros(len(pred), int)
-    logits = np.full((len(pred), len(classes)), np.nan, np.float32)
-    for k, net in enumerate(nets):
-        rows = is_val & (folds == k)
-        if rows.any():
-            logits[rows] = model_lib.probabilities(net, x[rows], batch_size=64)
-    ok = is_val & np.isfinite(logits).all(axis=1)
+    logits = out_of_fold_logits(model_lib.members(model) or [model], x, np.where(is_val, folds, -1))
+    ok = np.isfinite(logits).all(axis=1)
     params = calibration_params(logits[ok], y[ok], method)
     params["fitted_on"] = f"out-of-fold predictions of {int(ok.sum())} development images"
     model = with_calibration(model, params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,43 @@ def test_run_folder_is_complete(tiny_run, cxr_root):
     assert env["packages"]["keras"] and "git_commit" in env
     model = runs.load_model(tiny_run)
     assert model.get_layer("probs") is not None
+
+
+def test_recalibrate_refits_on_the_out_of_fold_logits(tiny_run, cxr_root, tmp_path):
+    """``--recalibrate`` scores each ``val`` row again by the member that left its fold out: with
+    the run's own method it gives back the run's calibration and predictions; with another it
+    rewrites model.keras, predictions.csv and config.json so that they agree with each other."""
+    from core import inputs
+    from core import model as model_lib
+
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    cfg0, pred0 = runs.read_config(run), runs.read_predictions(run)
+    method = cfg0["calibration"]["method"]
+    assert method == "platt"
+    train.recalibrate_run(run, method, data=str(cxr_root), runs_root=str(tmp_path), evaluate=False)
+    cfg1, pred1 = runs.read_config(run), runs.read_predictions(run)
+    for key in ("a", "b"):
+        assert cfg1["calibration"][key] == pytest.approx(cfg0["calibration"][key], abs=1e-6), key
+    np.testing.assert_allclose(pred1["p_covid"], pred0["p_covid"], atol=1e-5)
+
+    train.recalibrate_run(run, "temperature", data=str(cxr_root), runs_root=str(tmp_path), evaluate=False)
+    cfg2, pred2 = runs.read_config(run), runs.read_predictions(run)
+    assert cfg2["calibration"]["method"] == "temperature" and cfg2["model_sha256"] == runs.sha256(run / "model.keras")
+    assert not np.allclose(pred2["p_covid"], pred0["p_covid"], atol=1e-3)  # the refit changed something
+    # the rewritten model says what the rewritten predictions.csv says on its test rows
+    test = pred2[pred2["split"] == "test"].head(6)
+    model = runs.load_model(run)
+    x = np.stack([inputs.load(cxr_root / rel, model_lib.input_size(model), inputs.settings(cfg2))[0]
+                  for rel in test["path"]])
+    np.testing.assert_allclose(model_lib.probabilities(model, x)[:, 0], test["p_covid"], atol=1e-4)
+    # val rows: the same out-of-fold logits through the new map. Platt gave logit(p) = a d + b and
+    # temperature gives d / T, for d the members' logit difference (covid - other).
+    val0, val2 = pred0[pred0["split"] == "val"], pred2[pred2["split"] == "val"]
+    c0, c2 = cfg0["calibration"], cfg2["calibration"]
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    d = (logit(val0["p_covid"].to_numpy()) - c0["b"]) / c0["a"]
+    np.testing.assert_allclose(logit(val2["p_covid"].to_numpy()), d / c2["temperature"], atol=1e-3)
 
 
 @pytest.mark.slow
