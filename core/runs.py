@@ -259,6 +259,35 @@ def read_history(run) -> pd.DataFrame:
     return _read_csv(run, "history.csv", ("epoch",))
 
 
+# Chart titles and the Keras name each gathers: loss/val_loss, accuracy/val_accuracy, auc/val_auc/val_ws_auc.
+HISTORY_CHARTS = {"Loss": "loss", "Accuracy": "accuracy", "AUC": "auc"}
+HISTORY_INDEX = ("member", "epoch")  # what identifies a row of history.csv; never a measurement
+
+
+def history_curves(hist: pd.DataFrame) -> pd.DataFrame:
+    """history.csv as curves to draw: a long table ``chart, series, member, epoch, value``.
+
+    Each measured column goes to the chart of :data:`HISTORY_CHARTS` whose name it carries, any
+    other numeric column to ``Other``. ``member`` (which network of an ensemble; 0 when absent)
+    identifies a curve together with ``series``, so one curve never runs from the last epoch of
+    one network back to the first of the next. Rows are in epoch order within each curve.
+    """
+    hist = hist.copy()
+    if "member" not in hist.columns:
+        hist["member"] = 0
+
+    def chart(col: str) -> str:
+        for title, key in HISTORY_CHARTS.items():
+            if col == key or col.endswith("_" + key) or col.startswith(key + "_"):
+                return title
+        return "Other"
+
+    measured = [c for c in hist.columns if c not in HISTORY_INDEX and pd.api.types.is_numeric_dtype(hist[c])]
+    long = hist.melt(id_vars=list(HISTORY_INDEX), value_vars=measured, var_name="series").dropna(subset=["value"])
+    long.insert(0, "chart", long["series"].map(chart))
+    return long.sort_values(["chart", "series", "member", "epoch"], kind="stable").reset_index(drop=True)
+
+
 def read_predictions(run) -> pd.DataFrame:
     """The run's predictions.csv: one row per val/test(/external) image with p_<class> columns."""
     return _read_csv(run, "predictions.csv", ("path", "label", "split"))

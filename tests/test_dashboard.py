@@ -588,3 +588,28 @@ def test_evaluation_page_opens_with_the_leave_one_source_out_table(tmp_path, mon
     (run / "crossval.json").unlink()
     at.run()
     assert "has no leave-one-source-out table" in texts(at)
+
+
+def _plotly_array(v) -> np.ndarray:
+    """A trace's x or y as plotly serialises it: a list, or a typed array ``{dtype, bdata}``."""
+    if isinstance(v, dict):
+        import base64
+
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float)
+    return np.asarray(v, float)
+
+
+def test_training_curves_draw_one_line_per_network_and_no_index(env):
+    """history.csv holds a row per network and epoch: every drawn line is one network's epochs in
+    order (never a line running back from the last epoch of one network to the first of the next),
+    and the ``member`` index is not drawn as if it were a measurement."""
+    cfg = json.loads((env["run"] / "config.json").read_text())
+    at = start(env, "training")
+    traces = [t for chart in at.get("plotly_chart") for t in json.loads(chart.proto.spec)["data"]]
+    assert traces
+    for t in traces:
+        assert "member" != t.get("name"), "the network index drawn as a curve"
+        x = _plotly_array(t["x"])
+        assert np.all(np.diff(x) > 0), (t.get("name"), x[:12])
+    auc = {t["name"] for t in traces if t["name"].startswith("val_auc")}
+    assert len(auc) == cfg["members"], auc  # one validation AUC line per network

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -158,3 +159,23 @@ def test_a_trained_run_records_the_source_that_trained_it(tiny_run):
         assert record["source_sha256"] == here["source_sha256"]  # this session's code trained it
         assert record["git_commit"] == here["git_commit"] and "git_dirty" in record
     assert env["source_files"] == here["source_files"] and "core/train.py" in env["source_files"]
+
+
+def test_history_curves_keep_each_network_its_own_line():
+    """Two networks of 3 epochs: each (series, network) is one curve in epoch order, ``member`` is
+    no series, each column lands on the chart its Keras name says, and NaN rows are left out."""
+    rows = [{"member": m, "epoch": e, "loss": 1.0 / e + m, "val_auc": 0.5 + 0.1 * e, "val_ws_auc": np.nan if e == 1 else 0.6,
+             "accuracy": 0.7, "grl_lambda": 0.1 * e} for m in (0, 1) for e in (1, 2, 3)]
+    hist = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # the order on disk does not matter
+    curves = runs.history_curves(hist)
+    assert set(curves["series"]) == {"loss", "val_auc", "val_ws_auc", "accuracy", "grl_lambda"}
+    charts = curves.groupby("series")["chart"].first().to_dict()
+    assert charts == {"loss": "Loss", "val_auc": "AUC", "val_ws_auc": "AUC", "accuracy": "Accuracy",
+                      "grl_lambda": "Other"}
+    for (series, member), g in curves.groupby(["series", "member"]):
+        assert g["epoch"].tolist() == ([2, 3] if series == "val_ws_auc" else [1, 2, 3]), (series, member)
+    loss1 = curves[(curves["series"] == "loss") & (curves["member"] == 1)]
+    np.testing.assert_allclose(loss1["value"], [2.0, 1.5, 1 + 1 / 3])
+    # one network without a member column: member 0
+    single = runs.history_curves(pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.8]}))
+    assert single["member"].tolist() == [0, 0] and single["chart"].tolist() == ["Loss", "Loss"]

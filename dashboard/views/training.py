@@ -20,30 +20,25 @@ except runs.RunError as exc:
     hist = None
 
 if hist is not None:
-    # Keras names: loss/val_loss, accuracy/val_accuracy, auc/val_auc (plus whatever else was logged).
-    groups = {"Loss": "loss", "Accuracy": "accuracy", "AUC": "auc"}
-
-    def members(key: str) -> list[str]:
-        return [c for c in hist.columns if c == key or c.endswith("_" + key) or c.startswith(key + "_")]
-
-    used = {c for key in groups.values() for c in members(key)} | {"epoch"}
-    rest = [c for c in hist.columns if c not in used and pd.api.types.is_numeric_dtype(hist[c])]
-    if rest:
-        groups["Other"] = None
-    cols = st.columns(len(groups))
-    for col, (title, key) in zip(cols, groups.items(), strict=False):
-        series = members(key) if key else rest
-        if not series:
-            col.info(f"history.csv has no {title.lower()} column.")
-            continue
+    curves = runs.history_curves(hist)
+    charts = [c for c in (*runs.HISTORY_CHARTS, "Other") if (curves["chart"] == c).any()]
+    several = curves["member"].nunique() > 1
+    cols = st.columns(max(len(charts), 1))
+    if not charts:
+        st.info("history.csv has no measured column.")
+    for col, title in zip(cols, charts, strict=False):
         fig = go.Figure()
-        for c in series:
-            fig.add_trace(go.Scatter(x=hist["epoch"], y=hist[c], mode="lines+markers", name=c))
+        for (series, member), g in curves[curves["chart"] == title].groupby(["series", "member"], sort=False):
+            name = f"{series} (network {member})" if several else series
+            fig.add_trace(go.Scatter(x=g["epoch"], y=g["value"], mode="lines+markers", name=name))
         fig.update_layout(title=f"{title} per epoch", xaxis_title="epoch", height=320,
                           margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
-        col.plotly_chart(fig, key=f"train_{key or 'other'}")
-    st.caption("`val_` = validation split; `ws_auc` = AUC within one source (covid vs other pneumonia in "
-               "ieee8023), the check a source shortcut cannot pass.")
+        col.plotly_chart(fig, key=f"train_{title.lower()}")
+    st.caption("`val_` = the network's held-out fold of the development data (cross-validation: images "
+               "that network never trained on; no epoch is chosen on them, the calibration and threshold "
+               "are fitted on them once training ends). "
+               "`ws_auc` = AUC within one source (covid vs other pneumonia in ieee8023), the check a "
+               "source shortcut cannot pass. An ensemble draws one line per network.")
     with st.expander("history.csv"):
         st.dataframe(hist, hide_index=True)
 
