@@ -1,0 +1,109 @@
+"""Ensembles built after the fact from finished ``core.crossval`` folders, scored like one recipe.
+
+    python tests/benchmarks/mix_ensemble.py "crop + no crop=A1+B1;A2+B2;A3+B3" [--json]
+
+Each argument is ``LABEL=COMBO[;COMBO...]``; a combo is ``DIR+DIR[+DIR...]``, crossval folders
+(each holding ``crossval.json`` and ``folds/``) trained on the same split (same ``--split-seed``:
+same development folds, same test and held-out images). For every held-out source the combo's
+fold runs are joined on image and split, their calibrated P(covid) averaged, and the average
+scored by :func:`core.evaluate.evaluate_predictions`, so the threshold is chosen again on the
+averaged out-of-fold (``val``) rows, as a trained run would. This measures, without training,
+what an ensemble of differently prepared networks would give, e.g. lung-cropped and whole-film
+networks as in DeepCOVID-XR (Wehbe et al., Radiology 2021). Each combo is one "seed" of the row:
+the table prints mean ± sd over the combos, in the columns of ``loso_table.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from core import evaluate  # noqa: E402
+
+KEYS = ["path", "split"]
+
+
+def fold_runs(folder: Path) -> dict[str, Path]:
+    """Held-out source -> that fold's run folder, from ``crossval.json``."""
+    cv = json.loads((Path(folder) / "crossval.json").read_text())
+    return {s: Path(folder) / "folds" / Path(f["run"]).name for s, f in cv["folds"].items()}
+
+
+def averaged(runs: list[Path]) -> pd.DataFrame:
+    """The runs' predictions.csv rows present in all of them, P(covid) averaged."""
+    tables = [pd.read_csv(r / "predictions.csv") for r in runs]
+    base = tables[0].drop(columns=[c for c in tables[0].columns if c.startswith("p_")])
+    p = [t[KEYS + ["p_covid"]].rename(columns={"p_covid": f"p{i}"}) for i, t in enumerate(tables)]
+    out = base
+    for t in p:
+        out = out.merge(t, on=KEYS, how="inner")
+    out["p_covid"] = out[[f"p{i}" for i in range(len(p))]].mean(axis=1)
+    out["p_other"] = 1.0 - out["p_covid"]
+    return out.drop(columns=[f"p{i}" for i in range(len(p))])
+
+
+def _within_ieee(rows: pd.DataFrame) -> float:
+    v = rows[rows["source"] == "ieee8023"]
+    y = (v["label"] == "covid").astype(int)
+    return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
+
+
+def combo_figures(folders: list[Path], n_boot: int) -> dict:
+    """The loso_table figures of one combo: AUC per held-out source, mean, worst, and the rest."""
+    per = [fold_runs(f) for f in folders]
+    sources = sorted(set.intersection(*(set(p) for p in per)))
+    out: dict = {}
+    oof, internal, within = [], [], []
+    for s in sources:
+        pred = averaged([p[s] for p in per])
+        m = evaluate.evaluate_predictions(pred, n_boot=n_boot)
+        out[s] = float(m["external"]["roc_auc"]["value"])
+        side = "specificity" if "specificity" in m["external"] else "sensitivity"
+        out[f"{s}_{side[:4]}"] = float(m["external"][side]["value"])
+        oof.append(_within_ieee(pred[pred["split"] == "val"]))
+        internal.append(float(m["roc_auc"]["value"]))
+        within.append(_within_ieee(pred[pred["split"] == "test"]))
+    aucs = [out[s] for s in sources]
+    out.update(mean=float(np.mean(aucs)), worst=float(np.min(aucs)), oof_within_ieee8023=float(np.nanmean(oof)),
+               test_within_ieee8023=float(np.nanmean(within)), test_internal=float(np.nanmean(internal)))
+    return out
+
+
+def _cell(values: list) -> str:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "–"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipes", nargs="+", help="LABEL=DIR+DIR[;DIR+DIR...]: combos of crossval folders")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples per evaluation (default 500)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    a = p.parse_args(argv)
+    table = {}
+    for arg in a.recipes:
+        label, combos = arg.split("=", 1)
+        table[label] = [combo_figures([Path(d) for d in c.split("+")], a.n_boot) for c in combos.split(";")]
+    if a.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    last = ("mean", "worst", "oof_within_ieee8023", "test_within_ieee8023", "test_internal")
+    cols = sorted({c for seeds in table.values() for s in seeds for c in s} - set(last)) + list(last)
+    print("| recipe | combos | " + " | ".join(cols) + " |")
+    print("|---|---:|" + "---|" * len(cols))
+    for label, seeds in table.items():
+        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s.get(c) for s in seeds]) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
