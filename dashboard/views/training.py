@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -26,13 +27,18 @@ if hist is not None:
     cols = st.columns(max(len(charts), 1))
     if not charts:
         st.info("history.csv has no measured column.")
+    palette, dashes = px.colors.qualitative.Plotly, ("solid", "dot", "dash", "dashdot", "longdash")
     for col, title in zip(cols, charts, strict=False):
         fig = go.Figure()
-        for (series, member), g in curves[curves["chart"] == title].groupby(["series", "member"], sort=False):
+        part = curves[curves["chart"] == title]
+        colour = {s: palette[i % len(palette)] for i, s in enumerate(part["series"].unique())}  # a colour per series
+        for (series, member), g in part.groupby(["series", "member"], sort=False):
             name = f"{series} (network {member})" if several else series
-            fig.add_trace(go.Scatter(x=g["epoch"], y=g["value"], mode="lines+markers", name=name))
-        fig.update_layout(title=f"{title} per epoch", xaxis_title="epoch", height=320,
-                          margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+            fig.add_trace(go.Scatter(x=g["epoch"], y=g["value"], mode="lines+markers", name=name, marker_size=4,
+                                     line=dict(color=colour[series], dash=dashes[int(member) % len(dashes)])))
+        fig.update_layout(title=f"{title} per epoch", xaxis_title="epoch", height=380,
+                          margin=dict(l=10, r=10, t=40, b=10),
+                          legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
         col.plotly_chart(fig, key=f"train_{title.lower()}")
     st.caption("`val_` = the network's held-out fold of the development data (cross-validation: images "
                "that network never trained on; no epoch is chosen on them, the calibration and threshold "
