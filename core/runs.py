@@ -255,7 +255,7 @@ def read_env(run) -> dict:
 
 
 def read_history(run) -> pd.DataFrame:
-    """The run's history.csv: one row per epoch (epoch, loss, val_auc, ...)."""
+    """The run's history.csv: one row per network and epoch (member, epoch, loss, val_auc, ...)."""
     return _read_csv(run, "history.csv", ("epoch",))
 
 
