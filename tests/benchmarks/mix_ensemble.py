@@ -11,6 +11,11 @@ averaged out-of-fold (``val``) rows, as a trained run would. This measures, with
 what an ensemble of differently prepared networks would give, e.g. lung-cropped and whole-film
 networks as in DeepCOVID-XR (Wehbe et al., Radiology 2021). Each combo is one "seed" of the row:
 the table prints mean ± sd over the combos, in the columns of ``loso_table.py``.
+
+``DIR#K`` stands for member K of an ensemble's folds alone (its ``p_covid_member<K>`` column on
+the test and held-out rows): "members alone=ENS#0;ENS#1;ENS#2" scores each network of an
+ensemble by itself. The ``val`` rows of an ensemble are already out-of-fold single-member
+outputs, so they are kept as they are (they set the threshold, never the AUC).
 """
 
 from __future__ import annotations
@@ -36,9 +41,17 @@ def fold_runs(folder: Path) -> dict[str, Path]:
     return {s: Path(folder) / "folds" / Path(f["run"]).name for s, f in cv["folds"].items()}
 
 
-def averaged(runs: list[Path]) -> pd.DataFrame:
+def _read(run: Path, member: int | None) -> pd.DataFrame:
+    t = pd.read_csv(run / "predictions.csv")
+    if member is not None:  # one network of an ensemble: its own column where the run wrote one
+        own = t[f"p_covid_member{member}"]
+        t["p_covid"] = own.where(own.notna(), t["p_covid"])
+    return t
+
+
+def averaged(runs: list[Path], members: list[int | None] | None = None) -> pd.DataFrame:
     """The runs' predictions.csv rows present in all of them, P(covid) averaged."""
-    tables = [pd.read_csv(r / "predictions.csv") for r in runs]
+    tables = [_read(r, m) for r, m in zip(runs, members or [None] * len(runs), strict=True)]
     base = tables[0].drop(columns=[c for c in tables[0].columns if c.startswith("p_")])
     p = [t[KEYS + ["p_covid"]].rename(columns={"p_covid": f"p{i}"}) for i, t in enumerate(tables)]
     out = base
@@ -55,14 +68,15 @@ def _within_ieee(rows: pd.DataFrame) -> float:
     return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
 
 
-def combo_figures(folders: list[Path], n_boot: int) -> dict:
+def combo_figures(folders: list, n_boot: int) -> dict:
     """The loso_table figures of one combo: AUC per held-out source, mean, worst, and the rest."""
-    per = [fold_runs(f) for f in folders]
+    members = [int(str(f).split("#")[1]) if "#" in str(f) else None for f in folders]
+    per = [fold_runs(Path(str(f).split("#")[0])) for f in folders]
     sources = sorted(set.intersection(*(set(p) for p in per)))
     out: dict = {}
     oof, internal, within = [], [], []
     for s in sources:
-        pred = averaged([p[s] for p in per])
+        pred = averaged([p[s] for p in per], members)
         m = evaluate.evaluate_predictions(pred, n_boot=n_boot)
         out[s] = float(m["external"]["roc_auc"]["value"])
         side = "specificity" if "specificity" in m["external"] else "sensitivity"
@@ -92,7 +106,7 @@ def main(argv=None) -> int:
     table = {}
     for arg in a.recipes:
         label, combos = arg.split("=", 1)
-        table[label] = [combo_figures([Path(d) for d in c.split("+")], a.n_boot) for c in combos.split(";")]
+        table[label] = [combo_figures(c.split("+"), a.n_boot) for c in combos.split(";")]
     if a.json:
         print(json.dumps(table, indent=2))
         return 0
