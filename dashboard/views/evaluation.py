@@ -87,7 +87,8 @@ if spread:
         with st.expander(f"The {len(seeds)} runs of this configuration"):
             st.dataframe(seeds.assign(run=seeds["run"].map(state.run_label)), hide_index=True, key="eval_seeds")
 else:
-    st.caption("Only one seed of this configuration is available, so the spread across seeds is unknown; "
+    st.caption("Only one seed of this configuration is in the runs folder, so its spread across seeds is not "
+               "shown here (assets/MODEL_CARD.md gives the shipped recipe's, over seeds, for the table above); "
                "train more with `python -m core.train --seed N`.")
 
 # ------------------------------------------------------------------ live threshold
