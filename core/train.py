@@ -979,7 +979,6 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     is refitted on those logits, predictions.csv and config.json (``calibration``,
     ``model_sha256``) are rewritten, and metrics.json is re-evaluated.
     """
-
     from core import model as model_lib
 
     run = runs.resolve_run(run)

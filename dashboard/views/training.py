@@ -24,9 +24,9 @@ if hist is not None:
     curves = runs.history_curves(hist)
     charts = [c for c in (*runs.HISTORY_CHARTS, "Other") if (curves["chart"] == c).any()]
     several = curves["member"].nunique() > 1
-    cols = st.columns(max(len(charts), 1))
     if not charts:
         st.info("history.csv has no measured column.")
+    cols = st.columns(len(charts)) if charts else []
     palette, dashes = px.colors.qualitative.Plotly, ("solid", "dot", "dash", "dashdot", "longdash")
     for col, title in zip(cols, charts, strict=False):
         fig = go.Figure()

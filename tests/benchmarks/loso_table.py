@@ -24,12 +24,17 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 
+def within_ieee(rows: pd.DataFrame) -> float:
+    """AUC of ieee8023's COVID-19 against its other pneumonias among ``rows`` (NaN without both)."""
+    v = rows[rows["source"] == "ieee8023"]
+    y = (v["label"] == "covid").astype(int)
+    return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
+
+
 def oof_within_ieee(run: Path) -> float:
     """Out-of-fold within-ieee8023 AUC of one fold run (NaN when ieee8023 was held out)."""
     p = pd.read_csv(Path(run) / "predictions.csv")
-    v = p[(p["split"] == "val") & (p["source"] == "ieee8023")]
-    y = (v["label"] == "covid").astype(int)
-    return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
+    return within_ieee(p[p["split"] == "val"])
 
 
 def seed_figures(folder: Path) -> dict:
@@ -67,16 +72,18 @@ def main(argv=None) -> int:
     for arg in a.recipes:
         label, dirs = arg.split("=", 1)
         table[label] = [seed_figures(Path(d)) for d in dirs.split(",")]
-    if a.json:
-        print(json.dumps(table, indent=2))
-        return 0
+    print(json.dumps(table, indent=2) if a.json else markdown(table))
+    return 0
+
+
+def markdown(table: dict[str, list[dict]], count: str = "seeds") -> str:
+    """``{label: [figures of one seed, ...]}`` as the markdown table of the model card (mean ± sd)."""
     last = ("mean", "worst", "oof_within_ieee8023", "test_within_ieee8023", "test_internal")
     cols = sorted({c for seeds in table.values() for s in seeds for c in s} - set(last)) + list(last)
-    print("| recipe | seeds | " + " | ".join(cols) + " |")
-    print("|---|---:|" + "---|" * len(cols))
+    lines = [f"| recipe | {count} | " + " | ".join(cols) + " |", "|---|---:|" + "---|" * len(cols)]
     for label, seeds in table.items():
-        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s.get(c) for s in seeds]) for c in cols) + " |")
-    return 0
+        lines.append(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s.get(c) for s in seeds]) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loso_table import markdown, within_ieee  # noqa: E402
+
 from core import evaluate  # noqa: E402
 
 KEYS = ["path", "split"]
@@ -62,12 +64,6 @@ def averaged(runs: list[Path], members: list[int | None] | None = None) -> pd.Da
     return out.drop(columns=[f"p{i}" for i in range(len(p))])
 
 
-def _within_ieee(rows: pd.DataFrame) -> float:
-    v = rows[rows["source"] == "ieee8023"]
-    y = (v["label"] == "covid").astype(int)
-    return float(roc_auc_score(y, v["p_covid"])) if y.nunique() == 2 else float("nan")
-
-
 def combo_figures(folders: list, n_boot: int) -> dict:
     """The loso_table figures of one combo: AUC per held-out source, mean, worst, and the rest."""
     members = [int(str(f).split("#")[1]) if "#" in str(f) else None for f in folders]
@@ -81,20 +77,13 @@ def combo_figures(folders: list, n_boot: int) -> dict:
         out[s] = float(m["external"]["roc_auc"]["value"])
         side = "specificity" if "specificity" in m["external"] else "sensitivity"
         out[f"{s}_{side[:4]}"] = float(m["external"][side]["value"])
-        oof.append(_within_ieee(pred[pred["split"] == "val"]))
+        oof.append(within_ieee(pred[pred["split"] == "val"]))
         internal.append(float(m["roc_auc"]["value"]))
-        within.append(_within_ieee(pred[pred["split"] == "test"]))
+        within.append(within_ieee(pred[pred["split"] == "test"]))
     aucs = [out[s] for s in sources]
     out.update(mean=float(np.mean(aucs)), worst=float(np.min(aucs)), oof_within_ieee8023=float(np.nanmean(oof)),
                test_within_ieee8023=float(np.nanmean(within)), test_internal=float(np.nanmean(internal)))
     return out
-
-
-def _cell(values: list) -> str:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if not len(v):
-        return "–"
-    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
 def main(argv=None) -> int:
@@ -107,15 +96,7 @@ def main(argv=None) -> int:
     for arg in a.recipes:
         label, combos = arg.split("=", 1)
         table[label] = [combo_figures(c.split("+"), a.n_boot) for c in combos.split(";")]
-    if a.json:
-        print(json.dumps(table, indent=2))
-        return 0
-    last = ("mean", "worst", "oof_within_ieee8023", "test_within_ieee8023", "test_internal")
-    cols = sorted({c for seeds in table.values() for s in seeds for c in s} - set(last)) + list(last)
-    print("| recipe | combos | " + " | ".join(cols) + " |")
-    print("|---|---:|" + "---|" * len(cols))
-    for label, seeds in table.items():
-        print(f"| {label} | {len(seeds)} | " + " | ".join(_cell([s.get(c) for s in seeds]) for c in cols) + " |")
+    print(json.dumps(table, indent=2) if a.json else markdown(table, count="combos"))
     return 0
 
 
