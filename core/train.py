@@ -28,419 +28,70 @@ Class weights (balanced per source within a class by default), a checkpoint ever
 (``--resume RUN`` continues a killed run), fixed seeds (same seed, same numbers on one machine)
 and ``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`).
 
+The steps live in modules of their own: :mod:`core.train_data` (split, folds, weights),
+:mod:`core.image_cache` (prepared films), :mod:`core.augment`, :mod:`core.adversarial` (the source
+head), :mod:`core.calibration` and :mod:`core.ensemble` (out-of-fold logits, the averaged model,
+predictions.csv); this module runs them, writes the run folder and holds the CLI.
+
 The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, history.csv
 (one row per member and epoch), predictions.csv, env.json and, through
 :func:`core.evaluate.evaluate_run`, metrics.json.
 """
 
+
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
 
-from core import config, distribute, images, inputs, runs
+from core import config, distribute, inputs, runs, splits
+from core import model as model_lib
+from core.adversarial import gradient_reversal, ramp, source_accuracy, source_loss, targets, with_source_head
+from core.augment import AUGMENT, make_dataset
+from core.calibration import apply_calibration, calibration_params, with_calibration
+from core.ensemble import assemble, out_of_fold_logits, predictions_table
+from core.evaluate import evaluate_run
+from core.image_cache import prepare_images
+from core.train_data import load_data, sample_weights
 
-AUGMENT = {
-    # Every knob survives the per-image standardisation inside the model (a linear brightness or
-    # contrast change would not: standardisation undoes it exactly).
-    # rot: degrees; scale: random resized crop, (min, max) share of the side kept; shift: fraction of
-    # the side; gamma: log range; window: largest share of each image's pixels an intensity window clips at
-    # each end (window/level); noise: Gaussian sigma as a share of 255; jpeg: probability of a JPEG re-encoding
-    # (quality 30-90); cutout: probability of one blanked rectangle (up to 1/3 of each side);
-    # lowres: probability of a down- then up-scaled copy.
-    "none": dict(rot=0.0, scale=(1.0, 1.0), shift=0.0, gamma=0.0, window=0.0, noise=0.0, jpeg=0.0,
-                 cutout=0.0, lowres=0.0),
-    "light": dict(rot=5.0, scale=(0.9, 1.0), shift=0.03, gamma=0.1, window=0.05, noise=0.01, jpeg=0.2,
-                  cutout=0.0, lowres=0.1),
-    "default": dict(rot=10.0, scale=(0.8, 1.0), shift=0.05, gamma=0.25, window=0.1, noise=0.02, jpeg=0.3,
-                    cutout=0.25, lowres=0.25),
-    "strong": dict(rot=15.0, scale=(0.7, 1.0), shift=0.08, gamma=0.4, window=0.15, noise=0.03, jpeg=0.5,
-                   cutout=0.5, lowres=0.4),
-}
-
+# The recipe: the shipped model's, chosen by the leave-one-source-out ablation (assets/MODEL_CARD.md).
 DEFAULTS = dict(
-    data=None,
-    runs=None,
-    name="default",
-    task="binary",
-    preset="default",
-    backbone=None,
-    weights="none",
-    size=128,
-    epochs=30,
-    batch_size=32,
-    lr=1e-3,
-    seed=config.SEED,
-    split_seed=config.SEED,
-    split_file=None,
-    folds=3,
-    members=3,
-    lung_crop=True,
-    adversarial=0.0,
-    augment="default",
-    hflip=False,
-    balance="source",
-    holdout_source=None,
-    exclude_sources=None,
-    limit=None,
-    strategy=None,
-    logical_cpus=None,
-    crop=None,
-    contrast=None,
-    width=None,
-    dropout=None,
-    field="local",
-    lung_mask=None,
-    calibrate=True,
-    cache=True,
-    evaluate=True,
-    verbose=1,
-    resume=None,
+    # where, what and which network
+    data=None, runs=None, name="default", task="binary", preset="default", backbone=None, weights="none",
+    # how long and how fast
+    size=128, epochs=30, batch_size=32, lr=1e-3, seed=config.SEED,
+    # the split, the folds and the ensemble
+    split_seed=config.SEED, split_file=None, folds=3, members=3,
+    # against shortcuts: lung crop, source head, augmentation, weights, held-out sources
+    lung_crop=True, adversarial=0.0, augment="default", hflip=False, balance="source", holdout_source=None,
+    exclude_sources=None, limit=None,
+    # devices
+    strategy=None, logical_cpus=None,
+    # the default preset's knobs (None: the preset's own)
+    crop=None, contrast=None, width=None, dropout=None, field="local", lung_mask=None,
+    # what happens after training
+    calibrate=True, cache=True, evaluate=True, verbose=1, resume=None,
 )
-# The development set is the whole non-test part of the split: validation comes from the folds.
-SPLIT_FRACTIONS = (0.8, 0.0, 0.2)
 
 
 def log(msg: str) -> None:
+    """A progress line on stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------- data
-def _cache_file(cache_dir: Path, root: Path, size: int, lung_crop: dict | None) -> Path:
-    key = str(Path(root).resolve())
-    if lung_crop is not None:
-        from core import lungs
-
-        key += json.dumps(lung_crop, sort_keys=True) + lungs.model_sha256()
-    tag = "lungs" if lung_crop is not None else "pixels"
-    return cache_dir / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}-{size}.npz"
-
-
-def _read_cache(cfile: Path | None) -> dict:
-    if not cfile or not cfile.exists():
-        return {}
-    try:
-        with np.load(cfile, allow_pickle=False) as z:
-            return {
-                str(p): (int(s), int(m), img, box, bool(fb))
-                for p, s, m, img, box, fb in zip(
-                    z["paths"], z["sizes"], z["mtimes"], z["images"], z["boxes"], z["fell_back"], strict=True
-                )
-            }
-    except Exception:  # a corrupt or old-format cache is rebuilt
-        return {}
-
-
-def _write_cache(cfile: Path, cached: dict) -> None:
-    cfile.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted(cached)
-    tmp = cfile.with_name(cfile.name + f".tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        paths=np.array(keys),
-        sizes=np.array([cached[k][0] for k in keys], np.int64),
-        mtimes=np.array([cached[k][1] for k in keys], np.int64),
-        images=np.stack([cached[k][2].astype(np.float32) for k in keys]),
-        boxes=np.stack([np.asarray(cached[k][3], np.float64) for k in keys]),
-        fell_back=np.array([cached[k][4] for k in keys], bool),
-    )
-    os.replace(tmp, cfile)
-
-
-def prepare_images(root, paths: list[str], size: int, lung_crop: dict | None = None, cache_dir=None,
-                   progress: bool = True):
-    """Decode and prepare ``paths`` (relative to ``root``) once, through :func:`core.inputs.prepare`.
-
-    Returns ``(x (n_ok, size, size), boxes (n_ok, 4), fell_back (n_ok,), kept, errors)``: ``kept``
-    are the indices of the paths that loaded, ``errors`` one ImageError per path that did not.
-    With ``cache_dir`` the prepared films are kept in an .npz there (keyed by path, file size and
-    mtime, the crop settings and the lung model's sha256), so that later runs skip this step.
-    """
-    root = Path(root)
-    cfile = _cache_file(Path(cache_dir), root, size, lung_crop) if cache_dir else None
-    cached = _read_cache(cfile)
-    out: list = [None] * len(paths)
-    todo = []
-    for i, rel in enumerate(paths):
-        try:
-            st = (root / rel).stat()
-        except OSError:
-            todo.append(i)
-            continue
-        hit = cached.get(rel)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            out[i] = hit[2:]
-        else:
-            todo.append(i)
-    errors: list[images.ImageError] = []
-    if todo:
-        log(f"preparing {len(todo)} films at {size}x{size}{' (lung crop)' if lung_crop is not None else ''} "
-            f"({len(paths) - len(todo)} cached)")
-        chunks = [todo[k : k + 16] for k in range(0, len(todo), 16)]
-        pbar = None
-        if progress:
-            from tqdm import tqdm
-
-            pbar = tqdm(total=len(todo), desc="preparing", unit="img", file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            jobs = pool.map(lambda c: (c, inputs.load_many([root / paths[i] for i in c], size, lung_crop)), chunks)
-            for chunk, (x, boxes, fb, ok, errs) in jobs:
-                for j, k in enumerate(ok):
-                    out[chunk[k]] = (x[j], boxes[j], bool(fb[j]))
-                errors.extend(errs)
-                if pbar:
-                    pbar.update(len(chunk))
-        if pbar:
-            pbar.close()
-        if cfile:
-            for i in todo:
-                if out[i] is not None:
-                    st = (root / paths[i]).stat()
-                    cached[paths[i]] = (st.st_size, st.st_mtime_ns, *out[i])
-            _write_cache(cfile, cached)
-    kept = [i for i, o in enumerate(out) if o is not None]
-    x = np.stack([out[i][0] for i in kept]).astype(np.float32) if kept else np.zeros((0, size, size), np.float32)
-    boxes = np.stack([out[i][1] for i in kept]) if kept else np.zeros((0, 4))
-    fell_back = np.array([out[i][2] for i in kept], bool)
-    return x, boxes, fell_back, kept, errors
-
-
-def subset(table: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """At most ``limit`` images per (split, source, label) cell, sampled with ``seed`` (quick runs)."""
-    if not limit or table.empty:
-        return table
-    parts = []
-    for _, g in table.groupby(["split", "source", "label"], sort=True):
-        parts.append(g.sample(n=min(limit, len(g)), random_state=seed))
-    return pd.concat(parts).sort_index()
-
-
-def sample_weights(table: pd.DataFrame, classes: tuple[str, ...], balance: str) -> np.ndarray:
-    """Per-image weights with mean 1.
-
-    ``class``: every class has the same total weight. ``source``: also, within a class, every
-    source has the same share, so a source rare in one class (ieee8023 pneumonia) counts as much
-    as the others: the model gains nothing by learning the source.
-    ``none``: all ones.
-    """
-    n = len(table)
-    if balance == "none" or n == 0:
-        return np.ones(n, np.float32)
-    w = np.zeros(n, np.float64)
-    cls = table["class"].to_numpy()
-    src = table["source"].to_numpy()
-    present = [c for c in classes if (cls == c).any()]
-    for c in present:
-        in_c = cls == c
-        if balance == "class":
-            w[in_c] = 1.0 / (len(present) * in_c.sum())
-        elif balance == "source":
-            srcs = sorted(set(src[in_c]))
-            for s in srcs:
-                cell = in_c & (src == s)
-                w[cell] = 1.0 / (len(present) * len(srcs) * cell.sum())
-        else:
-            raise ValueError(f"unknown balance {balance!r}; choose class, source or none")
-    return (w * n / w.sum()).astype(np.float32)
-
-
-def prepare_table(cfg: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(development + test table with a ``fold`` column, external table) for a config.
-
-    The split (dev/test by patient), the held-out source, the ``--limit`` subset, class indices
-    and the cross-validation folds of the development set (``fold`` -1 on test rows).
-    """
-    from core import splits
-
-    table = splits.prepare(root, seed=cfg["split_seed"], split_file=cfg.get("split_file"),
-                           fractions=SPLIT_FRACTIONS).copy()
-    excluded = set(cfg.get("exclude_sources") or [])
-    if excluded - set(table["source"]):
-        raise ValueError(f"excluded source(s) {sorted(excluded - set(table['source']))} not in the data; "
-                         f"sources: {sorted(set(table['source']))}")
-    # dropped after the split is made, so every other image keeps the split it has in the full data
-    table = table[~table["source"].isin(excluded)].copy()
-    hold = cfg.get("holdout_source")
-    if hold:
-        if hold not in set(table["source"]):
-            raise ValueError(f"holdout source {hold!r} not in the data; sources: {sorted(set(table['source']))}")
-        external = table[table["source"] == hold].copy()
-        external["split"] = "external"
-        table = table[table["source"] != hold].copy()
-    else:
-        external = table.iloc[:0].copy()
-    # a split file made with a validation split: its val images join the development set
-    table.loc[table["split"] == "val", "split"] = "train"
-    table = subset(table, cfg.get("limit"), cfg["split_seed"])
-    external = subset(external, cfg.get("limit"), cfg["split_seed"])
-    classes = config.classes(cfg["task"])
-    for t in (table, external):
-        t["class"] = [config.label_to_class(lab, cfg["task"]) for lab in t["label"]]
-        t["y"] = np.array([classes.index(c) for c in t["class"]], dtype=np.int64)
-    table = table.reset_index(drop=True)
-    table["fold"] = splits.assign_folds(table, int(cfg["folds"]), int(cfg["split_seed"]))
-    external["fold"] = -1
-    return table, external.reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- augmentation
-def _affine(x, u, p: dict, size: int, hflip: bool):
-    """Random resized crop, rotation, shift and (optionally) horizontal flip, one transform per image."""
-    import tensorflow as tf
-
-    b = tf.shape(x)[0]
-    c = (size - 1) / 2.0
-    th = u(0, -math.radians(p["rot"]), math.radians(p["rot"]))
-    # Random resized crop: keep a share s of the side (zoom in by 1/s), aspect jittered by +-10%.
-    s = u(1, p["scale"][0], p["scale"][1])
-    aspect = tf.exp(u(10, -0.1, 0.1)) if p["scale"][0] < 1.0 else tf.ones([b])
-    sx, sy = s * tf.sqrt(aspect), s / tf.sqrt(aspect)
-    tx, ty = u(2, -p["shift"], p["shift"]) * size, u(3, -p["shift"], p["shift"]) * size
-    flip = tf.where(u(4, 0.0, 1.0) < 0.5, -1.0, 1.0) if hflip else tf.ones([b])
-    cos, sin = tf.cos(th), tf.sin(th)
-    # output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2)
-    a0, a1, b0, b1 = cos * sx * flip, -sin * sx, sin * sy * flip, cos * sy
-    a2 = c - a0 * c - a1 * c + tx
-    b2 = c - b0 * c - b1 * c + ty
-    zeros = tf.zeros([b])
-    t = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=x, transforms=t, output_shape=tf.constant([size, size]), fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="REFLECT",
-    )
-
-
-def _intensity(x, u, p: dict):
-    """A random intensity window and gamma: non-linear grey-level changes a standardisation keeps.
-
-    The window clips a random share (up to ``window``) of each image's darkest and brightest
-    pixels, found from the image's own sorted values, and stretches the rest: as a radiologist's
-    window/level, it always changes the picture, whatever the film's own range.
-    """
-    import tensorflow as tf
-
-    v = tf.clip_by_value(x / 255.0, 0.0, 1.0)
-    if p["window"]:
-        flat = tf.sort(tf.reshape(v, [tf.shape(v)[0], -1]), axis=1)
-        n = tf.cast(tf.shape(flat)[1] - 1, tf.float32)
-        lo_i = tf.cast(tf.round(u(5, 0.0, p["window"]) * n), tf.int32)
-        hi_i = tf.cast(tf.round(u(6, 1.0 - p["window"], 1.0) * n), tf.int32)
-        lo = tf.reshape(tf.gather(flat, lo_i, batch_dims=1), [-1, 1, 1, 1])
-        hi = tf.reshape(tf.gather(flat, hi_i, batch_dims=1), [-1, 1, 1, 1])
-        v = tf.clip_by_value((v - lo) / tf.maximum(hi - lo, 1e-3), 0.0, 1.0)
-    if p["gamma"]:
-        g = tf.reshape(tf.exp(u(7, -p["gamma"], p["gamma"])), [-1, 1, 1, 1])
-        v = tf.pow(v + 1e-6, g)
-    return v * 255.0
-
-
-def _jpeg(x, u, prob: float):
-    """Re-encode a share ``prob`` of the images as JPEG at a random quality (30-90)."""
-    import tensorflow as tf
-
-    q = tf.cast(tf.round(u(8, 30.0, 90.0)), tf.int32)
-    pick = u(9, 0.0, 1.0) < prob
-
-    def one(args):
-        img, quality, do = args
-        enc = tf.image.adjust_jpeg_quality(tf.clip_by_value(img / 255.0, 0.0, 1.0), quality) * 255.0
-        return tf.where(do, enc, img)
-
-    return tf.map_fn(one, (x, q, pick), fn_output_signature=tf.float32)
-
-
-def _cutout(x, u, prob: float, size: int):
-    """Blank one random rectangle (up to a third of each side) to the image mean, in a share of the images."""
-    import tensorflow as tf
-
-    yy = tf.reshape(tf.range(size, dtype=tf.float32), [1, size, 1, 1])
-    xx = tf.reshape(tf.range(size, dtype=tf.float32), [1, 1, size, 1])
-
-    def r(i, lo, hi):
-        return tf.reshape(u(i, lo, hi), [-1, 1, 1, 1])
-
-    h, w = r(11, 0.1, 0.33) * size, r(12, 0.1, 0.33) * size
-    cy, cx = r(13, 0.0, 1.0) * size, r(14, 0.0, 1.0) * size
-    inside = (tf.abs(yy - cy) < h / 2) & (tf.abs(xx - cx) < w / 2) & (r(15, 0.0, 1.0) < prob)
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    return tf.where(inside, mean, x)
-
-
-def _augment_fn(params: dict, size: int, hflip: bool, seed: int):
-    """A batch map ``(step, x, y, w) -> (x', y, w)``; stateless: the same seed and step give the same batch."""
-    import tensorflow as tf
-
-    p = {**AUGMENT["none"], **params}
-    p["scale"] = tuple(p["scale"])
-
-    def fn(step, x, y, w):
-        b = tf.shape(x)[0]
-        base = tf.cast(step, tf.int64) * 32
-
-        def u(i, lo, hi, shape=None):
-            s = tf.stack([tf.constant(seed, tf.int64), base + i])
-            return tf.random.stateless_uniform(shape if shape is not None else [b], seed=s, minval=lo, maxval=hi)
-
-        if p["rot"] or p["scale"] != (1.0, 1.0) or p["shift"] or hflip:
-            x = _affine(x, u, p, size, hflip)
-        if p["lowres"]:
-            # Sources differ in resolution: sometimes train on a blurred (down- then up-scaled) copy.
-            f = u(16, 0.35, 0.8, shape=[])
-            small = tf.cast(tf.round(f * size), tf.int32)
-            lo = tf.image.resize(tf.image.resize(x, [small, small], antialias=True), [size, size])
-            pick = tf.reshape(tf.cast(u(17, 0.0, 1.0) < p["lowres"], tf.float32), [-1, 1, 1, 1])
-            x = pick * lo + (1.0 - pick) * x
-        if p["window"] or p["gamma"]:
-            x = _intensity(x, u, p)
-        if p["jpeg"]:
-            x = _jpeg(x, u, p["jpeg"])
-        if p["noise"]:
-            sd = tf.reshape(u(18, 0.0, p["noise"] * 255.0), [-1, 1, 1, 1])
-            noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([tf.constant(seed, tf.int64), base + 19]))
-            x = x + sd * noise
-        if p["cutout"]:
-            x = _cutout(x, u, p["cutout"], size)
-        return tf.clip_by_value(x, 0.0, 255.0), y, w
-
-    return fn
-
-
-def make_dataset(x, y, w, batch_size: int, seed: int, augment: str | dict = "default", hflip: bool = False):
-    """An endless, shuffled, augmented, prefetched tf.data pipeline over in-memory images.
-
-    ``y`` and ``w`` may be arrays or dicts of arrays keyed by output name (class and source heads).
-    """
-    import tensorflow as tf
-
-    params = AUGMENT[augment] if isinstance(augment, str) else dict(augment)
-    size = x.shape[1]
-
-    def f32(v):
-        return {k: np.asarray(a, np.float32) for k, a in v.items()} if isinstance(v, dict) else np.asarray(v, np.float32)
-
-    ds = tf.data.Dataset.from_tensor_slices((x[..., None].astype(np.float32), f32(y), f32(w))).cache()
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
-    fn = _augment_fn(params, size, hflip, seed)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).map(lambda i, b: fn(i, *b), num_parallel_calls=1)
-    return ds.prefetch(2)
-
-
-# ----------------------------------------------------------------------------- scores and calibration
+# ----------------------------------------------------------------------------- held-out fold scores
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, p))
@@ -459,93 +110,8 @@ def val_scores(table: pd.DataFrame, probs: np.ndarray) -> dict:
     return {"val_auc": _auc(y, p), "val_ws_auc": float(np.mean(ws)) if ws else float("nan"), "val_loss": loss}
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T minimising the log loss of softmax(logits / T) on (validation) data."""
-    ts = np.exp(np.linspace(np.log(0.25), np.log(8.0), 241))
-    best, best_t = np.inf, 1.0
-    for t in ts:
-        z = logits / t
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        nll = -np.mean(logp[np.arange(len(y)), y])
-        if nll < best:
-            best, best_t = nll, float(t)
-    return best_t
-
-
-def fit_platt(d: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Platt scaling: (a, b) of P(covid) = sigmoid(a * d + b) on (validation) logit differences d."""
-    from sklearn.linear_model import LogisticRegression
-
-    if len(np.unique(y)) < 2:
-        return 1.0, 0.0
-    lr = LogisticRegression(C=1e4).fit(np.asarray(d, np.float64)[:, None], y)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
-
-
-def calibration_params(logits: np.ndarray, y: np.ndarray, method: str) -> dict:
-    """Fit a calibration map on validation logits: ``platt`` (binary) or ``temperature``.
-
-    Returns ``{"method", "kernel", "bias", ...}`` for the fixed Dense layer of :func:`with_calibration`.
-    ``y`` holds class indices (0 = covid).
-    """
-    n = logits.shape[1]
-    if method == "platt" and n == 2:
-        a, b = fit_platt(logits[:, 0] - logits[:, 1], (y == 0).astype(int))
-        return {"method": "platt", "a": a, "b": b, "kernel": (a * np.eye(2)).tolist(), "bias": [b, 0.0]}
-    if method in ("platt", "temperature"):
-        t = fit_temperature(logits, y)
-        return {"method": "temperature", "temperature": t, "kernel": (np.eye(n) / t).tolist(), "bias": [0.0] * n}
-    raise ValueError(f"unknown calibration {method!r}; choose platt, temperature or none")
-
-
-def with_calibration(model, params: dict):
-    """A copy of ``model`` with a fixed Dense layer ``calibration`` between ``logits`` and ``probs``.
-
-    Built-in layers only, so the model still loads with ``safe_mode=True``; the ranking of the
-    logits (AUC) is unchanged for a positive slope.
-    """
-    import keras
-
-    logits = model.get_layer("logits").output
-    n = int(logits.shape[-1])
-    layer = keras.layers.Dense(n, name="calibration", trainable=False)
-    cal = layer(logits)
-    layer.set_weights([np.asarray(params["kernel"], np.float32), np.asarray(params["bias"], np.float32)])
-    probs = keras.layers.Activation("softmax", name="probs")(cal)
-    return keras.Model(model.input, probs, name=model.name)
-
-
-def _logits(model, x: np.ndarray) -> np.ndarray:
-    """The pre-calibration logits of ``model`` (its ``logits`` layer) for raw images (n, H, W)."""
-    import keras
-
-    from core import model as model_lib
-
-    return model_lib.probabilities(keras.Model(model.input, model.get_layer("logits").output), x, batch_size=64)
-
-
-def apply_calibration(logits: np.ndarray, params: dict) -> np.ndarray:
-    """Probabilities from logits through a fitted calibration (as the model's ``calibration`` layer does)."""
-    z = np.asarray(logits, np.float64)
-    if params.get("method", "none") != "none":
-        z = z @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _calibration_method(cfg: dict) -> str:
-    c = cfg.get("calibrate")
-    if c is True or c is None:
-        return "platt" if cfg["task"] == "binary" else "temperature"
-    return str(c) if c else "none"
-
-
 # ----------------------------------------------------------------------------- networks
 def _setup_tf(seed: int, logical_cpus: int | None):
-    import tensorflow as tf
-
     if logical_cpus and logical_cpus > 1:
         cpus = tf.config.list_physical_devices("CPU")
         try:
@@ -554,8 +120,6 @@ def _setup_tf(seed: int, logical_cpus: int | None):
             )
         except RuntimeError as exc:  # the runtime is already initialised in this process
             log(f"warning: cannot split the CPU into {logical_cpus} logical devices ({exc})")
-    import keras
-
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -565,62 +129,14 @@ def _model_kwargs(cfg: dict) -> dict:
 
 
 def _load_lung_model(path):
-    import keras
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"lung model {path} does not exist (train it with python -m core.lungs train)")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _gradient_reversal():
-    """The identity going forward, -lambda times the gradient going back (Ganin & Lempitsky 2015).
-
-    ``stop_gradient(x) * (1 + lam) - lam * x`` equals x, and its gradient with respect to x is
-    ``-lam``; ``lam`` is a non-trainable weight that the training loop ramps up from 0.
-    """
-    import keras
-
-    @keras.saving.register_keras_serializable(package="cxr_train")
-    class GradientReversal(keras.layers.Layer):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.lam = self.add_weight(shape=(), initializer="zeros", trainable=False, name="lam")
-
-        def call(self, x):
-            ops = keras.ops
-            return ops.stop_gradient(x) * (1.0 + self.lam) - self.lam * x
-
-    return GradientReversal
-
-
-@functools.cache
-def _source_loss(n_classes: int, n_sources: int):
-    """Cross-entropy of the source among the sources of the image's own class.
-
-    The head has one block of ``n_sources`` logits per class; ``y_true`` is one-hot over
-    (class, source) pairs, so only the block of the true class is scored: the head learns where
-    an image came from *given its label*, which is the part of the source that is a shortcut.
-    """
-    import keras
-
-    @keras.saving.register_keras_serializable(package="cxr_train", name=f"source_ce_{n_classes}x{n_sources}")
-    def source_ce(y_true, y_pred):
-        ops = keras.ops
-        t = ops.reshape(y_true, (-1, n_classes, n_sources))
-        z = ops.reshape(y_pred, (-1, n_classes, n_sources))
-        in_class = ops.sum(t, axis=2, keepdims=True)
-        return keras.losses.categorical_crossentropy(ops.sum(t, axis=1), ops.sum(z * in_class, axis=1),
-                                                     from_logits=True)
-
-    return source_ce
-
-
 def build_net(cfg: dict, size: int):
     """The inference network of a config (preset or backbone; optional lung gate)."""
-    from core import model as model_lib
-
     kwargs = _model_kwargs(cfg) if cfg["preset"] == "default" and not cfg.get("backbone") else {}
     if cfg.get("lung_mask"):
         kwargs["lung_model"] = _load_lung_model(cfg["lung_mask"])
@@ -636,23 +152,12 @@ def build_member(cfg: dict, size: int, sources: list[str], steps_total: int):
     output ``source`` (class-conditional source head behind gradient reversal on ``gap``); the
     inference network shares its layers and has no source head.
     """
-    import keras
-
     net = build_net(cfg, size)
     classes = config.classes(cfg["task"])
     schedule = keras.optimizers.schedules.CosineDecay(float(cfg["lr"]), max(1, steps_total), alpha=0.05)
     adv = float(cfg.get("adversarial") or 0.0)
     if adv > 0 and len(sources) > 1:
-        feats = _gradient_reversal()(name="grl")(net.get_layer("gap").output)
-        h = keras.layers.Dense(64, activation="relu", name="source_hidden")(feats)
-        src = keras.layers.Dense(len(classes) * len(sources), name="source")(h)
-        model = keras.Model(net.input, {"probs": net.output, "source": src}, name="cxr_adversarial")
-        model.compile(
-            optimizer=keras.optimizers.Adam(schedule),
-            loss={"probs": keras.losses.CategoricalCrossentropy(), "source": _source_loss(len(classes), len(sources))},
-            metrics={"probs": [keras.metrics.CategoricalAccuracy(name="accuracy")]},
-        )
-        return model, net
+        return with_source_head(net, len(classes), sources, schedule), net
     net.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.CategoricalCrossentropy(),
@@ -661,41 +166,9 @@ def build_member(cfg: dict, size: int, sources: list[str], steps_total: int):
     return net, net
 
 
-def _targets(table: pd.DataFrame, n_classes: int, sources: list[str], adversarial: bool):
-    """Keras targets of a training table: one-hot classes, and (class, source) pairs for the source head."""
-    y = np.eye(n_classes, dtype=np.float32)[table["y"].to_numpy()]
-    if not adversarial:
-        return y
-    s = np.array([sources.index(v) for v in table["source"]])
-    pair = np.zeros((len(table), n_classes * len(sources)), np.float32)
-    pair[np.arange(len(table)), table["y"].to_numpy() * len(sources) + s] = 1.0
-    return {"probs": y, "source": pair}
-
-
-def _source_accuracy(model, x: np.ndarray, table: pd.DataFrame, n_classes: int, sources: list[str]) -> float:
-    """Balanced accuracy of the source head on held-out images, within their class (chance = 1 / sources)."""
-    import tensorflow as tf
-
-    z = np.asarray(model(tf.constant(x[..., None]), training=False)["source"]).reshape(-1, n_classes, len(sources))
-    pred = z[np.arange(len(table)), table["y"].to_numpy()].argmax(axis=1)
-    true = np.array([sources.index(v) for v in table["source"]])
-    per = [float((pred[true == s] == s).mean()) for s in np.unique(true)]
-    return float(np.mean(per)) if per else float("nan")
-
-
 # ----------------------------------------------------------------------------- training one member
-def _ramp(adversarial: float, epoch: int, epochs: int) -> float:
-    """Gradient-reversal weight at an epoch: 0 at the start, rising to ``adversarial`` (DANN schedule)."""
-    p = epoch / max(1, epochs)
-    return float(adversarial * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0))
-
-
 def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net, sources, state: dict,
                     cfg: dict):
-    import keras
-
-    from core import model as model_lib
-
     n_classes = len(config.classes(cfg["task"]))
     adv = float(cfg.get("adversarial") or 0.0)
 
@@ -704,7 +177,7 @@ def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net,
 
         def on_epoch_begin(self, epoch, logs=None):
             if self.model is not net:
-                self.model.get_layer("grl").lam.assign(_ramp(adv, epoch, int(cfg["epochs"])))
+                self.model.get_layer("grl").lam.assign(ramp(adv, epoch, int(cfg["epochs"])))
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
@@ -713,7 +186,7 @@ def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net,
             if len(fold_table):
                 row.update(val_scores(fold_table, model_lib.probabilities(net, x_fold, batch_size=64)))
                 if self.model is not net:
-                    row["val_source_acc"] = _source_accuracy(self.model, x_fold, fold_table, n_classes, sources)
+                    row["val_source_acc"] = source_accuracy(self.model, x_fold, fold_table, n_classes, sources)
                     row["grl_lambda"] = float(np.asarray(self.model.get_layer("grl").lam))
             state["history"].append(row)
             state["epoch"] = epoch + 1
@@ -734,8 +207,6 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
 
     Resumes from ``checkpoint/last.keras`` when ``state`` says this member was under way.
     """
-    import keras
-
     dev, x_dev = data["dev"], data["x_dev"]
     own = (dev["fold"] == member).to_numpy()
     tr, fold = dev[~own].reset_index(drop=True), dev[own].reset_index(drop=True)
@@ -747,14 +218,14 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
     keras.utils.set_random_seed(seed)
     with strategy.scope():
         if state["epoch"]:  # resume this member: weights, optimizer state and schedule from the checkpoint
-            _gradient_reversal(), _source_loss(len(classes), len(sources))  # registered before loading
+            gradient_reversal(), source_loss(len(classes), len(sources))  # registered before loading
             model = keras.saving.load_model(ckpt / "last.keras", safe_mode=True)
             net = model if not isinstance(model.output, dict) else keras.Model(
                 model.input, model.get_layer("probs").output, name="cxr_member")
         else:
             model, net = build_member(cfg, int(cfg["size"]), sources, steps * epochs)
     adversarial = model is not net
-    y = _targets(tr, len(classes), sources, adversarial)
+    y = targets(tr, len(classes), sources, adversarial)
     w = sample_weights(tr, classes, cfg["balance"])
     ds = distribute.shard(make_dataset(x_dev[~own], y, {"probs": w, "source": w} if adversarial else w, batch,
                                        seed, cfg["augment"], bool(cfg["hflip"])))
@@ -765,6 +236,27 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
         model.fit(ds, epochs=epochs, initial_epoch=int(state["epoch"]), steps_per_epoch=steps,
                   callbacks=distribute.callbacks(strategy, model) + [cb], verbose=1 if cfg["verbose"] else 0)
     return net
+
+
+def fit_members(data: dict, cfg: dict, run: Path, state: dict, strategy) -> list:
+    """Every member's inference network: trained (checkpointed under ``run/checkpoint``) or, when
+    ``state`` says a resumed run had finished it, loaded from its saved weights."""
+    ckpt = run / "checkpoint"
+    nets = []
+    for member in range(int(cfg["members"])):
+        if member in state["done"]:
+            net = build_net(cfg, int(cfg["size"]))
+            net.load_weights(ckpt / f"member_{member}.weights.h5")
+        else:
+            if state["member"] != member:
+                state.update(member=member, epoch=0)
+            net = fit_member(member, data, cfg, run, ckpt, state, strategy)
+            net.save_weights(ckpt / f"member_{member}.weights.h5")
+            state["done"].append(member)
+            state.update(member=member + 1, epoch=0)
+            runs.write_json(ckpt / "state.json", state)
+        nets.append(net)
+    return nets
 
 
 # ----------------------------------------------------------------------------- the whole recipe
@@ -793,86 +285,7 @@ def _check(cfg: dict) -> None:
         raise ValueError(f"need folds >= 2 and 1 <= members <= folds (got folds {folds}, members {members})")
 
 
-def _load_data(cfg: dict, root: Path, cache_dir: Path | None) -> dict:
-    """The tables and prepared pixels of a run: ``dev``/``x_dev`` (with folds), ``rest``/``x_rest`` (test, external)."""
-    table, external = prepare_table(cfg, root)
-    both = pd.concat([table, external], ignore_index=True)
-    t0 = time.time()
-    x, boxes, fell_back, kept, errors = prepare_images(
-        root, both["path"].tolist(), int(cfg["size"]), inputs.settings(cfg), cache_dir, progress=cfg["verbose"] > 0)
-    for err in errors:
-        log(f"skipped {err}")
-    both = both.iloc[kept].reset_index(drop=True)
-    both[["box_y0", "box_x0", "box_y1", "box_x1"]] = boxes
-    both["crop_fell_back"] = fell_back
-    is_dev = (both["split"] == "train").to_numpy()
-    dev, rest = both[is_dev].reset_index(drop=True), both[~is_dev].reset_index(drop=True)
-    if len(dev) == 0:
-        raise ValueError("the split has no development (training) images")
-    return {"dev": dev, "x_dev": x[is_dev], "rest": rest, "x_rest": x[~is_dev], "errors": errors,
-            "prepare_seconds": time.time() - t0}
-
-
-def out_of_fold_logits(nets: list, x: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    """Pre-calibration logits of each image from the member that did not train on it.
-
-    Row ``i`` is scored by ``nets[fold[i]]`` (member k left fold k out); rows whose fold names no
-    member (a fold beyond ``members``, or -1) stay NaN. Training and ``--recalibrate`` both fit
-    the calibration on these.
-    """
-    fold = np.asarray(fold)
-    out = np.full((len(x), int(nets[0].output_shape[-1])), np.nan, np.float32)
-    for k, net in enumerate(nets):
-        own = fold == k
-        if own.any():
-            out[own] = _logits(net, x[own])
-    return out
-
-
-def _assemble(nets: list, oof_logits: np.ndarray, dev: pd.DataFrame, cfg: dict):
-    """The saved model (members averaged, calibration fitted on out-of-fold logits) and its calibration."""
-    from core import model as model_lib
-
-    model = model_lib.ensemble(nets) if len(nets) > 1 else nets[0]
-    method = _calibration_method(cfg)
-    ok = np.isfinite(oof_logits).all(axis=1)
-    if method == "none" or not ok.any():
-        return model, {"method": "none"}
-    params = calibration_params(oof_logits[ok], dev["y"].to_numpy()[ok], method)
-    params["fitted_on"] = f"out-of-fold predictions of {int(ok.sum())} development images"
-    log(f"calibration {params['method']} fitted on {int(ok.sum())} out-of-fold predictions")
-    return with_calibration(model, params), params
-
-
-def _predictions(model, oof_logits: np.ndarray, calibration: dict, data: dict, classes) -> pd.DataFrame:
-    """predictions.csv: out-of-fold rows (split ``val``) and test/external rows from the saved model."""
-    from core import model as model_lib
-
-    dev, rest = data["dev"], data["rest"]
-    ok = np.isfinite(oof_logits).all(axis=1)
-    oof = dev[ok].assign(split="val")
-    p_oof = apply_calibration(oof_logits[ok], calibration)
-    p_rest = model_lib.probabilities(model, data["x_rest"], batch_size=64)
-    nets = model_lib.members(model)
-    cols = ["path", "source", "patient_id", "label", "class", "split"]
-    extra = ["fold", "box_y0", "box_x0", "box_y1", "box_x1", "crop_fell_back"]
-    both = pd.concat([oof, rest], ignore_index=True)
-    out = both[cols].copy()
-    probs = np.concatenate([p_oof, p_rest]) if len(p_rest) else p_oof
-    for j, c in enumerate(classes):
-        out[f"p_{c}"] = probs[:, j].astype(float)
-    out[extra] = both[extra].to_numpy()
-    # Each member's own (calibrated) P(covid) on the test/external rows: what one network alone
-    # would have said, so that the ensemble's gain can be read from one run.
-    for k, net in enumerate(nets):
-        p_k = apply_calibration(_logits(net, data["x_rest"]), calibration) if len(rest) else np.zeros((0, 2))
-        out[f"p_covid_member{k}"] = np.r_[np.full(len(oof), np.nan), p_k[:, config.COVID_INDEX]]
-    return out
-
-
 def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, run: Path, timing: dict) -> dict:
-    from core import model as model_lib
-
     both = pd.concat([data["dev"], data["rest"]], ignore_index=True)
     keys = ("task", "preset", "backbone", "weights", "size", "seed", "split_seed", "epochs", "batch_size", "lr",
             "folds", "members", "adversarial", "augment", "hflip", "balance", "holdout_source", "exclude_sources",
@@ -920,39 +333,24 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
     root = config.data_dir(cfg["data"])
     runs_root = distribute.runs_root(config.runs_dir(cfg["runs"]), cfg.get("strategy"))  # chief only
     cfg["data"] = str(root)
-    data = _load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
+    data = load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
     if run is None:
         run = runs.new_run(runs_root, cfg["name"])
         (run / "checkpoint").mkdir()
         runs.write_json(run / "checkpoint" / "train_config.json", cfg)
     ckpt = run / "checkpoint"
-    from core import splits
-
     splits.save_split(pd.concat([data["dev"], data["rest"][data["rest"]["split"] == "test"]]), run / "split.csv")
     log(f"development {len(data['dev'])} ({dict(data['dev']['class'].value_counts())}) in {cfg['folds']} folds, "
         f"{cfg['members']} member(s); test {int((data['rest']['split'] == 'test').sum())}, "
         f"external {int((data['rest']['split'] == 'external').sum())}")
 
     t1 = time.time()
-    nets = []
-    for member in range(int(cfg["members"])):
-        if member in state["done"]:
-            net = build_net(cfg, int(cfg["size"]))
-            net.load_weights(ckpt / f"member_{member}.weights.h5")
-        else:
-            if state["member"] != member:
-                state.update(member=member, epoch=0)
-            net = fit_member(member, data, cfg, run, ckpt, state, strategy)
-            net.save_weights(ckpt / f"member_{member}.weights.h5")
-            state["done"].append(member)
-            state.update(member=member + 1, epoch=0)
-            runs.write_json(ckpt / "state.json", state)
-        nets.append(net)
+    nets = fit_members(data, cfg, run, state, strategy)
     train_s = time.time() - t1
 
     oof = out_of_fold_logits(nets, data["x_dev"], data["dev"]["fold"].to_numpy())
-    model, calibration = _assemble(nets, oof, data["dev"], cfg)
-    runs.write_csv(run / "predictions.csv", _predictions(model, oof, calibration, data, config.classes(cfg["task"])))
+    model, calibration = assemble(nets, oof, data["dev"], cfg)
+    runs.write_csv(run / "predictions.csv", predictions_table(model, oof, calibration, data, config.classes(cfg["task"])))
     runs.atomic_save_model(model, run / "model.keras")
     timing = {"prepare": data["prepare_seconds"], "train": train_s, "replicas": strategy.num_replicas_in_sync}
     runs.write_json(run / "config.json", _final_config(cfg, state, data, calibration, model, run, timing))
@@ -963,8 +361,6 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
         distribute.barrier(strategy)  # stay in the cluster until the chief is done
         return None
     if cfg.get("evaluate"):
-        from core.evaluate import evaluate_run
-
         evaluate_run(run, progress=False)
     distribute.barrier(strategy)
     log(f"run written to {run}")
@@ -979,8 +375,6 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     is refitted on those logits, predictions.csv and config.json (``calibration``,
     ``model_sha256``) are rewritten, and metrics.json is re-evaluated.
     """
-    from core import model as model_lib
-
     run = runs.resolve_run(run)
     cfg = runs.read_config(run)
     model = runs.load_model(run)
@@ -1009,8 +403,6 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
                model_bytes=(run / "model.keras").stat().st_size, recalibrated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     runs.write_json(run / "config.json", cfg)
     if evaluate:
-        from core.evaluate import evaluate_run
-
         evaluate_run(run, progress=False)
     log(f"run {run.name} recalibrated ({params['method']})")
     return run

@@ -10,10 +10,12 @@ import pytest
 import tensorflow as tf
 
 from core import train
+from core.adversarial import gradient_reversal, ramp, source_loss, targets
+from core.augment import make_dataset
 
 
 def test_gradient_reversal_is_identity_forward_and_negates_gradients():
-    grl = train._gradient_reversal()(name="grl")
+    grl = gradient_reversal()(name="grl")
     grl.lam.assign(0.7)
     x = tf.constant(np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32))
     with tf.GradientTape() as tape:
@@ -25,7 +27,7 @@ def test_gradient_reversal_is_identity_forward_and_negates_gradients():
 
 
 def test_source_loss_scores_only_the_true_class_block():
-    loss = train._source_loss(2, 3)
+    loss = source_loss(2, 3)
     # one image of class 1 from source 2: target one-hot at 1 * 3 + 2
     y = np.zeros((1, 6), np.float32)
     y[0, 5] = 1.0
@@ -38,9 +40,9 @@ def test_source_loss_scores_only_the_true_class_block():
 
 
 def test_ramp_rises_from_zero_to_the_weight():
-    assert train._ramp(0.5, 0, 10) == 0.0
-    assert 0.0 < train._ramp(0.5, 2, 10) < train._ramp(0.5, 5, 10) < 0.5
-    assert train._ramp(0.5, 10, 10) == pytest.approx(0.5, abs=1e-3)
+    assert ramp(0.5, 0, 10) == 0.0
+    assert 0.0 < ramp(0.5, 2, 10) < ramp(0.5, 5, 10) < 0.5
+    assert ramp(0.5, 10, 10) == pytest.approx(0.5, abs=1e-3)
 
 
 def _marked(n: int, rng, p_b=(0.15, 0.85), side: int = 32, amp: float = 10.0):
@@ -75,12 +77,12 @@ def _reversed_auc(adversarial: float, seed: int, data) -> float:
     keras.utils.set_random_seed(seed)
     steps = int(np.ceil(len(x) / 32))
     model, net = train.build_member(cfg, 32, ["a", "b"], steps * cfg["epochs"])
-    y = train._targets(table, 2, ["a", "b"], adversarial > 0)
+    y = targets(table, 2, ["a", "b"], adversarial > 0)
     w = np.ones(len(x), np.float32)
-    ds = train.make_dataset(x, y, {"probs": w, "source": w} if adversarial > 0 else w, 32, 0, "none")
+    ds = make_dataset(x, y, {"probs": w, "source": w} if adversarial > 0 else w, 32, 0, "none")
     for epoch in range(cfg["epochs"]):
         if adversarial > 0:
-            model.get_layer("grl").lam.assign(train._ramp(adversarial, epoch, cfg["epochs"]))
+            model.get_layer("grl").lam.assign(ramp(adversarial, epoch, cfg["epochs"]))
         model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
     return float(roc_auc_score(tr["y"], model_lib.probabilities(net, xr)[:, 1]))
 

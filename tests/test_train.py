@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import config, runs, train
+from core import calibration, config, runs, train, train_data
+from core.augment import AUGMENT, augment_fn
 
 REPO = config.REPO_ROOT
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
@@ -24,7 +25,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
 # ----------------------------------------------------------------------------- pure helpers
 def test_class_weights_balance_classes():
     t = pd.DataFrame({"class": ["covid"] * 10 + ["other"] * 30, "source": ["a"] * 40})
-    w = train.sample_weights(t, ("covid", "other"), "class")
+    w = train_data.sample_weights(t, ("covid", "other"), "class")
     assert w.mean() == pytest.approx(1.0)
     assert w[:10].sum() == pytest.approx(w[10:].sum())
 
@@ -36,13 +37,13 @@ def test_source_weights_balance_sources_within_a_class():
             "source": ["ieee"] * 30 + ["ieee"] * 5 + ["kermany"] * 20 + ["nih"] * 15,
         }
     )
-    w = train.sample_weights(t, ("covid", "other"), "source")
+    w = train_data.sample_weights(t, ("covid", "other"), "source")
     assert w.mean() == pytest.approx(1.0)
     covid, ieee_o, ker, nih = w[:30].sum(), w[30:35].sum(), w[35:55].sum(), w[55:].sum()
     assert covid == pytest.approx(ieee_o + ker + nih)
     assert ieee_o == pytest.approx(ker) and ker == pytest.approx(nih)
     with pytest.raises(ValueError, match="unknown balance"):
-        train.sample_weights(t, ("covid", "other"), "patient")
+        train_data.sample_weights(t, ("covid", "other"), "patient")
 
 
 def test_temperature_fit_recovers_a_known_temperature():
@@ -51,16 +52,16 @@ def test_temperature_fit_recovers_a_known_temperature():
     z = logits / 2.0
     p1 = np.exp(z[:, 1]) / np.exp(z).sum(1)
     y = (rng.random(4000) < p1).astype(int)
-    assert train.fit_temperature(logits, y) == pytest.approx(2.0, rel=0.15)
+    assert calibration.fit_temperature(logits, y) == pytest.approx(2.0, rel=0.15)
 
 
 def test_subset_caps_each_cell():
     t = pd.DataFrame(
         {"split": ["train"] * 20 + ["val"] * 4, "source": ["a"] * 24, "label": ["covid", "normal"] * 12}
     )
-    s = train.subset(t, 3, seed=0)
+    s = train_data.subset(t, 3, seed=0)
     assert s.groupby(["split", "label"]).size().tolist() == [3, 3, 2, 2]
-    assert train.subset(t, None, 0) is t
+    assert train_data.subset(t, None, 0) is t
 
 
 def _batch(augment, hflip=False, step=0, seed=1):
@@ -70,7 +71,7 @@ def _batch(augment, hflip=False, step=0, seed=1):
     x = np.zeros((8, size, size, 1), np.float32)
     x[:, 8:24, 2:12] = 200.0  # bright blob on the left only
     x[:, 8:24, 12:30] = 60.0
-    fn = train._augment_fn(train.AUGMENT[augment] if isinstance(augment, str) else augment, size, hflip, seed)
+    fn = augment_fn(AUGMENT[augment] if isinstance(augment, str) else augment, size, hflip, seed)
     out, _, _ = fn(tf.constant(step), tf.constant(x), tf.zeros((8, 2)), tf.ones(8))
     return x, out.numpy()
 
@@ -89,7 +90,7 @@ def test_augmentation_none_is_identity_and_default_is_seeded():
 
 def test_no_horizontal_flip_by_default():
     """The heart is on the left: default augmentation keeps the left/right layout."""
-    geo = dict(train.AUGMENT["none"], rot=10.0, scale=(0.8, 1.0), shift=0.05)
+    geo = dict(AUGMENT["none"], rot=10.0, scale=(0.8, 1.0), shift=0.05)
     for step in range(5):
         _, out = _batch(geo, step=step)
         assert (out[:, :, :16].mean(axis=(1, 2, 3)) > out[:, :, 16:].mean(axis=(1, 2, 3))).all()
@@ -106,7 +107,7 @@ def _standardise(x):
     return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
 
 
-@pytest.mark.parametrize("knob", [k for k, v in train.AUGMENT["default"].items() if v != train.AUGMENT["none"][k]])
+@pytest.mark.parametrize("knob", [k for k, v in AUGMENT["default"].items() if v != AUGMENT["none"][k]])
 def test_every_augmentation_survives_the_in_model_standardisation(knob):
     """A knob whose effect per-image standardisation removes exactly (a linear brightness or
     contrast change) teaches the network nothing; every knob of the default augmentation must
@@ -117,12 +118,12 @@ def test_every_augmentation_survives_the_in_model_standardisation(knob):
     x = np.clip(rng.normal(120, 40, (16, 32, 32, 1)), 0, 255).astype(np.float32)
     x[:, 8:20, 6:14] += 60.0
     x = np.clip(x, 0, 255)
-    params = dict(train.AUGMENT["none"], **{knob: train.AUGMENT["strong"][knob]})
+    params = dict(AUGMENT["none"], **{knob: AUGMENT["strong"][knob]})
     if knob == "jpeg":
         params[knob] = 1.0  # every image re-encoded
     if knob in ("cutout", "lowres"):
         params[knob] = 1.0
-    fn = train._augment_fn(params, 32, False, seed=3)
+    fn = augment_fn(params, 32, False, seed=3)
     out, _, _ = fn(tf.constant(1), tf.constant(x), tf.zeros((16, 2)), tf.ones(16))
     change = np.abs(_standardise(out.numpy()) - _standardise(x)).mean(axis=1)
     assert (change > 0.02).mean() >= 0.5, f"{knob}: standardised images barely change ({np.round(change, 3)})"

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(a.threads)
     import keras
 
-    from core import config, splits, train
+    from core import augment, config, image_cache, splits
     from core import model as model_lib
 
     root = config.data_dir(a.data)
@@ -126,12 +126,12 @@ def main(argv=None) -> int:
     # ----- ours
     keras.utils.set_random_seed(0)
     t0 = time.perf_counter()
-    pix, _, _, kept, _ = train.prepare_images(root, table["path"].tolist()[:n], a.size, None, cache_dir=None,
-                                              progress=False)
+    pix, _, _, kept, _ = image_cache.prepare_images(root, table["path"].tolist()[:n], a.size, None, cache_dir=None,
+                                                    progress=False)
     decode_s = time.perf_counter() - t0
     yy = np.eye(2, dtype=np.float32)[1 - y[kept]]
     w = np.ones(len(kept), np.float32)
-    ds = train.make_dataset(pix, yy, w, 32, seed=0, augment="default")
+    ds = augment.make_dataset(pix, yy, w, 32, seed=0, augment="default")
     model = model_lib.build("default", "binary", a.size, contrast="local")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
     steps = n // 32
