@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from core import checks, config
+from core.heat import heat_share
 
 # Every cut-off of the panel, in one place.
 THRESHOLDS = {
@@ -72,7 +73,7 @@ def _row(key: str, title: str, mark: str, sentence: str, value=None) -> dict:
 
 # --------------------------------------------------------------------------- where the heat lies
 def band_area(shape, border: float | None = None) -> float:
-    """Share of an image of ``shape`` covered by the border band of :func:`core.audit.trust`."""
+    """Share of an image of ``shape`` covered by the border band of :func:`core.heat.heat_share`."""
     border = THRESHOLDS["border_band"] if border is None else border
     rows, cols = shape[:2]
     b_r, b_c = int(round(border * rows)), int(round(border * cols))
@@ -81,13 +82,11 @@ def band_area(shape, border: float | None = None) -> float:
 
 def lung_row(heatmap: np.ndarray, lung_mask: np.ndarray | None) -> dict:
     """The ``lungs`` row: heat in the lungs relative to their area (1.0 = uniform map)."""
-    from core import audit
-
     title = "Heat on the lungs"
     if lung_mask is None or not np.asarray(lung_mask).any():
         return _row("lungs", title, "amber", "No lungs were found on this film, so where the heat lies relative "
                     "to them cannot be judged.")
-    t = audit.trust(heatmap, lung_mask, border=THRESHOLDS["border_band"])
+    t = heat_share(heatmap, lung_mask, border=THRESHOLDS["border_band"])
     ratio, share, area = t["lung_ratio"], t["in_lung_share"], t["lung_area_share"]
     where = (f"{100 * share:.0f} % of the heat lies in the lungs, which cover {100 * area:.0f} % of the image "
              f"({ratio:.2f} times what a uniform map would put there)")
@@ -109,10 +108,8 @@ def warns_outside_lungs(heatmap: np.ndarray, lung_mask: np.ndarray | None) -> bo
 
 def border_row(heatmap: np.ndarray) -> dict:
     """The ``border`` row: heat in the border band relative to the band's area."""
-    from core import audit
-
     h = np.asarray(heatmap, np.float32)
-    share = audit.trust(h, np.ones(h.shape, bool), border=THRESHOLDS["border_band"])["border_share"]
+    share = heat_share(h, np.ones(h.shape, bool), border=THRESHOLDS["border_band"])["border_share"]
     area = band_area(h.shape)
     ratio = share / area
     title = "Heat on the border"

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import audit, findings
+from core import audit, audit_checks, audit_maps, audit_steps, findings
+from core.heat import heat_share
 
 # ----------------------------------------------------------------------------- trust
 
@@ -22,7 +23,7 @@ def _lungs(size=40):
 
 def test_trust_all_heat_inside_lungs():
     m = _lungs()
-    t = audit.trust(m.astype(np.float32), m)
+    t = heat_share(m.astype(np.float32), m)
     assert t["in_lung_share"] == pytest.approx(1.0)
     assert t["lung_area_share"] == pytest.approx(m.mean())
     assert t["lung_ratio"] == pytest.approx(1.0 / m.mean())
@@ -31,20 +32,20 @@ def test_trust_all_heat_inside_lungs():
 
 def test_trust_uniform_heat_equals_area_share():
     m = _lungs()
-    t = audit.trust(np.full(m.shape, 0.3, np.float32), m)
+    t = heat_share(np.full(m.shape, 0.3, np.float32), m)
     assert t["in_lung_share"] == pytest.approx(m.mean())
     assert t["lung_ratio"] == pytest.approx(1.0)
     # Border band of 10% (4 px) on each side of 40 px: 1 - (32/40)^2 of the area.
     assert t["border_share"] == pytest.approx(1 - (32 / 40) ** 2)
     # An all-zero map counts as uniform rather than dividing by zero.
-    assert audit.trust(np.zeros(m.shape), m)["in_lung_share"] == pytest.approx(m.mean())
+    assert heat_share(np.zeros(m.shape), m)["in_lung_share"] == pytest.approx(m.mean())
 
 
 def test_trust_heat_in_top_band():
     m = _lungs()
     h = np.zeros(m.shape, np.float32)
     h[:6] = 1.0  # top 15% of 40 rows
-    t = audit.trust(h, m)
+    t = heat_share(h, m)
     assert t["top_share"] == pytest.approx(1.0)
     assert t["in_lung_share"] == 0.0
     # Rows 0-3 lie in the 4-px border band, rows 4-5 only at their 4 + 4 edge pixels.
@@ -54,7 +55,7 @@ def test_trust_heat_in_top_band():
 def test_trust_resizes_mask_to_heatmap():
     m = _lungs(40)
     h = np.kron(m.astype(np.float32), np.ones((2, 2), np.float32))  # 80x80 map, 40x40 mask
-    assert audit.trust(h, m)["in_lung_share"] == pytest.approx(1.0)
+    assert heat_share(h, m)["in_lung_share"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -86,8 +87,8 @@ def test_deletion_insertion_right_vs_wrong_heatmap():
     wrong = np.zeros((32, 32), np.float32)
     wrong[:8, :8] = 1.0
     kw = {"class_index": 0, "steps": 16, "insertion_baseline": "mean"}
-    d_right, i_right = audit.deletion_insertion(model, img, right, **kw)
-    d_wrong, i_wrong = audit.deletion_insertion(model, img, wrong, **kw)
+    d_right, i_right = audit_checks.deletion_insertion(model, img, right, **kw)
+    d_wrong, i_wrong = audit_checks.deletion_insertion(model, img, wrong, **kw)
     assert d_right < d_wrong - 0.2
     assert i_right > i_wrong + 0.2
 
@@ -126,7 +127,7 @@ def blob_model():
 
 
 def test_randomised_copy_changes_learned_weights_only(blob_model):
-    rand = audit.randomised_copy(blob_model)
+    rand = audit_checks.randomised_copy(blob_model)
     w0 = blob_model.get_layer("last_conv").get_weights()[0]
     w1 = rand.get_layer("last_conv").get_weights()[0]
     assert w0.shape == w1.shape and not np.allclose(w0, w1)
@@ -137,9 +138,9 @@ def test_randomised_copy_changes_learned_weights_only(blob_model):
 def test_sanity_check_distinguishes_trained_from_random(blob_model):
     x, y = _blob_data(8, seed=5)
     imgs = x[y == 0]
-    same = audit.sanity_check(blob_model, imgs, "gradcam", random_model=blob_model)
+    same = audit_checks.sanity_check(blob_model, imgs, "gradcam", random_model=blob_model)
     assert same["spearman_mean"] == pytest.approx(1.0) and not same["passes"]
-    res = audit.sanity_check(blob_model, imgs, "gradcam")
+    res = audit_checks.sanity_check(blob_model, imgs, "gradcam")
     assert res["n"] == len(imgs)
     assert res["spearman_mean"] < same["spearman_mean"] - 0.3
     assert res["passes"]
@@ -153,7 +154,7 @@ def test_probes_on_a_lung_shortcut_free_model():
     x[y == 1, 24:, 24:] = 250.0  # the shortcut: a bright corner marker on every positive
     lung = np.zeros((20, 32, 32), bool)
     lung[:, 4:20, 4:20] = True
-    res = audit.probes(model, x, lung, y, groups=np.arange(20).astype(str), n_boot=50, fill="zero")
+    res = audit_checks.probes(model, x, lung, y, groups=np.arange(20).astype(str), n_boot=50, fill="zero")
     assert res["auc"]["original"]["value"] == pytest.approx(1.0)
     assert res["auc"]["lungs_blanked"]["value"] == pytest.approx(1.0)
     assert res["auc"]["lungs_only"]["value"] < 0.75
@@ -245,7 +246,7 @@ def test_audit_cli_json(tiny_audit_run, capsys, monkeypatch, tmp_path):
     assert out["n_images"] == 4 and "verdict" in out
     saved = json.loads((run / "audit.json").read_text())
     assert [f["claim"] for f in out["findings"]] == [f["claim"] for f in saved["findings"]]
-    assert (run / "audit_maps.png").exists() or not any(v >= audit.MIN_MEAN_N for v in saved["map_counts"].values())
+    assert (run / "audit_maps.png").exists() or not any(v >= audit_maps.MIN_MEAN_N for v in saved["map_counts"].values())
     text = md.read_text()
     assert "Prose that stays." in text and text.count(findings.BEGIN) == 1
     assert saved["findings"][0]["claim"] in text
@@ -289,12 +290,12 @@ def test_source_probe_and_road_on_an_ensemble(blob_model):
     from core import model as cxr_model
     from core import road
 
-    ens = _ensemble(blob_model, audit.randomised_copy(blob_model, seed=3))
+    ens = _ensemble(blob_model, audit_checks.randomised_copy(blob_model, seed=3))
     assert len(cxr_model.members(ens)) == 2
     x, y = _blob_data(24, seed=11)
     test = pd.DataFrame({"path": [f"i{i}" for i in range(24)], "source": np.where(np.arange(24) % 4 < 2, "A", "B"),
                          "label": np.where(y == 0, "covid", "normal"), "group": [str(i) for i in range(24)]})
-    res, p_true = audit.source_probe_step(ens, audit.randomised_copy(ens), x, test, None, n_boot=20)
+    res, p_true = audit_steps.source_probe_step(ens, audit_checks.randomised_copy(ens), x, test, None, n_boot=20)
     assert res["n_features"] == 32  # the members' features side by side
     assert "auc" in res["model"]["all"] and len(p_true["model"]["all"]) == 24
     maps = {"gradcam": np.stack([np.zeros((32, 32), np.float32)] * 24)}

@@ -45,7 +45,7 @@ CORE_STEPS = [
     ("overlay (core.explain.overlay)", "overlay (core/explain.py"),
     ("probabilities (core.model)", "probabilities (core/model.py"),
     ("lung mask (core.lungs.mask)", "mask (core/lungs.py"),
-    ("in-lung share (core.audit.trust)", "trust (core/audit.py"),
+    ("in-lung share (core.heat.heat_share)", "heat_share (core/heat.py"),
     ("trust panel: faithfulness, OOD (core.trust)", "core/trust.py"),
     ("penultimate features (core.model.features)", "features (core/model.py"),
     ("severity (core.severity)", "core/severity.py"),

@@ -1,0 +1,278 @@
+"""The steps of the whole-run audit (:func:`core.audit.run_audit`), one function each.
+
+Images are prepared through ``core.inputs``: a lung-crop run is audited on what its network
+sees, with the lung masks and expert boxes mapped into that view by ``inputs.from_film``
+(:func:`load_images`). Then every method's maps (:func:`explain_all`), where their heat lies
+(:func:`trust_table`), the randomisation check (:func:`sanity_checks`), ROAD
+(:func:`road_step`), the pointing game (:func:`pointing_step`), the source probe
+(:func:`source_probe_step`) and per-slice metrics (:func:`slices_step`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from core import (
+    config,
+    datasets,
+    explain,
+    images,
+    inputs,
+    lungs,
+    metrics,
+    pointing,
+    road,
+    runs,
+    slices,
+    source_probe,
+)
+from core import model as cxr_model
+from core.audit_checks import deletion_insertion, sanity_check
+from core.heat import heat_share
+
+RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline
+
+
+def mean_ci(values, groups=None, n_boot: int = 1000) -> dict:
+    """Mean of ``values`` with a (patient-grouped) bootstrap CI, and ``n``; without groups, finite values only."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)] if groups is None else v
+    if len(v) == 0:
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    r = metrics.ci(lambda _y, p: float(np.nanmean(p)), np.zeros(len(v)), v, groups, n_boot=n_boot)
+    return {**r, "n": int(len(v))}
+
+
+def _small_film(film: np.ndarray, side: int = 256) -> np.ndarray:
+    """The film with its longer side at most ``side`` (aspect kept): enough for masks and boxes."""
+    h, w = film.shape
+    s = min(1.0, side / max(h, w))
+    if s >= 1.0:
+        return film
+    return cv2.resize(film, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | None = None,
+                lung_model=None, progress: bool = True, desc: str = "load") -> dict:
+    """Step 2: films -> what the network sees (``core.inputs``), with lungs and expert boxes in that view.
+
+    Returns ``x`` (n, size, size), ``boxes`` (n, 4; the region of each film the network sees),
+    ``fell_back`` (n,), ``lung`` (n, size, size) bool (the lung net's mask of the film, mapped
+    with ``inputs.from_film``), ``expert`` (list: the expert lung boxes as a mask in the same
+    view, None where the film has none), ``kept`` (row indices that loaded) and ``errors``.
+    """
+    boxes = boxes or {}
+    out = {"x": [], "boxes": [], "fell_back": [], "lung": [], "expert": [], "kept": [], "errors": []}
+    paths = table["path"].astype(str).tolist()
+    for start in tqdm(range(0, len(paths), 16), desc=desc, disable=not progress, file=sys.stderr):
+        films, idx = [], []
+        for i in range(start, min(start + 16, len(paths))):
+            try:
+                films.append(images.decode(root / paths[i]))
+                idx.append(i)
+            except images.ImageError as exc:
+                out["errors"].append({"path": paths[i], "reason": exc.reason})
+        if not films:
+            continue
+        x, bx, fb = inputs.prepare(films, size, crop, lung_model)
+        for film, b, i in zip(films, bx, idx, strict=True):
+            small = _small_film(film)
+            lung = lungs.mask(small, model=lung_model).astype(np.float32)
+            out["lung"].append(inputs.from_film(lung, b, size) >= 0.5)
+            ex = boxes.get(paths[i])
+            out["expert"].append(None if ex is None else
+                                 inputs.from_film(pointing.box_mask(ex, small.shape).astype(np.float32), b, size) >= 0.5)
+        out["x"].append(x)
+        out["boxes"].append(bx)
+        out["fell_back"].append(fb)
+        out["kept"] += idx
+    out["x"] = np.concatenate(out["x"]) if out["x"] else np.zeros((0, size, size), np.float32)
+    out["boxes"] = np.concatenate(out["boxes"]) if out["boxes"] else np.zeros((0, 4))
+    out["fell_back"] = np.concatenate(out["fell_back"]) if out["fell_back"] else np.zeros(0, bool)
+    out["lung"] = np.stack(out["lung"]) if out["lung"] else np.zeros((0, size, size), bool)
+    return out
+
+
+def test_rows(ctx: dict, loaded: dict) -> pd.DataFrame:
+    """Step 2b: the test rows that loaded, with ``y`` (1 = the explained class) and the resampling ``group``."""
+    test = ctx["test"].iloc[loaded["kept"]].reset_index(drop=True)
+    if len(test) == 0:
+        raise FileNotFoundError(f"none of the {len(ctx['test'])} test images could be read under {ctx['root']}")
+    if "class" not in test:
+        test["class"] = test["label"]
+    if "label" not in test:
+        test["label"] = test["class"]
+    if "patient_id" not in test:
+        test["patient_id"] = test["path"]
+    # Images without a patient id are their own resampling unit.
+    test["patient_id"] = test["patient_id"].where(test["patient_id"].notna(), test["path"]).astype(str)
+    if "group" not in test:
+        test["group"] = test["patient_id"]
+    test["group"] = test["group"].where(test["group"].notna(), test["patient_id"]).astype(str)
+    test["y"] = (test["class"].astype(str) == ctx["classes"][0]).astype(int)
+    return test
+
+
+def explain_all(model, x: np.ndarray, methods, progress: bool = True) -> dict[str, np.ndarray]:
+    """Step 3: every method's maps of the explained class (COVID-19) for every image, (n, size, size)."""
+    out = {}
+    for method in methods:
+        t0 = time.time()
+        out[method] = explain.explain_many(model, x, method, class_index=config.COVID_INDEX)
+        if progress:
+            print(f"audit: {method} maps for {len(x)} images in {time.time() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), steps: int = 16) -> pd.DataFrame:
+    """Step 4: one row per image and method: where the heat lies (:func:`core.heat.heat_share`), and deletion/insertion
+    AUCs for ``di_methods``."""
+    rows = []
+    for method, heat in maps.items():
+        for i in range(len(test)):
+            r = test.iloc[i]
+            row = {"path": r["path"], "source": r["source"], "label": r["label"], "class": r["class"],
+                   "patient_id": r["patient_id"], "group": r["group"], "method": method, **heat_share(heat[i], lung[i])}
+            if method in di_methods:
+                row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
+                    model, x[i], heat[i], config.COVID_INDEX, steps)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sanity_checks(model, x, methods, n: int, random_model, seed: int = config.SEED) -> dict:
+    """Step 5: the randomisation check (:func:`core.audit_checks.sanity_check`) of each method on ``n`` images."""
+    if not n:
+        return {}
+    pick = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
+    return {m: {**sanity_check(model, x[pick], m, random_model=random_model), "_pick": pick} for m in methods}
+
+
+def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -> dict:
+    """Mean with a patient-bootstrap CI over all images, per class and per source (finite values only)."""
+    out = {}
+    ok = np.isfinite(values)
+    for name, sel in [("all", ok)] + [(c, ok & (test["class"] == c).to_numpy()) for c in classes] + \
+            [(f"source:{s}", ok & (test["source"] == s).to_numpy()) for s in sorted(test["source"].unique())]:
+        if sel.any():
+            out[name] = mean_ci(values[sel], test["group"].to_numpy()[sel], n_boot)
+    return out
+
+
+def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions=road.FRACTIONS,
+              n_boot: int = 1000, seed: int = config.SEED, progress: bool = True) -> tuple[dict, dict]:
+    """Step 6: ROAD (:mod:`core.road`) of every method, of a random-map baseline and of the lungs.
+
+    The ``lungs`` map ranks pixels by how deep inside the lung mask they lie: its ROAD says
+    whether removing the lungs (with imputation) moves the score more than removing the rest.
+    Returns the summary and per-image columns ``{name: combined (n,)}``.
+    """
+    all_maps = {**maps, "random": road.random_maps(len(x), x.shape[1:], seed),
+                "lungs": np.stack([road.region_map(m) for m in lung]) if len(lung) else np.zeros(x.shape)}
+    bar = tqdm(total=len(x), desc="audit ROAD", disable=not progress, file=sys.stderr)
+    res = road.road(model, x, all_maps, config.COVID_INDEX, fractions, seed=seed, progress=bar.update)
+    bar.close()
+    summary = {"fractions": list(fractions), "grid": road.GRID, "noise": road.NOISE, "score": "P(COVID-19)",
+               "maps": {}}
+    for name, r in res.items():
+        d = {k: _group_means(r[k], test, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
+        d["curve"] = {"morf": r["morf"].mean(axis=0).tolist(), "lerf": r["lerf"].mean(axis=0).tolist()}
+        if name != "random":
+            d["vs_random"] = mean_ci(r["combined"] - res["random"]["combined"], test["group"].to_numpy(), n_boot)
+        summary["maps"][name] = d
+    return summary, {name: r["combined"] for name, r in res.items()}
+
+
+def _point(heat: np.ndarray, region: np.ndarray) -> dict:
+    """:func:`core.pointing.point` of one map, or the mean over a stack of (baseline) maps."""
+    if heat.ndim == 2:
+        return pointing.point(heat, region)
+    pts = [pointing.point(h, region) for h in heat]
+    return {k: float(np.mean([p[k] for p in pts])) for k in ("hit", "mass", "area")}
+
+
+def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: int = 1000,
+                  seed: int = config.SEED) -> tuple[dict, pd.DataFrame]:
+    """Step 7: pointing game and heat mass of every method (and a random-map baseline) against the
+    expert lung boxes (images that have them) and against the lung masks (every image)."""
+    n = len(test)
+    # The baseline: RANDOM_PER_IMAGE smooth random maps per image, averaged (several draws keep it from
+    # being noisy). The peak of any smooth map over a bounded image lies on its edge more often than
+    # the edge's share of the area, so a random map hits a central region somewhat less often than
+    # that region's area share: compare a method with this baseline, not with the area.
+    rand = road.random_maps(n * RANDOM_PER_IMAGE, lung.shape[1:], seed + 1).reshape(
+        (n, RANDOM_PER_IMAGE) + lung.shape[1:]) if n else np.zeros((0, RANDOM_PER_IMAGE) + lung.shape[1:])
+    with_box = np.array([e is not None for e in expert], bool)
+    cols = {}
+    summary = {"rule": "hit: the map's maximum lies in the region; mass: share of the map's energy inside",
+               "boxes": {"n": int(with_box.sum()), "methods": {}},
+               "lungs": {"n": n, "methods": {}}}
+    g = test["group"].to_numpy()
+    for name, heat in {**maps, "random": rand}.items():
+        for region, masks, sel in (("boxes", expert, with_box), ("lungs", list(lung), np.ones(n, bool))):
+            pts = [_point(heat[i], masks[i]) if sel[i] else {"hit": np.nan, "mass": np.nan, "area": np.nan}
+                   for i in range(n)]
+            hit = np.array([p["hit"] for p in pts])
+            mass = np.array([p["mass"] for p in pts])
+            area = np.array([p["area"] for p in pts])
+            if name != "random":
+                cols[(name, f"{region}_hit")] = hit
+                cols[(name, f"{region}_mass")] = mass
+            if not sel.any():
+                continue
+            summary[region]["methods"][name] = {
+                "hit": mean_ci(hit[sel], g[sel], n_boot), "mass": mean_ci(mass[sel], g[sel], n_boot),
+                "area": float(area[sel].mean())}
+    return summary, cols
+
+
+def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | None, n_boot: int = 1000,
+                      seed: int = config.SEED) -> tuple[dict, dict]:
+    """Step 8: the source probe (:mod:`core.source_probe`) on the trained features and on those of the
+    random-weights copy (the floor), over the test images plus any external ones."""
+    cols = ["path", "source", "label", "group"]
+    pool = test[cols]
+    xs = x
+    if ext is not None and len(ext["x"]):
+        rows = ext["rows"].assign(group=ext["rows"].get("group", ext["rows"]["patient_id"]))
+        pool = pd.concat([pool, rows[cols]], ignore_index=True)
+        xs = np.concatenate([x, ext["x"]])
+    out = {"n": int(len(pool)), "n_external": int(len(pool) - len(test)), "min_images": source_probe.MIN_IMAGES,
+           "folds": source_probe.FOLDS}
+    p_true = {}
+    for name, net in (("model", model), ("random", random_model)):
+        try:
+            feats = cxr_model.features(net, xs)
+        except ValueError as exc:  # a network without a ``gap`` layer has no penultimate features
+            return {**out, "reason": f"no penultimate features: {exc}"}, {}
+        out["n_features"] = int(feats.shape[1])
+        res = source_probe.source_probes(feats, pool["source"], pool["label"], pool["group"].astype(str),
+                                         n_boot, seed)
+        p_true[name] = {k: v.pop("_p_true")[: len(test)] for k, v in res.items()}
+        out[name] = res
+    return out, p_true
+
+
+def slices_step(ctx: dict, test: pd.DataFrame, p: np.ndarray, n_boot: int = 1000, seed: int = config.SEED) -> dict:
+    """Step 9: AUC, sensitivity and specificity per metadata slice (:mod:`core.slices`) at the run's
+    validation-chosen threshold (0.5 without metrics.json)."""
+    meta = test[["path", "source", "label"]].copy()
+    try:
+        table = datasets.load_table(ctx["root"])
+        extra = [c for c in slices.COLUMNS if c in table.columns and c not in meta.columns]
+        meta = meta.merge(table[["path"] + extra].drop_duplicates("path"), on="path", how="left")
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    threshold = 0.5
+    try:
+        threshold = float(runs.read_metrics(ctx["run"])["threshold"]["value"])
+    except (runs.RunError, KeyError, TypeError, ValueError):
+        pass
+    return slices.slice_metrics(meta, test["y"], p, test["group"], threshold, n_boot=n_boot, seed=seed)
