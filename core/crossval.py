@@ -59,6 +59,7 @@ def _complete(run: Path | None) -> bool:
 
 def train_fold(cfg: dict, source: str, folds_dir: Path) -> Path:
     """The finished run of one fold: kept if complete, resumed if killed, else trained."""
+    # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
     from core import train
 
     run = _fold_run(folds_dir, source)
@@ -129,6 +130,7 @@ def summarise(folds: dict) -> dict:
 
 def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     """Run (or resume) every fold of the leave-one-source-out table; write and return crossval.json."""
+    # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
     from core import splits, train
 
     full = {**train.DEFAULTS, **cfg}
@@ -190,6 +192,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
     from core import train
 
     p = argparse.ArgumentParser(
