@@ -233,6 +233,8 @@ def _read_json(run, name: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{_label(Path(run))} has a corrupt {name} ({exc}).") from None
+    except OSError as exc:
+        raise RunError(f"{_label(Path(run))} has an unreadable {name} ({exc.strerror or exc}).") from None
 
 
 def _read_csv(run, name: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
