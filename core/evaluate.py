@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, metrics, predict, runs
+from core import config, metrics, runs
 from core.unseen import seen_images, unseen_images
 
 HEADLINE = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece", "brier")
@@ -367,6 +367,9 @@ def _external_metrics(ext: pd.DataFrame, test: pd.DataFrame, internal: dict, n_b
 
 
 def _external_validation(run: runs.Run, root, table, excluded, internal, n_boot, seed, progress) -> dict:
+    # lazy: core.predict imports TensorFlow (~3.5 s); an internal evaluation only reads predictions.csv
+    from core import predict
+
     ext, errors = predict.predict_table(run, table, root, progress=progress)
     if ext.empty:
         raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")

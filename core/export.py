@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         description="Export a run as a TensorFlow SavedModel for TF Serving: grey films in, P(covid) out, "
         "preparation (resize, the run's lung crop) inside. Use a version folder, e.g. --out serving/cxr/1.",
     )
-    p.add_argument("run", nargs="?", help="run folder (default: the shipped model in assets/model)")
+    runs.add_run_argument(p, positional=True)
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the SavedModel")
     p.add_argument("--json", action="store_true", help="print what export.json records as one JSON object")
     a = p.parse_args(argv)

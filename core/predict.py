@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         "Bad files are reported and skipped.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--run", help="run folder (default: the shipped model in assets/model)")
+    runs.add_run_argument(p)
     p.add_argument("--data", help="unused; accepted for symmetry with the other CLIs")
     p.add_argument("--csv", metavar="OUT", help="also write the table to this CSV file")
     p.add_argument("--batch-size", type=int, default=32)

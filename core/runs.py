@@ -579,6 +579,12 @@ def open_run(arg=None) -> Run:
                threshold_source=source, recorded_data_root=_recorded_root(path, cfg))
 
 
+def add_run_argument(parser, positional: bool = False) -> None:
+    """The run argument of a command line (``RUN`` or ``--run RUN``), read by :func:`open_for_cli`."""
+    names, kw = (["run"], {"nargs": "?"}) if positional else (["--run"], {})
+    parser.add_argument(*names, **kw, help="run folder (default: the shipped model in assets/model)")
+
+
 def open_for_cli(arg=None, *, with_model: bool = False) -> Run | None:
     """:func:`open_run` for a command line: the Run (its model loaded too with ``with_model``), or
     None after printing the one-sentence error on stderr (the CLI then exits with status 2)."""
