@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, inputs, metrics, runs
+from core import config, metrics, runs
+from core.unseen import seen_images, unseen_images
 
 HEADLINE = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece", "brier")
 # Internal AUC this much above the within-source AUC means the score is largely the source shortcut.
@@ -295,136 +296,6 @@ def shortcut_warnings(result: dict) -> list[str]:
 # ----------------------------------------------------------------------------- runs
 
 
-def _run_data_root(cfg: dict) -> Path | None:
-    root = cfg.get("data_root")
-    if not root:
-        return None
-    p = Path(root).expanduser()
-    return (p if p.is_absolute() else config.REPO_ROOT / p).resolve()
-
-
-def _seen(run: Path) -> pd.DataFrame | None:
-    """The run's split.csv (all images it trained, validated or tested on), if present."""
-    if not (run / "split.csv").exists():
-        return None
-    return runs.read_split(run)
-
-
-def unseen_images(run: Path, cfg: dict, data_root: Path, progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Images of ``data_root`` the run never saw, for an external validation.
-
-    On the run's own data root, images of the sources in its split.csv are left out (those the
-    ``--limit`` skipped are not external either); on another root, the images listed in its
-    split.csv (same source and path). Then, on either root, images of a patient the run saw (any
-    single id of a joined patient id, so a hannover film of an ieee8023 patient the run trained on
-    is excluded) and, when the run's own data root is readable, copies of an image it saw:
-    byte-identical, or near-duplicates by the splitter's own check (32x32 thumbnail correlation
-    >= ``splits.NEAR_THRESHOLD``), which is how a public film usually reappears in another
-    collection (resized, re-encoded). Each image is counted under the first reason that applies.
-
-    Returns ``(table, excluded)``: ``excluded`` counts left-out images by reason; the table has a
-    ``group`` column (patients joined through copies among the unseen images, for the bootstrap),
-    ``attrs["near_duplicates"]`` (path, run_path, score of every near-duplicate left out) and
-    ``attrs["unchecked"]`` (why copies could not be looked for, else None).
-    """
-    from core import datasets, splits
-
-    table = datasets.load_table(data_root)
-    excluded: dict[str, int] = {}
-    seen = _seen(run)
-    own_root = _run_data_root(cfg)
-
-    def drop(mask, reason):
-        nonlocal table
-        mask = np.asarray(mask, bool)
-        if mask.any():
-            excluded[reason] = excluded.get(reason, 0) + int(mask.sum())
-        table = table[~mask]
-
-    near_pairs, unchecked, within = [], None, None
-    if seen is not None and len(seen):
-        if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns:
-            drop(table["source"].isin(set(seen["source"])), "source the run trained on (same data root)")
-        else:
-            src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)
-            seen_keys = set(src + "|" + seen["path"].astype(str))
-            key = (table["source"].astype(str) if "source" in seen.columns else "") + "|" + table["path"].astype(str)
-            drop(key.isin(seen_keys), "listed in the run's split.csv")
-        if "patient_id" in seen.columns and len(table):
-            parts = {q for p in seen["patient_id"].astype(str) if p not in ("", "nan") for q in datasets.patient_parts(p)}
-            drop([bool(parts.intersection(datasets.patient_parts(p))) for p in table["patient_id"].astype(str)],
-                 "patient seen by the run")
-        if len(table) and own_root is not None and own_root.is_dir():
-            seen_rows = seen[[(own_root / p).is_file() for p in seen["path"]]]
-            byte, near_pairs, within = _copies_of_seen(table, data_root, seen_rows, own_root, progress)
-            near = table["path"].isin({p["path"] for p in near_pairs}).to_numpy()
-            drop(byte, "byte-identical to an image of the run")
-            drop(near[~byte], f"near-duplicate of an image of the run (thumbnail r >= {splits.NEAR_THRESHOLD})")
-        elif len(table):
-            unchecked = (f"the run's data root {own_root or '(not recorded)'} is not readable here: copies of its "
-                         "images (byte-identical or resized/re-encoded) could not be looked for")
-    table = table.reset_index(drop=True)
-    table["group"] = splits.split_groups(table, within).to_numpy()
-    table.attrs["near_duplicates"] = near_pairs
-    table.attrs["unchecked"] = unchecked
-    return table, excluded
-
-
-def _copies_of_seen(table: pd.DataFrame, root: Path, seen: pd.DataFrame, seen_root: Path,
-                    progress: bool = False) -> tuple[np.ndarray, list[dict], pd.DataFrame]:
-    """Which rows of ``table`` copy an image of ``seen``: ``(byte-identical mask, near pairs,
-    duplicate pairs among the table's own rows)``, with the splitter's fingerprints and
-    thumbnail correlation (one pass over seen + table)."""
-    from core import splits
-
-    sha_t, th_t, _ = splits.fingerprints(table, root, progress=progress)
-    sha_s, th_s, _ = splits.fingerprints(seen, seen_root, progress=progress) if len(seen) else ([], th_t[:0], {})
-    byte = np.isin(np.asarray(sha_t, dtype=object), list(set(sha_s)))
-    n, paths, run_paths = len(seen), table["path"].tolist(), seen["path"].tolist()
-    best: dict[int, tuple[float, int]] = {}
-    within = []
-    for i, j, r in splits.thumbnail_correlation(np.concatenate([th_s, th_t])):
-        if i < n <= j and not byte[j - n] and r > best.get(j - n, (-1.0, 0))[0]:
-            best[j - n] = (r, i)
-        elif i >= n:
-            within.append({"path_a": paths[i - n], "path_b": paths[j - n], "kind": "near", "score": r})
-    first: dict[str, str] = {}
-    for p, h in zip(paths, sha_t, strict=True):
-        if h in first:
-            within.append({"path_a": first[h], "path_b": p, "kind": "exact", "score": 1.0})
-        first.setdefault(h, p)
-    near = [{"path": paths[k], "run_path": run_paths[i], "score": round(r, 4)} for k, (r, i) in sorted(best.items())]
-    return byte, near, pd.DataFrame(within, columns=["path_a", "path_b", "kind", "score"])
-
-
-def predict_table(model, table: pd.DataFrame, root: Path, size: int, classes, progress: bool = True,
-                  lung_crop: dict | None = None):
-    """Predict every image of a data table (prepared as the run's network expects, see
-    :mod:`core.inputs`); returns (predictions DataFrame, load errors)."""
-    from core import datasets, inputs
-
-    paths = [datasets.abspath(root, p) for p in table["path"]]
-    if progress:
-        from tqdm import tqdm
-
-        paths = tqdm(paths, desc="decoding", unit="img", file=sys.stderr)
-    arr, _, _, kept, errors = inputs.load_many(paths, size, lung_crop)
-    from core.model import probabilities
-
-    probs = probabilities(model, arr) if len(arr) else np.zeros((0, len(classes)), np.float32)
-    rows = table.iloc[kept].reset_index(drop=True)
-    task_binary = list(classes) == list(config.TASKS["binary"])
-    pred = pd.DataFrame({
-        "path": rows["path"], "source": rows["source"], "patient_id": rows["patient_id"],
-        "group": rows["group"] if "group" in rows.columns else rows["patient_id"], "label": rows["label"],
-        "class": [config.label_to_class(lbl, "binary" if task_binary else "multiclass") for lbl in rows["label"]],
-        "split": "external",
-    })
-    for i, c in enumerate(classes):
-        pred[f"p_{c}"] = probs[:, i] if len(probs) else []
-    return pred, errors
-
-
 def _slug(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name or "data").strip("_") or "data"
 
@@ -447,45 +318,36 @@ def evaluate_run(
     validation: the model predicts them and the result (``mode: "external"``, with ``delta``
     from the internal test) is written to ``external-<data folder name>.json`` instead.
     """
-    run = runs.resolve_run(run)
-    cfg = runs.read_config(run)
-    pred = with_groups(runs.read_predictions(run), _seen(run))
-    task = cfg.get("task", "binary")
-    classes = list(cfg.get("classes") or config.classes(task))
-    internal = evaluate_predictions(pred, task, classes, n_boot, "sensitivity", target_sensitivity, seed)
-    internal["run"] = str(run)
+    run = runs.open_run(run)
+    pred = with_groups(run.predictions(), seen_images(run))
+    task = run.config.get("task", "binary")
+    internal = evaluate_predictions(pred, task, list(run.classes), n_boot, "sensitivity", target_sensitivity, seed)
+    internal["run"] = str(run.path)
     internal["mode"] = "internal"
     if data is not None:
-        root = config.data_dir(data)
-        table, excluded = unseen_images(run, cfg, root, progress=progress)
+        root = run.data_root(data)
+        table, excluded = unseen_images(run, root, progress=progress)
         if len(table):
-            result = _external_validation(run, cfg, classes, root, table, excluded, internal, n_boot, seed, progress)
+            result = _external_validation(run, root, table, excluded, internal, n_boot, seed, progress)
             ext_pred = result.pop("_predictions")
             if write:
-                runs.write_json(run / f"external-{_slug(root)}.json", jsonable(result))
-                runs.write_csv(run / f"external-{_slug(root)}-predictions.csv", ext_pred)
+                runs.write_json(run.file(f"external-{_slug(root)}.json"), jsonable(result))
+                runs.write_csv(run.file(f"external-{_slug(root)}-predictions.csv"), ext_pred)
             return result
         internal["warnings"].append(
             f"--data {root} holds no image this run has not seen ({sum(excluded.values())} excluded: "
             + ", ".join(f"{k} {v}" for k, v in excluded.items())
             + "); reported the internal test instead of an external validation.")
     if write:
-        runs.write_json(run / "metrics.json", jsonable(internal))
+        runs.write_json(run.file("metrics.json"), jsonable(internal))
     return internal
 
 
-def _external_validation(run, cfg, classes, root, table, excluded, internal, n_boot, seed, progress) -> dict:
-    model = runs.load_model(run)
-    size = int(cfg.get("size") or config.DEFAULT_SIZE)
-    ext, errors = predict_table(model, table, root, size, classes, progress=progress,
-                                 lung_crop=inputs.settings(cfg))
-    if ext.empty:
-        raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")
-    test = with_groups(runs.read_predictions(run), _seen(run))
-    test = test[test["split"] == "test"]
+def _external_metrics(ext: pd.DataFrame, test: pd.DataFrame, internal: dict, n_boot: int, seed: int) -> dict:
+    """The metrics of an external validation's predictions at the internal validation threshold."""
     t = internal["threshold"]["value"]
     y = _y(ext)
-    result: dict = {"mode": "external", "run": str(run), "data": str(root), "threshold": internal["threshold"]}
+    result: dict = {}
     if 0 < y.sum() < len(ext):
         # Both classes: the full evaluation, per source and within source, at the val threshold.
         block = _full_block(ext, t, n_boot, seed)
@@ -501,10 +363,24 @@ def _external_validation(run, cfg, classes, root, table, excluded, internal, n_b
         result.update({k: v for k, v in eb.items() if k not in ("in_source", "threshold")})
         result["per_source"] = {str(s): _full_block(df, t, n_boot, seed) for s, df in ext.groupby("source")}
         result["within_source"] = {}
+    return result
+
+
+def _external_validation(run: runs.Run, root, table, excluded, internal, n_boot, seed, progress) -> dict:
+    # lazy: core.predict imports TensorFlow (~3.5 s); an internal evaluation only reads predictions.csv
+    from core import predict
+
+    ext, errors = predict.predict_table(run, table, root, progress=progress)
+    if ext.empty:
+        raise ValueError(f"none of the {len(table)} unseen images under {root} could be decoded")
+    test = with_groups(run.predictions(), seen_images(run))
+    test = test[test["split"] == "test"]
+    result: dict = {"mode": "external", "run": str(run.path), "data": str(root), "threshold": internal["threshold"]}
+    result.update(_external_metrics(ext, test, internal, n_boot, seed))
     result["internal"] = {k: internal[k] for k in HEADLINE}
     result["internal_within_source"] = internal.get("within_source", {})
     result["n"] = len(ext)
-    result["n_covid"] = int(y.sum())
+    result["n_covid"] = int(_y(ext).sum())
     result["sources"] = sorted(map(str, ext["source"].unique()))
     result["excluded"] = excluded
     result["excluded_near_duplicates"] = table.attrs.get("near_duplicates", [])
@@ -554,17 +430,18 @@ def seed_runs(run, candidates=()) -> pd.DataFrame:
     ``run``, ``seed``, ``n_test``, ``roc_auc`` and one ``within_<source>_roc_auc`` column per
     source with a within-source AUC. Feed the runs' metrics to :func:`seed_spread` for mean +- sd.
     """
-    run = Path(run)
-    key = {k: runs.read_config(run).get(k) for k in CONFIG_KEYS}
+    run = runs.open_run(run)
+    key = {k: run.config.get(k) for k in CONFIG_KEYS}
     rows = []
-    for other in sorted({run.resolve(), *(Path(c).resolve() for c in candidates)}):
-        try:
-            cfg, m = runs.read_config(other), runs.read_metrics(other)
+    for other in sorted({run.path, *(Path(c).resolve() for c in candidates)}):
+        try:  # a sibling whose config.json or metrics.json is missing, unreadable or malformed is no seed
+            o = runs.open_run(other)
+            m = o.metrics()
         except runs.RunError:
             continue
-        if {k: cfg.get(k) for k in CONFIG_KEYS} != key:
+        if not isinstance(m, dict) or {k: o.config.get(k) for k in CONFIG_KEYS} != key:
             continue
-        row = {"run": str(other), "seed": cfg.get("seed"), "n_test": m.get("n_test"),
+        row = {"run": str(other), "seed": o.config.get("seed"), "n_test": m.get("n_test"),
                "roc_auc": _point(m.get("roc_auc"))}
         for src, w in (m.get("within_source") or {}).items():
             row[f"within_{src}_roc_auc"] = _point(w.get("roc_auc"))
@@ -608,19 +485,16 @@ def format_result(r: dict) -> str:
     if "confusion" in r:
         (tn, fp), (fn, tp) = r["confusion"]
         lines.append(f"confusion    tp {tp}  fn {fn}  fp {fp}  tn {tn}")
-    ws = r.get("within_source") or {}
-    if ws:
-        lines.append("")
-        lines.append("Within-source AUC (covid vs not covid inside one collection; the shortcut cannot help):")
-        for s, w in ws.items():
-            lines.append(f"  {s:<10} {_fmt(w['roc_auc'])}  n={w['n']} ({w['n_covid']} covid)")
-    ps = r.get("per_source") or {}
-    if ps:
-        lines.append("")
-        lines.append("Per source (at the validation threshold):")
-        for s, b in ps.items():
-            lines.append(f"  {s:<10} n={b['n']:<4} covid={b['n_covid']:<4} sens {_fmt(b['sensitivity'])}   "
-                         f"spec {_fmt(b['specificity'])}")
+    sections = (
+        ("within_source", "Within-source AUC (covid vs not covid inside one collection; the shortcut cannot help):",
+         lambda s, w: f"  {s:<10} {_fmt(w['roc_auc'])}  n={w['n']} ({w['n_covid']} covid)"),
+        ("per_source", "Per source (at the validation threshold):",
+         lambda s, b: f"  {s:<10} n={b['n']:<4} covid={b['n_covid']:<4} sens {_fmt(b['sensitivity'])}   "
+                      f"spec {_fmt(b['specificity'])}"),
+    )
+    for field, title, line in sections:
+        if r.get(field):
+            lines += ["", title, *(line(s, b) for s, b in r[field].items())]
     ext = r.get("external") if r.get("mode") != "external" else None
     if ext:
         lines.append("")

@@ -127,13 +127,12 @@ def export(run, out) -> dict:
     import keras
     import tensorflow as tf
 
-    run = runs.resolve_run(run)
+    run = runs.open_run(run)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise runs.RunError(f"{out} is not empty; export into a new folder (TF Serving: <model>/<version>)")
-    cfg = runs.read_config(run)
-    model = runs.load_model(run)
-    crop_cfg = inputs.settings(cfg)
+    model = run.model()
+    crop_cfg = run.lung_crop
     lung_model = net = None
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -145,10 +144,10 @@ def export(run, out) -> dict:
     fn = serving_fn(model, crop_cfg, lung_model, net)
     archive.add_endpoint(SIGNATURE, fn, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     archive.write_out(str(out), verbose=False)
-    classes = list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
+    classes = list(run.classes)
     record = {
-        "run": str(run),
-        "model_sha256": runs.sha256(run / "model.keras"),
+        "run": str(run.path),
+        "model_sha256": runs.sha256(run.file("model.keras")),
         "classes": classes,
         "lung_crop": crop_cfg,
         "lung_net_size": net,
@@ -173,12 +172,15 @@ def main(argv=None) -> int:
         description="Export a run as a TensorFlow SavedModel for TF Serving: grey films in, P(covid) out, "
         "preparation (resize, the run's lung crop) inside. Use a version folder, e.g. --out serving/cxr/1.",
     )
-    p.add_argument("run", nargs="?", help="run folder (default: the shipped model in assets/model)")
+    runs.add_run_argument(p, positional=True)
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the SavedModel")
     p.add_argument("--json", action="store_true", help="print what export.json records as one JSON object")
     a = p.parse_args(argv)
+    run = runs.open_for_cli(a.run)
+    if run is None:
+        return 2
     try:
-        record = export(a.run, a.out)
+        record = export(run, a.out)
     except (runs.RunError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,14 +19,13 @@ their heatmaps (for the dashboard).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import cv2
 import pandas as pd
 
-from core import metrics
+from core import metrics, runs
 
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
@@ -376,17 +375,12 @@ def compare_findings(a: list[dict], b: list[dict], names=("a", "b")) -> pd.DataF
 
 def read_summary(run) -> tuple[dict, dict | None]:
     """(audit.json, metrics.json or None) of a run folder; RunError when it has not been audited."""
-    from core import runs
-
-    run = Path(run)
+    run = runs.open_run(run)
+    summary = run.audit()
+    if summary is None:
+        raise runs.RunError(f"run {run.name!r} has not been audited: run `python -m core.audit --run {run.path}`")
     try:
-        summary = json.loads((run / "audit.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise runs.RunError(f"run {run.name!r} has not been audited: run `python -m core.audit --run {run}`") from None
-    except (OSError, ValueError) as exc:
-        raise runs.RunError(f"run {run.name!r} has a corrupt audit.json ({exc}).") from None
-    try:
-        metrics = runs.read_metrics(run)
+        metrics = run.metrics()
     except runs.RunError:
         metrics = None
     return summary, metrics
@@ -449,13 +443,11 @@ def markdown(summary: dict, metrics: dict | None = None) -> str:
 def update_markdown(path, summary: dict, run=None) -> Path:
     """Replace the generated block of a Markdown file (between :data:`BEGIN` and :data:`END`;
     appended when absent) with :func:`markdown` of ``summary``."""
-    from core import runs
-
     path = Path(path)
     metrics = None
     if run is not None:
         try:
-            metrics = runs.read_metrics(run)
+            metrics = runs.open_run(run).metrics()
         except runs.RunError:
             pass
     text = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -472,31 +464,32 @@ def update_markdown(path, summary: dict, run=None) -> Path:
 
 
 # --------------------------------------------------------------------------- the images behind a card
-def case_images(model, cfg: dict, root, paths, method: str = "gradcam", side: int = 320) -> list[dict]:
-    """The films behind a card with the model's heatmap (class COVID-19) on each, for display.
+def case_images(run, root, paths, method: str = "gradcam", side: int = 320, *, model=None) -> list[dict]:
+    """The films behind a card with the model's heatmap (the positive class, COVID-19) on each, for display.
 
-    Each film goes through ``core.inputs`` as the run prepares it; the map is put back onto the
-    film with ``inputs.to_film``. Returns ``{path, overlay (RGB, longer side <= side), p_covid,
-    fell_back, error}`` per path; a film that cannot be read has ``error`` set and no overlay.
+    Each film is analysed by :func:`core.case.analyse` (prepared as the run prepares it); the map
+    is put back onto the film with ``inputs.to_film``. ``model``: the run's model when the caller
+    holds it. Returns ``{path, overlay (RGB, longer side <= side), p_covid, fell_back, error}`` per
+    path; a film that cannot be read has ``error`` set and no overlay.
     """
-    from core import config, explain, images, inputs
-    from core import model as cxr_model
+    # lazy: core.case and core.explain import TensorFlow (~3.5 s); the rest of this module is TF-free
+    from core import case as ccase
+    from core import explain, images, inputs
 
-    size = cxr_model.input_size(model)
-    crop = inputs.settings(cfg)
+    run = runs.open_run(run)
+    m = run.model() if model is None else model
     out = []
     for rel in paths:
         try:
-            x, box, fell_back, film = inputs.load(Path(root) / rel, size, crop)
+            c = ccase.analyse(run, Path(root) / rel, name=rel, colour_check=False, model=m)
         except images.ImageError as exc:
             out.append({"path": rel, "overlay": None, "error": exc.reason})
             continue
-        heat = explain.explain(model, x, method, class_index=config.COVID_INDEX)
-        p = float(cxr_model.probabilities(model, x)[0, config.COVID_INDEX])
-        scale = min(1.0, side / max(film.shape))
-        small = film if scale >= 1.0 else cv2.resize(
-            film, (max(1, round(film.shape[1] * scale)), max(1, round(film.shape[0] * scale))),
+        heat = explain.explain(m, c.x, method, class_index=run.positive_index)
+        scale = min(1.0, side / max(c.shown.shape))
+        small = c.shown if scale >= 1.0 else cv2.resize(
+            c.shown, (max(1, round(c.shown.shape[1] * scale)), max(1, round(c.shown.shape[0] * scale))),
             interpolation=cv2.INTER_AREA)
-        rgb = explain.overlay(small, inputs.to_film(heat, box, small.shape), alpha=0.45)
-        out.append({"path": rel, "overlay": rgb, "p_covid": p, "fell_back": bool(fell_back), "error": None})
+        rgb = explain.overlay(small, inputs.to_film(heat, c.box, small.shape), alpha=0.45)
+        out.append({"path": rel, "overlay": rgb, "p_covid": c.p_positive, "fell_back": c.fell_back, "error": None})
     return out

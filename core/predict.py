@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from core import config, images, inputs, runs
+from core import config, datasets, images, inputs, lungs, runs
+from core import model as model_lib
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -75,8 +77,6 @@ def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: in
     ahead of the caller, so that decoding overlaps the network and memory stays bounded."""
     lung_model = None
     if lung_crop is not None:
-        from core import lungs
-
         lung_model = lungs.lung_model()  # loaded once here, shared by the threads
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:
@@ -103,53 +103,74 @@ def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: in
             yield [k for k, _ in ok], x, np.array([r[1] for _, r in ok], bool), errors
 
 
+def predict_films(model, paths, size: int | None = None, batch_size: int = 32, lung_crop: dict | None = None,
+                  workers: int | None = None, progress: bool = False):
+    """The one batch-prediction path: films from files, prepared through :mod:`core.inputs`
+    (:func:`prepared_batches`), scored ``batch_size`` at a time.
+
+    Returns ``(kept, probs, fell_back, errors)``: the indices of ``paths`` that could be used, their
+    class probabilities (len(kept), n_classes), whether the lung crop fell back for each, and one
+    :class:`core.images.ImageError` per file that could not be used. ``progress``: a bar on stderr.
+    """
+    size = size or model_lib.input_size(model)
+    paths = [str(p) for p in paths]
+    kept, probs, fell_back, errors = [], [], [], []
+    bar = tqdm(total=len(paths), desc="predicting", unit="film", disable=not progress, file=sys.stderr)
+    for idx, x, fb, errs in prepared_batches(paths, size, lung_crop, batch_size, workers):
+        bar.update(len(idx) + len(errs))
+        errors.extend(errs)
+        if idx:
+            kept.extend(idx)
+            probs.append(model_lib.probabilities(model, x, batch_size=batch_size))
+            fell_back.append(fb)
+    bar.close()
+    n_out = int(model.output_shape[-1])
+    probs_all = np.concatenate(probs) if probs else np.zeros((0, n_out), np.float32)
+    return kept, probs_all, (np.concatenate(fell_back) if fell_back else np.zeros(0, bool)), errors
+
+
 def predict_paths(model, paths, size: int | None = None, classes=None, batch_size: int = 32,
                   lung_crop: dict | None = None, workers: int | None = None, progress: bool = False):
-    """Predict films from files, prepared through :mod:`core.inputs` (``lung_crop``: the run's
-    setting, see :func:`core.inputs.settings`; ``None`` = whole film).
+    """Predict films from files (:func:`predict_films`; ``lung_crop``: the run's setting, see
+    :func:`core.inputs.settings`; ``None`` = whole film).
 
     Returns ``(DataFrame, errors)``: one row per readable image, in the order of ``paths``, with
     ``path`` and ``p_<class>`` for each class (``p_covid`` = P(COVID-19)), ``predicted`` (arg-max
     class) and, with a lung crop, ``fell_back`` (no lungs found: the whole film was used); and one
     :class:`core.images.ImageError` per file that could not be used. ``progress``: a bar on stderr.
     """
-    from tqdm import tqdm
-
-    from core import model as model_lib
-
-    size = size or model_lib.input_size(model)
     n_out = int(model.output_shape[-1])
     classes = list(classes or config.classes("binary" if n_out == 2 else "multiclass"))
     paths = [str(p) for p in paths]
-    rows, errors = [], []
-    bar = tqdm(total=len(paths), desc="predicting", unit="film", disable=not progress)
-    for kept, x, fell_back, errs in prepared_batches(paths, size, lung_crop, batch_size, workers):
-        bar.update(len(kept) + len(errs))
-        errors.extend(errs)
-        if not kept:
-            continue
-        probs = model_lib.probabilities(model, x, batch_size=batch_size)
-        for j, k in enumerate(kept):
-            row = {"path": paths[k]}
-            row.update({f"p_{c}": float(probs[j, i]) for i, c in enumerate(classes)})
-            row["predicted"] = classes[int(np.argmax(probs[j]))]
-            if lung_crop is not None:
-                row["fell_back"] = bool(fell_back[j])
-            rows.append(row)
-    bar.close()
-    cols = ["path"] + [f"p_{c}" for c in classes] + ["predicted"] + (["fell_back"] if lung_crop is not None else [])
-    return pd.DataFrame(rows, columns=cols), errors
+    kept, probs, fell_back, errors = predict_films(model, paths, size, batch_size, lung_crop, workers, progress)
+    df = pd.DataFrame({"path": [paths[k] for k in kept]})
+    for i, c in enumerate(classes):
+        df[f"p_{c}"] = probs[:, i].astype(float)
+    df["predicted"] = [classes[int(i)] for i in np.argmax(probs, axis=1)] if len(probs) else []
+    if lung_crop is not None:
+        df["fell_back"] = fell_back.astype(bool)
+    return df, errors
 
 
-def run_threshold(run) -> float | None:
-    """The run's validation-chosen decision threshold on P(covid), if it has metrics.json."""
-    try:
-        thr = runs.read_metrics(run).get("threshold")
-    except runs.RunError:
-        return None
-    if isinstance(thr, dict):
-        thr = thr.get("value")
-    return float(thr) if isinstance(thr, (int, float)) else None
+def predict_table(run, table: pd.DataFrame, root, progress: bool = True):
+    """Predict every image of a data table (``path`` relative to ``root``) with ``run``'s model,
+    prepared as its network expects; returns ``(predictions, errors)``: the table's ``path``,
+    ``source``, ``patient_id``, ``group``, ``label``, ``class`` (the run's task), ``split`` =
+    ``external`` and ``p_<class>`` per class, one row per readable image."""
+    run = runs.open_run(run)
+    paths = [datasets.abspath(root, p) for p in table["path"]]
+    kept, probs, _, errors = predict_films(run.model(), paths, run.size, lung_crop=run.lung_crop, progress=progress)
+    rows = table.iloc[kept].reset_index(drop=True)
+    task = "binary" if list(run.classes) == list(config.TASKS["binary"]) else "multiclass"
+    pred = pd.DataFrame({
+        "path": rows["path"], "source": rows["source"], "patient_id": rows["patient_id"],
+        "group": rows["group"] if "group" in rows.columns else rows["patient_id"], "label": rows["label"],
+        "class": [config.label_to_class(lbl, task) for lbl in rows["label"]],
+        "split": "external",
+    })
+    for i, c in enumerate(run.classes):
+        pred[f"p_{c}"] = probs[:, i] if len(probs) else []
+    return pred, errors
 
 
 def main(argv=None) -> int:
@@ -159,7 +180,7 @@ def main(argv=None) -> int:
         "Bad files are reported and skipped.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--run", help="run folder (default: the shipped model in assets/model)")
+    runs.add_run_argument(p)
     p.add_argument("--data", help="unused; accepted for symmetry with the other CLIs")
     p.add_argument("--csv", metavar="OUT", help="also write the table to this CSV file")
     p.add_argument("--batch-size", type=int, default=32)
@@ -173,24 +194,19 @@ def main(argv=None) -> int:
         part = parse_shard(a.shard) if a.shard else None
     except ValueError as exc:
         p.error(str(exc))
-    try:
-        run = runs.resolve_run(a.run)
-        cfg = runs.read_config(run)
-        model = runs.load_model(run)
-    except runs.RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    run = runs.open_for_cli(a.run, with_model=True)
+    if run is None:
         return 2
-    classes = cfg.get("classes") or config.classes(cfg.get("task", "binary"))
     paths = expand(a.inputs)
     if part:
         paths = shard(paths, *part, batch_size=a.batch_size)
-    crop = inputs.settings(cfg)
-    df, errors = predict_paths(model, paths, int(cfg.get("size") or 0) or None, classes, a.batch_size, crop,
-                                 a.workers, progress=sys.stderr.isatty())
-    thr = run_threshold(run)
+    crop = run.lung_crop
+    df, errors = predict_paths(run.model(), paths, run.size, run.classes, a.batch_size, crop, a.workers,
+                               progress=sys.stderr.isatty())
+    thr = run.threshold
     if thr is not None and len(df):
         df["threshold"] = thr
-        df["covid_positive"] = df["p_covid"] >= thr
+        df["covid_positive"] = df[f"p_{run.positive}"] >= thr
     for err in errors:
         print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
     if crop is not None and len(df) and df["fell_back"].any():
@@ -199,7 +215,7 @@ def main(argv=None) -> int:
         runs.write_csv(a.csv, df)
     if a.json:
         out = {
-            "run": str(run),
+            "run": str(run.path),
             "threshold": thr,
             "n": len(df),
             "shard": a.shard,

@@ -19,12 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import lru_cache
 from importlib import metadata
+from numbers import Real
 from pathlib import Path
 
 import pandas as pd
 
-from core import config
+from core import config, inputs
 
 FILES = ("model.keras", "config.json", "split.csv", "history.csv", "predictions.csv", "metrics.json", "env.json")
 
@@ -230,6 +233,8 @@ def _read_json(run, name: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunError(f"{_label(Path(run))} has a corrupt {name} ({exc}).") from None
+    except OSError as exc:
+        raise RunError(f"{_label(Path(run))} has an unreadable {name} ({exc.strerror or exc}).") from None
 
 
 def _read_csv(run, name: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -316,7 +321,8 @@ def load_model(run=None, check_hash: bool = True):
     path = _need(run, "model.keras")
     cfg_path = Path(run) / "config.json"
     if check_hash and cfg_path.is_file():
-        expected = read_config(run).get("model_sha256")
+        cfg = read_config(run)
+        expected = cfg.get("model_sha256") if isinstance(cfg, dict) else None
         if expected and sha256(path) != expected:
             raise RunError(f"{_label(Path(run))} has a model.keras whose sha256 does not match config.json.")
     try:
@@ -360,3 +366,233 @@ def resolve_run(arg=None) -> Path:
     if not Path(run).is_dir():
         raise RunError(f"{_label(Path(run))} does not exist or is not a folder.")
     return Path(run).resolve()
+
+
+# --------------------------------------------------------------------------- the Run handle
+SCALING = "raw grey 0-255, preprocessing inside"  # what every saved model of this project takes
+
+
+def file_stamp(path) -> tuple[int, int, int] | None:
+    """What a cache keys a file on: (size, mtime in ns, inode); None when it is missing.
+
+    A file rewritten in place or replaced (``os.replace``, as this module writes) gets a new stamp.
+    """
+    try:
+        st_ = Path(path).stat()
+    except OSError:
+        return None
+    return (st_.st_size, st_.st_mtime_ns, st_.st_ino)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder, read and validated once (:func:`open_run`); the one reader of its files.
+
+    ``threshold`` is the validation-chosen decision threshold on P(``positive``) from metrics.json
+    as it was when the run was opened (``threshold_source`` says where it came from, or why there
+    is none); ``recorded_data_root`` is config ``data_root`` (where the run was trained), resolved
+    against the repository, whether or not it exists here.
+    """
+
+    path: Path
+    config: dict
+    classes: tuple[str, ...]
+    positive: str
+    size: int | None
+    channels: int
+    lung_crop: dict | None
+    scaling: str
+    threshold: float | None
+    threshold_source: str
+    recorded_data_root: Path | None
+
+    @property
+    def name(self) -> str:
+        """The folder's name."""
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        """How errors name the run: ``run 'name' (path)``."""
+        return _label(self.path)
+
+    @property
+    def positive_index(self) -> int:
+        """Index of :attr:`positive` in :attr:`classes` (the softmax column of P(COVID-19))."""
+        return self.classes.index(self.positive)
+
+    def file(self, name: str) -> Path:
+        """Path of one of the run's files (it may not exist)."""
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        """True when the run has the file ``name``."""
+        return self.file(name).is_file()
+
+    def stamp(self, name: str) -> tuple[int, int, int] | None:
+        """:func:`file_stamp` of one of the run's files."""
+        return file_stamp(self.file(name))
+
+    def data_root(self, arg=None) -> Path:
+        """Where the run's images are: ``arg``, else ``$CXR_DATA_DIR``, else the recorded data root
+        when it exists here, else ``<repo>/data`` (the one fallback rule of every reader)."""
+        if arg or os.environ.get("CXR_DATA_DIR"):
+            return config.data_dir(arg)
+        if self.recorded_data_root is not None and self.recorded_data_root.is_dir():
+            return self.recorded_data_root
+        return config.data_dir()
+
+    def model(self):
+        """The run's Keras model: loaded lazily in safe mode, sha256-checked against config.json,
+        cached per version of model.keras and config.json (a replaced file is loaded again)."""
+        return _cached_model(str(self.path), self.stamp("model.keras"), self.stamp("config.json"))
+
+    def predictions(self) -> pd.DataFrame:
+        """predictions.csv (RunError when missing or corrupt)."""
+        return read_predictions(self.path)
+
+    def split(self) -> pd.DataFrame:
+        """split.csv (RunError when missing or corrupt)."""
+        return read_split(self.path)
+
+    def history(self) -> pd.DataFrame:
+        """history.csv (RunError when missing or corrupt)."""
+        return read_history(self.path)
+
+    def metrics(self) -> dict:
+        """metrics.json (RunError when missing or corrupt)."""
+        return read_metrics(self.path)
+
+    def crossval(self) -> dict:
+        """crossval.json (RunError when missing or corrupt)."""
+        return read_crossval(self.path)
+
+    def env(self) -> dict:
+        """env.json (RunError when missing or corrupt)."""
+        return read_env(self.path)
+
+    def audit(self) -> dict | None:
+        """audit.json (core.audit's summary); None when the run has not been audited, RunError when corrupt."""
+        return _read_json(self.path, "audit.json") if self.has("audit.json") else None
+
+    def audit_table(self) -> pd.DataFrame | None:
+        """audit.csv (one row per audited film); None when absent, RunError when corrupt."""
+        return _read_csv(self.path, "audit.csv") if self.has("audit.csv") else None
+
+
+@lru_cache(maxsize=4)
+def _cached_model(path: str, model_stamp, config_stamp):
+    return load_model(path)
+
+
+def _bad(run: Path, field: str, why: str) -> RunError:
+    return RunError(f"{_label(run)} has a config.json whose {field!r} {why}.")
+
+
+def _number(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _classes(run: Path, cfg: dict) -> tuple[str, ...]:
+    got = cfg.get("classes")
+    if got is None:
+        try:
+            return tuple(config.classes(cfg.get("task", "binary")))
+        except (ValueError, TypeError):
+            raise _bad(run, "task", f"is {cfg.get('task')!r}, not one of {sorted(config.TASKS)}") from None
+    if not isinstance(got, list) or not got or not all(isinstance(c, str) for c in got):
+        raise _bad(run, "classes", "is not a list of class names (strings)")
+    return tuple(got)
+
+
+def _size(run: Path, cfg: dict) -> int | None:
+    size = cfg.get("size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise _bad(run, "size", f"is {size!r}, not a positive whole number of pixels")
+    return size
+
+
+def _lung_crop(run: Path, cfg: dict) -> dict | None:
+    crop = cfg.get("lung_crop")
+    if crop is not None and not isinstance(crop, (bool, dict)):
+        raise _bad(run, "lung_crop", f"is {crop!r}, not false, true or an object of settings")
+    if isinstance(crop, dict) and not all(_number(v) for v in crop.values()):
+        raise _bad(run, "lung_crop", "has a setting that is not a number")
+    return inputs.settings(cfg)
+
+
+def _recorded_root(run: Path, cfg: dict) -> Path | None:
+    root = cfg.get("data_root")
+    if not root:
+        return None
+    if not isinstance(root, str):
+        raise _bad(run, "data_root", f"is {root!r}, not a folder name")
+    p = Path(root).expanduser()
+    return (p if p.is_absolute() else config.REPO_ROOT / p).resolve()
+
+
+def _threshold(run: Path) -> tuple[float | None, str]:
+    """The decision threshold of metrics.json (a number, or ``{"value": ...}``) and where it came from."""
+    if not (run / "metrics.json").is_file():
+        return None, "none: the run has no metrics.json (run `python -m core.evaluate --run RUN`)"
+    try:
+        got = read_metrics(run)
+    except RunError as exc:
+        return None, f"none: {exc}"
+    thr = got.get("threshold") if isinstance(got, dict) else None
+    where = "metrics.json"
+    if isinstance(thr, dict):
+        if thr.get("target") is not None:
+            where = (f"metrics.json: chosen on {thr.get('chosen_on', 'val')} rows for "
+                     f"{thr['target']} >= {thr.get('target_value')}")
+        thr = thr.get("value")
+    if not _number(thr):
+        return None, "none: metrics.json holds no numeric threshold"
+    return float(thr), where
+
+
+def _positive(classes: tuple[str, ...], cfg: dict) -> str:
+    pos = cfg.get("positive")
+    if isinstance(pos, str) and pos in classes:
+        return pos
+    return "covid" if "covid" in classes else classes[config.COVID_INDEX]
+
+
+def open_run(arg=None) -> Run:
+    """The run named by ``arg`` (a :class:`Run` is returned as is; None: the shipped model; a path;
+    a name under runs/), its config.json read and validated. RunError names the run and the field."""
+    if isinstance(arg, Run):
+        return arg
+    path = resolve_run(arg)
+    cfg = read_config(path)
+    if not isinstance(cfg, dict):
+        raise RunError(f"{_label(path)} has a config.json that is not a JSON object.")
+    classes = _classes(path, cfg)
+    channels = cfg.get("channels", 1)
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+        raise _bad(path, "channels", f"is {channels!r}, not a positive whole number")
+    thr, source = _threshold(path)
+    return Run(path=path, config=cfg, classes=classes, positive=_positive(classes, cfg), size=_size(path, cfg),
+               channels=channels, lung_crop=_lung_crop(path, cfg), scaling=SCALING, threshold=thr,
+               threshold_source=source, recorded_data_root=_recorded_root(path, cfg))
+
+
+def add_run_argument(parser, positional: bool = False) -> None:
+    """The run argument of a command line (``RUN`` or ``--run RUN``), read by :func:`open_for_cli`."""
+    names, kw = (["run"], {"nargs": "?"}) if positional else (["--run"], {})
+    parser.add_argument(*names, **kw, help="run folder (default: the shipped model in assets/model)")
+
+
+def open_for_cli(arg=None, *, with_model: bool = False) -> Run | None:
+    """:func:`open_run` for a command line: the Run (its model loaded too with ``with_model``), or
+    None after printing the one-sentence error on stderr (the CLI then exits with status 2)."""
+    try:
+        run = open_run(arg)
+        if with_model:
+            run.model()
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return run

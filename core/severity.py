@@ -288,9 +288,8 @@ def _films(table: pd.DataFrame, root) -> list[np.ndarray]:
 def _classifier(run):
     from core import runs
 
-    run = runs.resolve_run(run)
-    cfg = runs.read_config(run) if runs.is_run(run) else {}
-    return run, runs.load_model(run), cfg
+    run = runs.open_run(run)
+    return run.path, run.model(), run.config
 
 
 def _all_features(films, model, cfg) -> dict:

@@ -101,11 +101,6 @@ def lung_row(heatmap: np.ndarray, lung_mask: np.ndarray | None) -> dict:
     return _row("lungs", title, "amber", f"The map is about as much on the lungs as a uniform map: {where}.", t)
 
 
-def warns_outside_lungs(heatmap: np.ndarray, lung_mask: np.ndarray | None) -> bool:
-    """True when a map's heat clearly avoids the lungs (the Explain page's warning)."""
-    return lung_row(heatmap, lung_mask)["mark"] == "red"
-
-
 def border_row(heatmap: np.ndarray) -> dict:
     """The ``border`` row: heat in the border band relative to the band's area."""
     h = np.asarray(heatmap, np.float32)
@@ -286,13 +281,10 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
     from core import images, inputs, runs
     from core import model as cmodel
 
-    run = runs.resolve_run(run)
-    cfg = runs.read_config(run)
-    model = runs.load_model(run)
-    split = runs.read_split(run)
-    root = config.data_dir(data)
-    if not (root / str(split["path"].iloc[0])).exists() and cfg.get("data_root"):
-        root = Path(cfg["data_root"])
+    run = runs.open_run(run)
+    model = run.model()
+    split = run.split()
+    root = run.data_root(data)
     size = cmodel.input_size(model)
 
     def features_of(rows):
@@ -304,7 +296,7 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
                 print(f"skipped {exc}", file=sys.stderr)
         if not films:
             raise FileNotFoundError(f"none of the {len(rows)} films of {run.name} could be read under {root}")
-        x = np.concatenate([inputs.prepare(films[i : i + 64], size, inputs.settings(cfg))[0]
+        x = np.concatenate([inputs.prepare(films[i : i + 64], size, run.lung_crop)[0]
                             for i in range(0, len(films), 64)])
         return cmodel.features(model, x)
 
@@ -317,9 +309,9 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
         if progress:
             print(f"development films: {len(dev)}", file=sys.stderr)
         ref = reference_by_folds(features_of(dev), dev["fold"].to_numpy())
-    ref["model_sha256"] = np.array(runs.sha256(run / "model.keras"))
-    path = run / REFERENCE_FILE
-    tmp = run / f".{REFERENCE_FILE}.tmp.npz"
+    ref["model_sha256"] = np.array(runs.sha256(run.file("model.keras")))
+    path = run.file(REFERENCE_FILE)
+    tmp = run.file(f".{REFERENCE_FILE}.tmp.npz")
     np.savez(tmp, **ref)
     tmp.replace(path)
     return path
@@ -373,6 +365,11 @@ def panel(heatmap: np.ndarray, lung_mask: np.ndarray | None, faith: dict, *, met
         *image_rows(warnings),
         ood_row(reference, features, model_sha256),
     ]
+
+
+def row(rows: list[dict], key: str) -> dict | None:
+    """The row of a panel with this ``key`` (``lungs``, ``border``, ``sanity``, ``faithful``, ...), None if absent."""
+    return next((r for r in rows if r["key"] == key), None)
 
 
 def overall(rows: list[dict]) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from core import report, work
+from core import case as ccase
+from core import explain, images, inputs, report, severity, trust, work
 from dashboard import state
 
 SLOW = {"scorecam", "smoothgrad"}
@@ -26,8 +27,6 @@ WAITED = "This film waited {s:.1f} s in line: the server was busy with other peo
 
 def controls(run: Path, key: str) -> dict:
     """Method, class and layer widgets (they change the maps); returns the choices."""
-    from core import explain
-
     classes = state.run_classes(run)
     methods = list(explain.METHODS)
     c1, c4, c5 = st.columns([3, 1.2, 1.6])
@@ -46,8 +45,6 @@ def controls(run: Path, key: str) -> dict:
 
 def view_controls(key: str) -> dict:
     """View, opacity, colormap, lung outline and wipe position: they only redraw, never rerun the model."""
-    from core import explain
-
     c1, c2, c3, c4, c5 = st.columns([2.2, 1.2, 1.2, 1.1, 1.3])
     view = c1.radio("View", list(explain.VIEWS), horizontal=True, key=f"{key}_view",
                     help="Overlay; the film and the overlay side by side (zoom one, both follow); or a wipe "
@@ -72,7 +69,7 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     """
     classes = state.run_classes(run)
     thr = state.threshold(run)
-    p_covid = float(probs[0])
+    p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
         st.warning(w)
     if warnings:
@@ -95,11 +92,9 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     return call
 
 
-def severity_for(run: Path, entry: dict, call: str) -> tuple[dict | None, str]:
+def severity_for(run: Path, entry: ccase.Case, call: str) -> tuple[dict | None, str]:
     """The severity estimate of an analysed film (:func:`dashboard.state.case`) the classifier
     calls COVID-19, or None and why not."""
-    from core import severity
-
     if call != "covid":
         return None, "Severity is estimated only for films the classifier calls COVID-19."
     record = state.severity_record()
@@ -130,8 +125,6 @@ def show_severity(est: dict | None, note: str) -> None:
 
 def trust_panel(rows: list[dict]) -> None:
     """The trust rows computed by core.trust: one sentence and a coloured mark each."""
-    from core import trust
-
     worst = trust.overall(rows)
     st.markdown(f"**{TRUST_TITLE}** :{MARK_COLOUR[worst]}[●]")
     for r in rows:
@@ -174,8 +167,6 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     for the controls only look it up, and view changes (opacity, colormap, outline, view, wipe)
     rerun only a fragment that redraws.
     """
-    from core import explain, images, inputs, trust
-
     notice, head, ctrl = st.empty(), st.container(), st.empty()
     with ctrl.container():
         opts = controls(run, key)
@@ -199,30 +190,27 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     if waited is not None:
         notice.caption(WAITED.format(s=waited))
     classes = state.run_classes(run)
-    x, box, warnings, mask_film = entry["x"], entry["box"], entry["warnings"], entry["lungs"]
-    mask_net = None if mask_film is None else inputs.from_film(mask_film, box, x.shape[0]) >= 0.5
-    maps = []
-    for method in opts["methods"]:
-        got = entry["maps"][(method, ci, layer)]
-        rows = trust.panel(got["hmap"], mask_net, got["faith"], method=method, audit_summary=state.audit_summary(run),
-                           model_sha256=state.model_sha256(run), warnings=warnings,
-                           reference=state.ood_reference(run), features=entry["features"], class_name=classes[ci])
-        maps.append({"method": method, "title": explain.TITLES.get(method, method), "heat": got["heat"], "rows": rows})
+    maps = [{"method": method, "title": explain.TITLES.get(method, method),
+             "heat": entry.maps[(method, ci, layer)]["heat"],
+             "rows": ccase.trust_rows(state.run_handle(run), entry, method, ci, layer, model=state.model(run),
+                                      audit_summary=state.audit_summary(run), reference=state.ood_reference(run))}
+            for method in opts["methods"]]
     with head:
-        call = show_probabilities(run, entry["probs"], warnings)
-        if entry["fell_back"]:
+        call = show_probabilities(run, entry.probs, entry.warnings)
+        if entry.fell_back:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, entry, call) if not warnings else (None, "")
-        if not warnings:
+        est, note = severity_for(run, entry, call) if not entry.warnings else (None, "")
+        if not entry.warnings:
             show_severity(est, note)
-    probs_d = {c: float(p) for c, p in zip(classes, entry["probs"], strict=False)}
-    case = {"run": run, "x": x, "film": entry["shown"], "box": box, "mask": mask_film, "maps": maps, "probs": probs_d,
-            "warnings": warnings, "severity": est, "severity_note": note, "case_id": case_id,
-            "class_name": classes[ci], "threshold": state.threshold(run), "run_label": state.run_label(str(run))}
+    probs_d = {c: float(p) for c, p in zip(classes, entry.probs, strict=False)}
+    case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
+            "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
+            "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
+            "run_label": state.run_label(str(run))}
     _views(case, key)
     downloads(case, key)
     with st.expander("What the network sees"):
-        st.image(x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
+        st.image(entry.x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
     st.caption("Heatmaps show which pixels moved the model's score, not where disease is. "
                "Research use only, not for diagnosis.")
 
@@ -230,13 +218,12 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
 @st.fragment
 def _views(case: dict, key: str) -> None:
     """The redraw-only part of a case: view controls, one figure and trust panel per map."""
-    from core import explain
-
     v = view_controls(key)
     outline = case["mask"] if v["outline"] else None
     for m in case["maps"]:
-        if m["rows"][0]["mark"] == "red":
-            st.warning(f"{m['title']}: {m['rows'][0]['sentence']}")
+        lung = trust.row(m["rows"], "lungs")
+        if lung is not None and lung["mark"] == "red":
+            st.warning(f"{m['title']}: {lung['sentence']}")
         pics = explain.film_views(case["film"], m["heat"], v["view"], v["alpha"], v["colormap"], outline,
                                   case["box"], v["position"])
         titles = {"overlay": [m["title"]], "side by side": ["film", m["title"]],
@@ -255,8 +242,6 @@ def _views(case: dict, key: str) -> None:
 def downloads(case: dict, key: str) -> None:
     """Overlay PNG and case report (HTML, PDF) of the first map with the view settings in force
     when clicked; generated on click (deferred), so redraws stay cheap."""
-    from core import explain
-
     def first_overlay():
         v = case["view"]
         m = case["maps"][0]

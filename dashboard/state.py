@@ -33,7 +33,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import config, runs, work
+from core import case as ccase
+from core import config, datasets, evaluate, explain, findings, images, runs, splits, work
+from core import data as cdata
+from core import model as cmodel
+from core import severity as sev
+from core import trust as ctrust
 
 NO_DATA = (
     "This page needs the chest X-ray images, which are not in the repository: get them with "
@@ -70,8 +75,6 @@ def runs_root() -> Path:
 
 @st.cache_data(ttl=60, show_spinner=False)
 def _sources(root: str) -> list[tuple[str, str]]:
-    from core import datasets
-
     if not Path(root).is_dir():
         return []
     try:
@@ -120,16 +123,7 @@ def require_run() -> Path:
     return run
 
 
-def stamp(path: Path | str) -> tuple[int, int, int] | None:
-    """What a cache keys a file on: (size, mtime in ns, inode); None when it is missing.
-
-    A file rewritten in place or replaced (``os.replace``, as core.runs writes) gets a new stamp.
-    """
-    try:
-        st_ = Path(path).stat()
-    except OSError:
-        return None
-    return (st_.st_size, st_.st_mtime_ns, st_.st_ino)
+stamp = runs.file_stamp  # what a cache keys a file on: (size, mtime in ns, inode); None when missing
 
 
 def _stamp(run: Path | str, name: str) -> tuple[int, int, int] | None:
@@ -137,33 +131,39 @@ def _stamp(run: Path | str, name: str) -> tuple[int, int, int] | None:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _config(run: str, file_stamp: tuple | None) -> dict:
-    return runs.read_config(run)
+def _run(run: str, config_stamp: tuple | None, metrics_stamp: tuple | None) -> runs.Run:
+    return runs.open_run(run)
+
+
+def run_handle(run: Path | str) -> runs.Run:
+    """The run's :class:`core.runs.Run` (validated config, classes, threshold), read again when its
+    config.json or metrics.json changes (RunError when missing or corrupt)."""
+    return _run(str(run), _stamp(run, "config.json"), _stamp(run, "metrics.json"))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _metrics(run: str, file_stamp: tuple | None) -> dict:
-    return runs.read_metrics(run)
+    return run_handle(run).metrics()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _predictions(run: str, file_stamp: tuple | None) -> pd.DataFrame:
-    return runs.read_predictions(run)
+    return run_handle(run).predictions()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _history(run: str, file_stamp: tuple | None) -> pd.DataFrame:
-    return runs.read_history(run)
+    return run_handle(run).history()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _split(run: str, file_stamp: tuple | None) -> pd.DataFrame:
-    return runs.read_split(run)
+    return run_handle(run).split()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _crossval(run: str, file_stamp: tuple | None) -> dict:
-    return runs.read_crossval(run)
+    return run_handle(run).crossval()
 
 
 def run_crossval(run: Path) -> dict:
@@ -172,8 +172,8 @@ def run_crossval(run: Path) -> dict:
 
 
 def run_config(run: Path) -> dict:
-    """config.json of a run (RunError when missing or corrupt)."""
-    return _config(str(run), _stamp(run, "config.json"))
+    """config.json of a run (RunError when missing, corrupt or malformed)."""
+    return run_handle(run).config
 
 
 def run_metrics(run: Path) -> dict:
@@ -198,26 +198,17 @@ def run_split(run: Path) -> pd.DataFrame:
 
 def run_classes(run: Path) -> list[str]:
     """Class names of a run, COVID-19 first."""
-    cfg = run_config(run)
-    return list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
+    return list(run_handle(run).classes)
 
 
 def threshold(run: Path) -> float | None:
-    """The run's operating point on P(covid) from metrics.json, or None without metrics."""
-    try:
-        thr = run_metrics(run).get("threshold")
-    except runs.RunError:
-        return None
-    if isinstance(thr, dict):
-        thr = thr.get("value")
-    return None if thr is None else float(thr)
+    """The run's operating point on P(covid) from metrics.json, or None without one (core.runs.Run.threshold)."""
+    return run_handle(run).threshold
 
 
 def seed_runs(run: Path) -> pd.DataFrame:
     """This run and the runs under the runs folder that differ from it only in their seed
     (:func:`core.evaluate.seed_runs`): one row each, with its seed and test AUCs."""
-    from core import evaluate
-
     return evaluate.seed_runs(run, [Path(r) for r in run_choices(str(runs_root()))])
 
 
@@ -281,8 +272,6 @@ def model(run: Path):
 
 def model_size(run: Path) -> int:
     """Input side in pixels of the run's model."""
-    from core import model as cmodel
-
     return cmodel.input_size(model(run))
 
 
@@ -293,8 +282,6 @@ def conv_layers(run: str) -> list[str]:
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _conv_layers(run: str, key: tuple) -> list[str]:
-    from core import explain
-
     m = model(Path(run))
     default = explain.default_layer(m)
     return [default] + [name for name in explain.conv_layers(m) if name != default]
@@ -304,12 +291,12 @@ def _conv_layers(run: str, key: tuple) -> list[str]:
 
 CASES_PER_SESSION = 2  # analysed films one session keeps: the one shown and the one before it
 CASES_IN_ALL = 32  # analysed films all sessions together keep (1-3 MB each); the oldest go first
-SHOWN_MAX = 1024  # longer side (px) of the film as sent to the browser
+SHOWN_MAX = ccase.SHOWN_MAX  # longer side (px) of the film as sent to the browser
 SESSION_CASES = "_explain_cases"  # the session-state key of a session's analysed films
 _ALL: collections.deque = collections.deque()  # (weak reference to a session's store, key), oldest first
 _ALL_LOCK = threading.Lock()  # guards _ALL and every store (another session's thread may evict)
 
-MapKey = tuple[str, int, "str | None"]  # (method, class index, layer)
+MapKey = ccase.MapKey  # (method, class index, layer)
 
 
 def _store() -> collections.OrderedDict:
@@ -338,118 +325,71 @@ def _keep(store: collections.OrderedDict, key: tuple, entry: dict) -> None:
 
 
 def case(run: Path, data: bytes, name: str, *, colour_check: bool = True, maps: Sequence[MapKey] = (),
-         on_wait: Callable[[int], None] | None = None) -> tuple[dict, float | None]:
-    """One film analysed for this session, and the seconds it waited in line (None: no wait).
+         on_wait: Callable[[int], None] | None = None) -> tuple[ccase.Case, float | None]:
+    """One film analysed for this session (a :class:`core.case.Case`), and the seconds it waited
+    in line (None: no wait).
 
     ``data`` are the file's bytes (an upload, or a dataset file read with :func:`dataset_bytes`),
     ``name`` its name; ``colour_check`` runs core.checks' colour check on the bytes (uploads).
-    The analysis is kept in the session's own state, keyed by the run's model and the bytes'
+    The case is kept in the session's own state, keyed by the run's model and the bytes'
     sha256 (never shared with another session, at most :data:`CASES_PER_SESSION` films per
     session and :data:`CASES_IN_ALL` in all), so reruns of the page (a widget, a method added)
-    never decode or run the model again. What is missing (the film's analysis on the first
-    call, maps of ``maps`` = (method, class index, layer) asked for the first time) is computed
-    in ONE :func:`core.work.slot`; ``on_wait(ahead)`` is called before waiting for it (the page
-    says "queued").
-
-    The result holds the network's input ``x``, ``box``, ``fell_back`` (core.inputs.prepare, the
-    run's lung crop), ``shown`` (the film as uint8, at most :data:`SHOWN_MAX` px), ``film_shape``,
-    ``small`` (at most core.severity.LUNG_SIDE px) and its lung mask ``lungs`` (None without the
-    lung model), ``warnings`` (core.checks), ``probs``, ``features`` (penultimate, (1, d)) and
-    ``maps``: {(method, class index, layer): {"hmap" (network grid), "heat" (uint8 levels on
-    ``shown``, core.explain.quantize), "faith" (core.trust.faithfulness)}}. Raises
-    core.images.ImageError for a file that cannot be used (remembered too).
+    never decode or run the model again. What is missing (:func:`core.case.analyse` on the first
+    call, :func:`core.case.heatmap` of ``maps`` = (method, class index, layer) asked for the first
+    time) is computed in ONE :func:`core.work.slot`; ``on_wait(ahead)`` is called before waiting
+    for it (the page says "queued"). Raises core.images.ImageError for a file that cannot be
+    used (remembered too).
     """
-    from core import images
-
     key = (str(run), model_key(run), hashlib.sha256(data).hexdigest(), str(name), bool(colour_check))
     store = _store()
     with _ALL_LOCK:
         entry = store.get(key)
-    if entry is not None and "error" in entry:
+    if isinstance(entry, dict):  # a file that could not be used
         raise images.ImageError(*entry["error"])
-    todo = [k for k in dict.fromkeys(maps) if entry is None or k not in entry["maps"]]
+    todo = [k for k in dict.fromkeys(maps) if entry is None or k not in entry.maps]
     if entry is not None and not todo:
         _keep(store, key, entry)
         return entry, None
-    m = model(run)
+    handle, m = run_handle(run), model(run)
     with work.slot(on_wait) as ticket:
         try:
             if entry is None:
-                entry = _analyse(run, m, data, name, colour_check)
+                entry = ccase.analyse(handle, data, name=name, colour_check=colour_check, model=m)
         except images.ImageError as exc:
             _keep(store, key, {"error": (exc.name, exc.reason)})
             raise
         for method, ci, layer in todo:
-            entry["maps"][(method, ci, layer)] = _map(m, entry, method, ci, layer)
+            ccase.heatmap(handle, entry, method, ci, layer, model=m)
     _keep(store, key, entry)
     return entry, (ticket.wait_s if ticket.waited else None)
 
 
-def _analyse(run: Path, m, data: bytes, name: str, colour_check: bool) -> dict:
-    """Decode, check, prepare, lung mask, probabilities and features of one film (see :func:`case`)."""
-    from core import checks, explain, images, inputs, lungs
-    from core import model as cmodel
-    from core.severity import LUNG_SIDE  # the lung mask and the severity's lung statistics use one copy
-
-    film = images.load(data, name=name)
-    x, boxes, fell_back = inputs.prepare([film], cmodel.input_size(m), inputs.settings(run_config(run)))
-    small = explain.display_film(film, LUNG_SIDE)
-    try:
-        mask = lungs.mask(small)
-    except (FileNotFoundError, OSError, ValueError):
-        mask = None
-    # the frontal-view checks read the lungs' bounding box when there is a mask (tilted films pass)
-    warnings = checks.image_warnings(film, data if colour_check else None, lungs=mask)
-    return {"x": x[0], "box": tuple(float(v) for v in boxes[0]), "fell_back": bool(fell_back[0]),
-            "shown": (np.clip(explain.display_film(film, SHOWN_MAX), 0, 255) + 0.5).astype(np.uint8),
-            "film_shape": film.shape, "small": small, "lungs": mask, "warnings": warnings,
-            "probs": cmodel.probabilities(m, x)[0], "features": cmodel.features(m, x), "maps": {}}
-
-
-def _map(m, entry: dict, method: str, class_index: int, layer: str | None) -> dict:
-    """One heatmap of an analysed film, on the network's grid and on the shown film, and its faithfulness."""
-    from core import explain, inputs
-    from core import trust as ctrust
-
-    hmap = explain.explain(m, entry["x"], method, class_index=class_index, layer=layer)
-    heat = explain.quantize(inputs.to_film(hmap, entry["box"], entry["shown"].shape))
-    return {"hmap": hmap, "heat": heat, "faith": ctrust.faithfulness(m, entry["x"], hmap, class_index)}
-
-
-def severity(run: Path, entry: dict) -> dict:
+def severity(run: Path, entry: ccase.Case) -> dict:
     """Severity estimate of an analysed film (core.severity.estimate_prepared, from its features and lung mask)."""
-    from core import severity as sev
-
-    return sev.estimate_prepared(severity_record(), entry["x"], entry["small"], model(run),
-                                 features=entry["features"], mask=entry["lungs"])
+    return sev.estimate_prepared(severity_record(), entry.x, entry.small, model(run),
+                                 features=entry.features, mask=entry.lungs)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _ood_reference(run: str, file_stamp: tuple | None) -> dict | None:
-    from core import trust as ctrust
-
     return ctrust.load_reference(run)
 
 
 def ood_reference(run: Path) -> dict | None:
     """The run's OOD reference (ood_reference.npz), None when absent."""
-    from core import trust as ctrust
-
     return _ood_reference(str(run), _stamp(run, ctrust.REFERENCE_FILE))
 
 
 def model_sha256(run: Path) -> str | None:
     """The model file's sha256 as recorded in config.json (load_model checks the file against it)."""
     try:
-        return run_config(run).get("model_sha256")
+        return run_handle(run).config.get("model_sha256")
     except runs.RunError:
         return None
 
 
 @st.cache_data(max_entries=2, show_spinner=False)
 def _severity_record(path: str, file_stamp: tuple | None) -> dict | None:
-    from core import severity as sev
-
     try:
         return sev.load(path)
     except sev.SeverityError:
@@ -458,8 +398,6 @@ def _severity_record(path: str, file_stamp: tuple | None) -> dict | None:
 
 def severity_record() -> dict | None:
     """The shipped severity model (assets/severity/severity.json), None when missing or corrupt."""
-    from core import severity as sev
-
     path = sev.ASSET_DIR / "severity.json"
     return _severity_record(str(path), stamp(path))
 
@@ -470,29 +408,21 @@ def severity_record() -> dict | None:
 def dataset_image(root: str, rel: str, size: int) -> np.ndarray:
     """A thumbnail (``size`` x ``size``) of a dataset image (path relative to the data root),
     through core.images.load; cached, keyed on the file's stamp."""
-    from core import datasets
-
     return _small_image(root, rel, size, stamp(datasets.abspath(root, rel)))
 
 
 @st.cache_data(max_entries=IMAGE_CACHE, show_spinner=False)
 def _small_image(root: str, rel: str, size: int, file_stamp: tuple | None) -> np.ndarray:
-    from core import datasets, images
-
     return images.load(datasets.abspath(root, rel), size)
 
 
 def dataset_bytes(root: str, rel: str) -> bytes:
     """The bytes of a dataset file, for :func:`case` (core.images.ImageError when missing, empty or huge)."""
-    from core import datasets, images
-
     return images.read_bytes(datasets.abspath(root, rel), name=rel)[0]
 
 
 def error_sentence(exc: BaseException) -> str:
     """One sentence for the user from an ImageError / RunError / other expected failure."""
-    from core import images
-
     if isinstance(exc, images.ImageError):
         return f"This file cannot be used: {exc.reason}."
     if isinstance(exc, KeyError):
@@ -511,8 +441,6 @@ def data_table(root: str, split_file: str | None = None) -> pd.DataFrame:
 
 @st.cache_data(max_entries=4, show_spinner="Reading the data folder...")
 def _data_table(root: str, split_file: str | None, split_stamp: tuple | None) -> pd.DataFrame:
-    from core import datasets, splits
-
     table = datasets.load_table(root)
     if split_file and Path(split_file).is_file():
         table = splits.apply_split(table, splits.load_split(split_file))
@@ -526,47 +454,31 @@ def data_confounding(root: str, split_file: str | None = None) -> tuple[list[str
 
 @st.cache_data(max_entries=4, show_spinner="Checking the data for shortcuts...")
 def _data_confounding(root: str, split_file: str | None, split_stamp: tuple | None) -> tuple[list[str], dict]:
-    from core import data
-
     table = data_table(root, split_file).copy()
     table.attrs["root"] = Path(root)
-    return data.confounding(table)
+    return cdata.confounding(table)
 
 
 # --------------------------------------------------------------------------- shortcut audit
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _audit_json(run: str, file_stamp: tuple | None) -> dict:
-    import json
-
-    path = Path(run) / "audit.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise runs.RunError(f"run {Path(run).name!r} has a corrupt audit.json ({exc}).") from None
+def _audit_json(run: str, file_stamp: tuple | None) -> dict | None:
+    return run_handle(run).audit()
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _audit_csv(run: str, file_stamp: tuple | None) -> pd.DataFrame:
-    path = Path(run) / "audit.csv"
-    try:
-        return pd.read_csv(path, dtype={"patient_id": str, "path": str})
-    except Exception as exc:  # pandas raises many parser errors
-        raise runs.RunError(f"run {Path(run).name!r} has a corrupt audit.csv ({exc}).") from None
+def _audit_csv(run: str, file_stamp: tuple | None) -> pd.DataFrame | None:
+    return run_handle(run).audit_table()
 
 
 def audit_summary(run: Path) -> dict | None:
     """The run's audit.json (None when the run has not been audited)."""
-    if not (run / "audit.json").is_file():
-        return None
     return _audit_json(str(run), _stamp(run, "audit.json"))
 
 
 def audit_table(run: Path) -> pd.DataFrame | None:
     """The run's audit.csv (None when absent)."""
-    if not (run / "audit.csv").is_file():
-        return None
     return _audit_csv(str(run), _stamp(run, "audit.csv"))
 
 
@@ -580,8 +492,6 @@ def mean_map(run: Path, method: str, group: str) -> np.ndarray | None:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _mean_map(run: str, method: str, group: str, file_stamps: tuple) -> np.ndarray | None:
-    from core import explain
-
     folder = Path(run) / "audit_maps"
     try:
         heat = np.load(folder / f"heat__{method}__{group}.npy", allow_pickle=False)
@@ -595,17 +505,13 @@ def _mean_map(run: str, method: str, group: str, file_stamps: tuple) -> np.ndarr
 @st.cache_data(max_entries=HEATMAP_CACHE, show_spinner="Explaining the images...")
 def _audit_cases(run: str, key: tuple, root: str, paths: tuple[str, ...], method: str,
                  file_stamps: tuple) -> list[dict]:
-    from core import findings
-
-    m, cfg = model(Path(run)), run_config(Path(run))
+    m = model(Path(run))
     with work.slot():
-        return findings.case_images(m, cfg, root, list(paths), method)
+        return findings.case_images(run_handle(run), root, list(paths), method, model=m)
 
 
 def audit_cases(run: Path, root: str, paths: tuple[str, ...], method: str) -> list[dict]:
     """The films behind an audit finding with the run's heatmaps on them (core.findings.case_images)."""
-    from core import datasets
-
     stamps = tuple(stamp(datasets.abspath(root, p)) for p in paths)
     return _audit_cases(str(run), model_key(run), root, tuple(paths), method, stamps)
 
@@ -617,8 +523,6 @@ def audited_runs() -> list[str]:
 
 @st.cache_data(max_entries=8, show_spinner="Comparing the audits...")
 def _compare_runs(a: str, b: str, file_stamps: tuple):
-    from core import findings
-
     return findings.compare_runs(a, b, (run_label(a), run_label(b)))
 
 

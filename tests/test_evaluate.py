@@ -222,7 +222,7 @@ def _fake_run_on(cxr_root, tmp_path, sources):
 
 def test_unseen_images_same_root_means_unseen_sources(cxr_root, tmp_path):
     run, table = _fake_run_on(cxr_root, tmp_path, ["ieee8023", "kermany"])
-    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), cxr_root)
+    unseen, excluded = evaluate.unseen_images(run, cxr_root)
     # hannover films of the 15 patients who also have ieee8023 films were seen as those patients
     hann = table[table["source"] == "hannover"]
     linked = hann["patient_id"].str.contains(r"\+ieee8023:")
@@ -264,7 +264,7 @@ def test_unseen_images_other_root_excludes_seen_files_and_patients(cxr_root, tmp
         (other / "normal" / f"copy{i}{Path(rel).suffix}").symlink_to(datasets.abspath(cxr_root, rel))
     for rel in table[table["source"] == "nih"]["path"].head(4):
         (other / "normal" / Path(rel).name).symlink_to(datasets.abspath(cxr_root, rel))
-    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
+    unseen, excluded = evaluate.unseen_images(run, tmp_path / "other")
     assert len(unseen) == 4
     assert excluded == {"byte-identical to an image of the run": 3}
 
@@ -296,7 +296,7 @@ def test_unseen_images_excludes_resized_reencoded_copies(cxr_root, tmp_path):
     for rel in nih:
         (other / "normal").mkdir(parents=True, exist_ok=True)
         (other / "normal" / Path(rel).name).symlink_to(datasets.abspath(cxr_root, rel))
-    unseen, excluded = evaluate.unseen_images(run, runs.read_config(run), tmp_path / "other")
+    unseen, excluded = evaluate.unseen_images(run, tmp_path / "other")
     assert sorted(unseen["path"]) == sorted(f"collection/normal/{Path(r).name}" for r in nih)
     assert excluded == {f"near-duplicate of an image of the run (thumbnail r >= {splits.NEAR_THRESHOLD})": 4}
     found = {p["path"]: p["run_path"] for p in unseen.attrs["near_duplicates"]}
@@ -328,6 +328,10 @@ def test_seed_runs_are_the_runs_that_differ_only_in_their_seed(tmp_path):
     no_metrics = tmp_path / "c"
     shutil.copytree(b, no_metrics)
     (no_metrics / "metrics.json").unlink()  # not evaluated: left out
+    for name, text in (("d-list", "[1, 2]"), ("e-corrupt", "{"), ("f-classes", '{"classes": "covid"}')):
+        bad = tmp_path / name  # malformed siblings are skipped, never break the page of another run
+        shutil.copytree(b, bad)
+        (bad / "config.json").write_text(text)
     table = evaluate.seed_runs(a, sorted(tmp_path.iterdir()))
     assert table["run"].tolist() == [str(a.resolve()), str(b.resolve())]
     assert table["seed"].tolist() == [1, 2] and table["roc_auc"].tolist() == [0.8, 0.9]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import config, runs
+from core import config, inputs, runs
 
 
 def test_new_run_names_are_unique_and_timestamped(tmp_path):
@@ -179,3 +179,91 @@ def test_history_curves_keep_each_network_its_own_line():
     # one network without a member column: member 0
     single = runs.history_curves(pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.8]}))
     assert single["member"].tolist() == [0, 0] and single["chart"].tolist() == ["Loss", "Loss"]
+
+
+# --------------------------------------------------------------------------- the Run handle
+def _run_with(tmp_path, cfg, metrics=None, name="r"):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    if metrics is not None:
+        (run / "metrics.json").write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+    return run
+
+
+def test_open_run_reads_the_shipped_run(shipped_run):
+    run = runs.open_run()
+    assert run.path == shipped_run.resolve() and run.name == "model" and "model" in run.label
+    assert run.classes == ("covid", "other") and run.positive == "covid" and run.positive_index == config.COVID_INDEX
+    assert run.size == 128 and run.channels == 1 and run.lung_crop["margin"] == 0.08
+    thr = runs.read_metrics(shipped_run)["threshold"]["value"]
+    assert run.threshold == thr and "chosen on val" in run.threshold_source
+    assert run.has("metrics.json") and not run.has("nothing.json") and run.stamp("nothing.json") is None
+    assert run.stamp("config.json")[0] == (shipped_run / "config.json").stat().st_size
+    assert runs.open_run(run) is run
+    assert run.audit()["model_sha256"] and len(run.audit_table())
+
+
+def test_open_run_defaults_and_threshold_sources(tmp_path):
+    run = runs.open_run(_run_with(tmp_path, {"task": "multiclass"}, name="a"))
+    assert run.classes == config.TASKS["multiclass"] and run.size is None and run.lung_crop is None
+    assert run.threshold is None and "no metrics.json" in run.threshold_source
+    assert run.audit() is None and run.audit_table() is None
+    assert runs.open_run(_run_with(tmp_path, {}, {"threshold": 0.3}, name="b")).threshold == 0.3
+    odd = runs.open_run(_run_with(tmp_path, {}, {"threshold": "high"}, name="c"))
+    assert odd.threshold is None and "no numeric threshold" in odd.threshold_source
+    broken = runs.open_run(_run_with(tmp_path, {}, "{", name="d"))
+    assert broken.threshold is None and "corrupt metrics.json" in broken.threshold_source
+    assert runs.open_run(_run_with(tmp_path, {"lung_crop": {}}, name="e")).lung_crop == inputs.LUNG_CROP
+    assert runs.open_run(_run_with(tmp_path, {"lung_crop": False}, name="f")).lung_crop is None
+
+
+@pytest.mark.parametrize("cfg, field", [
+    ([1, 2], "not a JSON object"),
+    ({"classes": "covid"}, "'classes'"),
+    ({"classes": ["covid", 3]}, "'classes'"),
+    ({"task": "ternary"}, "'task'"),
+    ({"size": "128"}, "'size'"),
+    ({"size": -4}, "'size'"),
+    ({"size": True}, "'size'"),
+    ({"lung_crop": "yes"}, "'lung_crop'"),
+    ({"lung_crop": {"margin": "wide"}}, "'lung_crop'"),
+    ({"data_root": 5}, "'data_root'"),
+])
+def test_a_bad_config_is_a_run_error_naming_the_run_and_field(tmp_path, cfg, field):
+    folder = _run_with(tmp_path, cfg, name="badrun")
+    with pytest.raises(runs.RunError, match=field) as err:
+        runs.open_run(folder)
+    assert "'badrun'" in str(err.value)
+
+
+def test_data_root_rule(tmp_path, monkeypatch):
+    trained = tmp_path / "trained_here"
+    run = runs.open_run(_run_with(tmp_path, {"data_root": str(trained)}))
+    monkeypatch.delenv("CXR_DATA_DIR", raising=False)
+    assert run.recorded_data_root == trained.resolve()
+    assert run.data_root() == config.REPO_ROOT / "data"  # recorded root missing here
+    trained.mkdir()
+    assert run.data_root() == trained.resolve()
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "env"))
+    assert run.data_root() == (tmp_path / "env").resolve()
+    assert run.data_root(tmp_path / "arg") == (tmp_path / "arg").resolve()
+    rel = runs.open_run(_run_with(tmp_path, {"data_root": "data/x"}, name="rel"))
+    assert rel.recorded_data_root == (config.REPO_ROOT / "data/x").resolve()
+
+
+def test_run_model_is_cached_and_hash_checked(shipped_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped_run, copy, ignore=shutil.ignore_patterns("audit*", "ood_reference.npz"))
+    run = runs.open_run(copy)
+    model = run.model()
+    assert run.model() is model and model.output_shape[-1] == len(run.classes)
+    with open(copy / "model.keras", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(runs.RunError, match="sha256 does not match"):
+        run.model()
+
+
+def test_open_for_cli_prints_one_sentence(tmp_path, capsys):
+    assert runs.open_for_cli(_run_with(tmp_path, [1])) is None
+    assert capsys.readouterr().err.startswith("error: run 'r'")

@@ -28,7 +28,7 @@ def test_a_uniform_or_blank_map_is_not_flagged(kind):
     heat = np.ones((SIDE, SIDE), np.float32) if kind == "uniform" else np.zeros((SIDE, SIDE), np.float32)
     row = trust.lung_row(heat, mask)
     assert row["mark"] == "amber", row
-    assert not trust.warns_outside_lungs(heat, mask)
+    assert trust.lung_row(heat, mask)["mark"] != "red"
     if kind == "uniform":
         assert row["value"]["in_lung_share"] < 0.5  # would have fired the old warning
         assert row["value"]["lung_ratio"] == pytest.approx(1.0)
@@ -37,12 +37,12 @@ def test_a_uniform_or_blank_map_is_not_flagged(kind):
 def test_heat_outside_the_lungs_is_flagged_and_heat_inside_is_green():
     mask = lungs_mask()
     outside = (~mask).astype(np.float32)
-    assert trust.warns_outside_lungs(outside, mask)
+    assert trust.lung_row(outside, mask)["mark"] == "red"
     row = trust.lung_row(outside, mask)
     assert row["mark"] == "red" and "avoids the lungs" in row["sentence"]
     inside = mask.astype(np.float32)
     assert trust.lung_row(inside, mask)["mark"] == "green"
-    assert not trust.warns_outside_lungs(inside, mask)
+    assert trust.lung_row(inside, mask)["mark"] != "red"
 
 
 def test_lung_judgement_cutoffs_come_from_thresholds():
@@ -203,3 +203,5 @@ def test_panel_has_every_row():
                                        "xray", "ood"]
     assert all(r["mark"] in trust.MARKS and r["sentence"] for r in rows)
     assert trust.overall(rows) == "amber"  # no audit, no reference
+    assert trust.row(rows, "lungs")["mark"] == "green" and trust.row(rows, "ood")["mark"] == "amber"
+    assert trust.row(rows, "nothing") is None
