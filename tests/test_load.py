@@ -248,9 +248,9 @@ def test_memory_bounded_across_200_uploads(app_env, cxr_root):
             entry, _ = state.case(run, data, files[i].name, maps=[("gradcam", 0, None)])
         except images.ImageError:
             continue
-        heat = entry["maps"][("gradcam", 0, None)]["heat"]
-        over = explain.film_views(entry["shown"], heat, "overlay", 0.4, "jet", entry["lungs"], entry["box"])[0]
-        assert over.shape == (*entry["shown"].shape, 3) and np.isfinite(entry["probs"]).all()
+        heat = entry.maps[("gradcam", 0, None)]["heat"]
+        over = explain.film_views(entry.shown, heat, "overlay", 0.4, "jet", entry.lungs, entry.box)[0]
+        assert over.shape == (*entry.shown.shape, 3) and np.isfinite(entry.probs).all()
         assert len(state._store()) <= state.CASES_PER_SESSION
         if i in (19, 199) or i % 20 == 19:
             rss.append(rss_mib())
@@ -287,7 +287,7 @@ def test_parallel_calls_into_the_case_store(app_env, cxr_root):
                 name, data = blobs[k]
                 barrier.wait(timeout=300)
                 entry, _ = state.case(run, data, name, maps=[("gradcam", 0, None)])
-                got[(i, rnd)] = (k, float(entry["probs"][config.COVID_INDEX]), entry["maps"][("gradcam", 0, None)]["hmap"])
+                got[(i, rnd)] = (k, float(entry.probs[config.COVID_INDEX]), entry.maps[("gradcam", 0, None)]["hmap"])
         except Exception as exc:  # reported below
             crashes.append(f"{i}: {exc!r}")
 

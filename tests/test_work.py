@@ -190,8 +190,8 @@ def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
     th.join(timeout=60)
     entry, waited = got["case"]
     assert waited is not None and waited > 0
-    assert entry["probs"].shape == (len(state.run_classes(run)),) and abs(float(entry["probs"].sum()) - 1) < 1e-5
-    assert entry["maps"][("gradcam", 0, None)]["heat"].shape == entry["shown"].shape
+    assert entry.probs.shape == (len(state.run_classes(run)),) and abs(float(entry.probs.sum()) - 1) < 1e-5
+    assert entry.maps[("gradcam", 0, None)]["heat"].shape == entry.shown.shape
     with work.slot():  # a cache hit does not queue
         again, waited = state.case(run, data, "film.png", maps=[("gradcam", 0, None)], on_wait=told.append)
     assert again is entry and waited is None and told == [0]
