@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, evaluate, explain, findings, inputs, lungs, pointing, road, runs
+from core import config, evaluate, explain, findings, lungs, pointing, road, runs
 from core import model as cxr_model
 from core.audit_checks import SANITY_THRESHOLD, probes, randomised_copy
 
@@ -92,28 +92,24 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
     Returns a context dict: ``run``, ``cfg``, ``model``, ``size``, ``classes``, ``crop`` (the
     run's lung-crop settings or None), ``root`` (data root), ``test`` and ``external`` tables.
     """
-    run = runs.resolve_run(run)
-    cfg = runs.read_config(run)
+    handle = runs.open_run(run)
     unknown = [m for m in methods if m not in explain.METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
-    split = runs.read_split(run) if (run / "split.csv").is_file() else None
+    split = handle.split() if handle.has("split.csv") else None
     # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
-    preds = evaluate.with_groups(runs.read_predictions(run), split)
+    preds = evaluate.with_groups(handle.predictions(), split)
     test = preds[preds["split"] == "test"]
     if test.empty:
-        raise runs.RunError(f"run {run.name}: predictions.csv has no test rows to audit")
+        raise runs.RunError(f"run {handle.name}: predictions.csv has no test rows to audit")
     test = _pick(test, limit, seed)
     external = preds[preds["split"] == "external"].reset_index(drop=True)
     if limit:
         external = external.head(0)
-    root = config.data_dir(data if data is not None else None)
-    if data is None and not (root / str(test["path"].iloc[0])).exists() and cfg.get("data_root"):
-        root = Path(cfg["data_root"])  # fall back to where the run was trained
-    clf = runs.load_model(run)
-    return {"run": run, "cfg": cfg, "model": clf, "size": cxr_model.input_size(clf),
-            "classes": list(cfg.get("classes") or config.classes(cfg.get("task", "binary"))),
-            "crop": inputs.settings(cfg), "root": root, "test": test, "external": external,
+    clf = handle.model()
+    return {"run": handle.path, "handle": handle, "cfg": handle.config, "model": clf,
+            "size": cxr_model.input_size(clf), "classes": list(handle.classes), "crop": handle.lung_crop,
+            "root": handle.data_root(data), "test": test, "external": external,
             "methods": list(methods), "limit": limit}
 
 

@@ -8,7 +8,6 @@ written as an X-ray: it would be close to a copy of one film.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from core import explain
+from core import explain, runs
 
 MIN_MEAN_N = 10  # never draw a "mean" image over fewer images than this (it would be a copy)
 
@@ -64,9 +63,11 @@ def mean_maps_png(run, out=None, min_n: int = MIN_MEAN_N, tile: int = 224) -> Pa
     Groups of fewer than ``min_n`` images are left out: a mean over a handful of images is close
     to a copy of one. The mean lung mask is drawn as a contour.
     """
-    run = Path(run)
-    folder = run / "audit_maps"
-    info = json.loads((run / "audit.json").read_text())
+    handle = runs.open_run(run)
+    folder = handle.file("audit_maps")
+    info = handle.audit()
+    if info is None:
+        raise runs.RunError(f"{handle.label} has not been audited (no audit.json).")
     counts = info.get("map_counts", {})
     tiles, labels = [], []
     for method in info["methods"]:
@@ -98,7 +99,7 @@ def mean_maps_png(run, out=None, min_n: int = MIN_MEAN_N, tile: int = 224) -> Pa
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
     sheet = np.concatenate(tiles, axis=0)
-    out = Path(out) if out else run / "audit_maps.png"
+    out = Path(out) if out else handle.file("audit_maps.png")
     tmp = out.with_name("." + out.name + ".tmp.png")
     cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     tmp.replace(out)

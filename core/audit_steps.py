@@ -29,7 +29,6 @@ from core import (
     metrics,
     pointing,
     road,
-    runs,
     slices,
     source_probe,
 )
@@ -270,9 +269,6 @@ def slices_step(ctx: dict, test: pd.DataFrame, p: np.ndarray, n_boot: int = 1000
         meta = meta.merge(table[["path"] + extra].drop_duplicates("path"), on="path", how="left")
     except (FileNotFoundError, ValueError, OSError):
         pass
-    threshold = 0.5
-    try:
-        threshold = float(runs.read_metrics(ctx["run"])["threshold"]["value"])
-    except (runs.RunError, KeyError, TypeError, ValueError):
-        pass
+    threshold = ctx["handle"].threshold
+    threshold = 0.5 if threshold is None else threshold
     return slices.slice_metrics(meta, test["y"], p, test["group"], threshold, n_boot=n_boot, seed=seed)

@@ -375,16 +375,16 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
     is refitted on those logits, predictions.csv and config.json (``calibration``,
     ``model_sha256``) are rewritten, and metrics.json is re-evaluated.
     """
-    run = runs.resolve_run(run)
-    cfg = runs.read_config(run)
-    model = runs.load_model(run)
-    root = config.data_dir(data or cfg.get("data_root"))
-    pred = runs.read_predictions(run)
-    x, _, _, kept, errors = prepare_images(root, pred["path"].tolist(), int(cfg["size"]), inputs.settings(cfg),
+    handle = runs.open_run(run)
+    run, cfg = handle.path, handle.config
+    model = handle.model()
+    root = handle.data_root(data)
+    pred = handle.predictions()
+    x, _, _, kept, errors = prepare_images(root, pred["path"].tolist(), int(handle.size), handle.lung_crop,
                                            config.cache_dir(runs_root), progress=False)
     if errors:
         raise ValueError(f"{len(errors)} images of run {run.name} cannot be read under {root}")
-    classes = list(cfg["classes"])
+    classes = list(handle.classes)
     y = np.array([classes.index(c) for c in pred["class"]])
     is_val = (pred["split"] == "val").to_numpy()
     folds = pred["fold"].fillna(0).astype(int).to_numpy() if "fold" in pred.columns else np.zeros(len(pred), int)
