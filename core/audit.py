@@ -48,12 +48,13 @@ import numpy as np
 import pandas as pd
 
 from core import config, findings, metrics, pointing, road, slices, source_probe
+from core.explain.registry import AUDIT_DEFAULT
 from core.metrics import fmt as _fmt
 
 # LayerCAM is left out by default: at a last convolution followed by global pooling its maps equal
 # Grad-CAM++'s; full Score-CAM (scorecam_fast's slow original) and SmoothGrad (20 passes per map) would
 # each add a minute or more to the audit on two cores (--methods adds any of them).
-DEFAULT_METHODS = ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
+DEFAULT_METHODS = AUDIT_DEFAULT  # the methods marked audit=True in core.explain.registry
 SANITY_THRESHOLD = 0.5  # mean Spearman correlation below this -> the method passes
 SANITY_N = 8  # images per method for the randomisation check
 RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline

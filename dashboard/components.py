@@ -13,9 +13,9 @@ import numpy as np
 import streamlit as st
 
 from core import report, work
+from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
 
-SLOW = {"scorecam", "smoothgrad"}
 MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
 TRUST_TITLE = "How far to trust this map"
 FIG_HEIGHT = 620  # pixels of one overlay figure
