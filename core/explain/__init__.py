@@ -78,4 +78,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
+    """The names here and the lazily imported ones (for completion and ``dir``)."""
     return sorted(set(globals()) | set(_WHERE))

@@ -25,7 +25,10 @@ class Method:
     routine: str  # the computation both engines run (scorecam_fast is scorecam on fewer channels)
     batchable: bool = False  # explain_many runs it batch_size images per compiled call (tape engine)
     slow: bool = False  # seconds per image: the dashboard says so and shows a spinner
-    audit: bool = False  # in the audit's default set of methods
+    # in the audit's default set. Left out: LayerCAM (at a last convolution followed by global
+    # pooling its maps equal Grad-CAM++'s), full Score-CAM and SmoothGrad (a minute or more each
+    # on two cores); the audit's --methods adds any of them.
+    audit: bool = False
 
     @property
     def function(self):
