@@ -61,11 +61,12 @@ from core.audit_steps import (
     test_rows,
     trust_table,
 )
+from core.explain.registry import AUDIT_DEFAULT
 
 # LayerCAM is left out by default: at a last convolution followed by global pooling its maps equal
 # Grad-CAM++'s; full Score-CAM (scorecam_fast's slow original) and SmoothGrad (20 passes per map) would
 # each add a minute or more to the audit on two cores (--methods adds any of them).
-DEFAULT_METHODS = ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
+DEFAULT_METHODS = AUDIT_DEFAULT  # the methods marked audit=True in core.explain.registry
 SANITY_N = 8  # images per method for the randomisation check
 
 

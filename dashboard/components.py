@@ -14,9 +14,9 @@ import streamlit as st
 
 from core import case as ccase
 from core import explain, images, inputs, report, severity, trust, work
+from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
 
-SLOW = {"scorecam", "smoothgrad"}
 MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
 TRUST_TITLE = "How far to trust this map"
 FIG_HEIGHT = 620  # pixels of one overlay figure

@@ -245,16 +245,10 @@ def keep_tensorflow_kernels() -> None:
     per-thread state is fresh in every script thread anyway), so in this process
     ``clear_session`` does nothing; Streamlit's own ``gc.collect`` still runs after each run.
     """
-    import keras
+    # lazy: the adapter imports Keras (TensorFlow, ~3.5 s), which this module's import avoids
+    from core import keras_adapter
 
-    if getattr(keras.backend.clear_session, "keeps_kernels", False):
-        return
-
-    def clear_session(free_memory: bool = True) -> None:
-        """Nothing to clear in the dashboard (see dashboard.state.keep_tensorflow_kernels)."""
-
-    clear_session.keeps_kernels = True
-    keras.backend.clear_session = clear_session
+    keras_adapter.keep_kernels_on_clear_session()
 
 
 def model_key(run: Path | str) -> tuple:

@@ -4,6 +4,7 @@ that point at the blob; both engines agree; the model is never modified; picture
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import keras
@@ -71,13 +72,15 @@ def _disc(centre, r):
 ALL = list(E.METHODS)
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_maps_point_at_the_blob(blob, method):
+@pytest.mark.parametrize("entry", E.REGISTRY, ids=lambda m: m.name)
+def test_every_registered_method_points_at_the_blob(blob, entry):
+    """Every method in the registry, called through its entry, finds the bright blob."""
+    method = entry.name
     model, xt, yt, ct = blob
     idx = np.flatnonzero(yt == BLOB_CLASS)[:8]
     ratios, hits = [], []
     for i in idx:
-        m = E.explain(model, xt[i], method, class_index=BLOB_CLASS)
+        m = entry.function(model, xt[i], class_index=BLOB_CLASS)
         inside = _disc(ct[i], BLOB_R)
         ratios.append(m[inside].mean() / (m[~inside].mean() + 1e-6))
         peak = np.unravel_index(np.argmax(m), m.shape)
@@ -144,8 +147,8 @@ def test_blank_and_constant_images_give_zeros_not_nan(blob):
         for method in ALL:
             m = E.explain(model, img, method)
             assert np.isfinite(m).all() and m.shape == (SIZE, SIZE)
-    assert not E._finish(np.full((4, 4), 3.0), (8, 8)).any()
-    assert not E._finish(np.full((4, 4), np.nan), (8, 8)).any()
+    assert not E.finish(np.full((4, 4), 3.0), (8, 8)).any()
+    assert not E.finish(np.full((4, 4), np.nan), (8, 8)).any()
 
 
 def test_model_is_unchanged(blob):
@@ -298,6 +301,34 @@ def test_sequential_and_dense_softmax_models():
     lin = E.linear_model(seq)
     logits = np.asarray(lin(img[None, ..., None]))
     assert np.allclose(np.exp(logits) / np.exp(logits).sum(), out, atol=1e-5)
+
+
+# ---- the registry
+
+
+def test_every_list_of_methods_comes_from_the_registry():
+    from core import audit
+    from core.explain import registry
+
+    names = [m.name for m in E.REGISTRY]
+    assert list(E.METHODS) == list(E.TITLES) == names and len(set(names)) == len(names)
+    for m in E.REGISTRY:
+        assert E.METHODS[m.name] is m.function and m.function.__name__ == m.name and m.function.__doc__
+        assert m.kind in ("cam", "gradient") and m.routine in registry.CAMS | {"saliency"}
+    assert audit.DEFAULT_METHODS == ("gradcam", "gradcam_pp", "scorecam_fast", "saliency")
+    assert registry.SLOW == {"scorecam", "smoothgrad"}
+    assert registry.BATCHABLE == {"gradcam", "gradcam_pp", "layercam", "saliency"}
+    with pytest.raises(ValueError, match="unknown method"):
+        registry.get("nope")
+
+
+def test_drawing_and_registry_import_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, core.explain, core.explain.draw, core.explain.registry; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[1]))
 
 
 # ---- pictures

@@ -79,10 +79,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     model, model_desc, shipped = _model(args.run)
-    size = E.input_size(model)[0]
+    size = E.input_hw(model)[0]
     img, img_desc = _image(args.image, size)
     layer = E.default_layer(model)
-    channels = int(E._target(model, layer)[0].output.shape[-1])
+    channels = int(E.target(model, layer)[0].output.shape[-1])
 
     methods = ["gradcam", "gradcam_pp", "layercam", "saliency", "smoothgrad", "scorecam_fast"]
     if args.full_scorecam:

@@ -1,0 +1,159 @@
+"""``python -m core.explain``: explain one chest X-ray from the command line.
+
+    python -m core.explain IMAGE --method gradcam [--class covid] [--layer NAME] [--run R]
+        --out overlay.png [--alpha 0.4] [--colormap jet] [--json]
+
+Prints the class probabilities and writes the heatmap overlay, drawn on the original film, as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from core import config, images, inputs, runs
+from core.explain.draw import colormaps, overlay
+from core.explain.graph import EngineError, default_layer, input_hw
+from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS, explain
+from core.explain.registry import TITLES
+
+
+class _Fail(Exception):
+    """A user error: printed as one ``error:`` line, exit status 2."""
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def _class_index(arg: str | None, classes: tuple[str, ...]) -> int:
+    if arg is None:
+        return config.COVID_INDEX
+    if arg in classes:
+        return classes.index(arg)
+    if arg.isdigit() and int(arg) < len(classes):
+        return int(arg)
+    raise ValueError(f"unknown class {arg!r}; choose one of {list(classes)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m core.explain",
+        description="Explain one chest X-ray: print the class probabilities and write a heatmap overlay PNG.",
+    )
+    p.add_argument("image", help="image file (PNG, JPEG or DICOM)")
+    p.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="explanation method (default gradcam)")
+    p.add_argument("--class", dest="cls", default=None,
+                   help="class to explain, by name (covid, other, ...) or index (default covid)")
+    p.add_argument("--layer", default=None, help="conv layer to explain (default last_conv)")
+    p.add_argument("--run", default=None, help="run folder or name (default: the shipped model in assets/model)")
+    p.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
+    p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in [0, 1] (default 0.4)")
+    p.add_argument("--colormap", default="jet", help=f"OpenCV colour map: {', '.join(colormaps())}")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=ENGINES, help="implementation (default tape)")
+    p.add_argument("--data", default=None, help="data root; IMAGE is looked up there if not found as given")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def _check_args(args) -> Path:
+    """The image's path (looked up under --data when not found as given); _Fail on a bad option."""
+    if args.colormap.lower() not in colormaps():
+        raise _Fail(f"unknown colormap {args.colormap!r}; choose one of {', '.join(colormaps())}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise _Fail(f"--alpha must be in [0, 1]; got {args.alpha}")
+    src = Path(args.image)
+    if not src.exists() and args.data:
+        alt = config.data_dir(args.data) / args.image
+        src = alt if alt.exists() else src
+    return src
+
+
+def _open_run(args):
+    """(run folder, its config, model, class names, class index to explain)."""
+    try:
+        run = runs.resolve_run(args.run)
+        cfg = runs.read_config(run) if (Path(run) / "config.json").is_file() else {}
+        model = runs.load_model(run)
+    except (runs.RunError, OSError, ValueError) as exc:
+        raise _Fail(str(exc)) from exc
+    classes = tuple(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
+    try:
+        ci = _class_index(args.cls, classes)
+    except ValueError as exc:
+        raise _Fail(str(exc)) from exc
+    return run, cfg, model, classes, ci
+
+
+def _analyse(args, src: Path, cfg: dict, model, ci: int) -> dict:
+    """Load the film as the run prepares it, predict and explain; the pieces the output needs."""
+    size = input_hw(model)
+    try:
+        img, box, fell_back, film = inputs.load(src, size[0] or cfg.get("size"), inputs.settings(cfg))
+    except images.ImageError as exc:
+        raise _Fail(f"cannot read image {exc.name}: {exc.reason}") from exc
+    if fell_back:
+        print(f"warning: {inputs.FALLBACK_WARNING}", file=sys.stderr)
+    t0 = time.perf_counter()
+    probs = np.asarray(model(img[None, :, :, None], training=False))[0]
+    try:
+        heat = explain(model, img, args.method, class_index=ci, layer=args.layer, engine=args.engine)
+    except (ValueError, EngineError) as exc:
+        raise _Fail(str(exc)) from exc
+    return {"probs": probs, "heat": heat, "box": box, "fell_back": fell_back, "film": film,
+            "seconds": time.perf_counter() - t0}
+
+
+def _report(args, src, run, model, classes, ci, got: dict, out: Path) -> dict:
+    probs = got["probs"]
+    return {
+        "image": str(src),
+        "run": str(run),
+        "method": args.method,
+        "class": classes[ci] if ci < len(classes) else str(ci),
+        "class_index": ci,
+        "layer": args.layer or default_layer(model),
+        "p_covid": float(probs[config.COVID_INDEX]),
+        "box": list(got["box"]),
+        "lung_crop_fell_back": got["fell_back"],
+        "probabilities": {c: float(v) for c, v in zip(classes, probs, strict=False)},
+        "out": str(out),
+        "seconds": round(got["seconds"], 3),
+    }
+
+
+def main(argv=None) -> int:
+    """Run the CLI; 0 on success, 2 on a user error (one ``error:`` line on stderr)."""
+    args = parser().parse_args(argv)
+    try:
+        src = _check_args(args)
+        run, cfg, model, classes, ci = _open_run(args)
+        got = _analyse(args, src, cfg, model, ci)
+    except _Fail as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    # drawn on the original film: the map goes back onto the region the network saw
+    film = got["film"]
+    _write_png(out, overlay(film, inputs.to_film(got["heat"], got["box"], film.shape), args.alpha, args.colormap))
+    result = _report(args, src, run, model, classes, ci, got, out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"P(covid) = {result['p_covid']:.3f}  ({', '.join(f'{c}: {v:.3f}' for c, v in result['probabilities'].items())})")
+        print(f"{TITLES[args.method]} for class {result['class']!r} at layer {result['layer']!r} -> {out}")
+    return 0

@@ -1,0 +1,129 @@
+"""The public explanation functions, one per registered method, and the dispatch to the engines.
+
+Every method takes one raw grey image (H, W) or (H, W, 1), float in [0, 255], and returns a
+float32 (H, W) map in [0, 1] at the input's size; see :mod:`core.explain`.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from core.explain import graph, registry, tape, tkv
+from core.explain.graph import SCORECAM_FAST_N, SMOOTHGRAD_NOISE, SMOOTHGRAD_SAMPLES, EngineError
+from core.model import members
+
+ENGINES = ("tape", "tf-keras-vis")
+DEFAULT_ENGINE = "tape"
+
+# the tape engine's routine for each registered method's Method.routine
+_TAPE = {m.routine: getattr(tape, m.routine) for m in registry.REGISTRY}
+
+
+def _run(name, model, image, class_index, layer, engine, **kw):
+    method = registry.get(name)
+    nets = members(model)
+    if nets and method.routine in registry.CAMS:
+        # An ensemble's CAM is the mean of its members' maps, each taken at the member's own
+        # layer of that name (members are averaged at their logits, so each has its own CAM).
+        layer_name = layer.name if isinstance(layer, keras.layers.Layer) else layer
+        maps = [_run(name, net, image, class_index, layer_name, engine, **kw) for net in nets]
+        return graph.finish(np.mean(maps, axis=0), maps[0].shape)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    x, out_hw = graph.prepare(model, image)
+    ci = graph.check_class(model, class_index)
+    if engine == "tape":
+        return graph.finish(_TAPE[method.routine](model, x, ci, layer, **kw)[0], out_hw)
+    raw = tkv.run(method, model, x, ci, layer, **kw)
+    if not np.isfinite(raw).all():
+        raise EngineError(f"tf-keras-vis gave a non-finite {name} map; use engine='tape'")
+    return graph.finish(raw, out_hw)
+
+
+def gradcam(model, image, class_index: int = 0, layer=None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al., 2017): channels weighted by their mean logit gradient, ReLU."""
+    return _run("gradcam", model, image, class_index, layer, engine)
+
+
+def gradcam_pp(model, image, class_index: int = 0, layer=None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhyay et al., 2018): pixel-wise weighted positive gradients."""
+    return _run("gradcam_pp", model, image, class_index, layer, engine)
+
+
+def layercam(model, image, class_index: int = 0, layer=None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """LayerCAM (Jiang et al., 2021): activations times positive gradients, per position."""
+    return _run("layercam", model, image, class_index, layer, engine)
+
+
+def scorecam(model, image, class_index: int = 0, layer=None, max_n: int | None = None,
+             engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Score-CAM (Wang et al., 2020): channels weighted by the class probability of the image
+    masked by each upsampled channel. ``max_n`` keeps only the ``max_n`` channels of highest
+    spatial standard deviation (Faster Score-CAM); None uses every channel (slow)."""
+    return _run("scorecam", model, image, class_index, layer, engine, max_n=max_n)
+
+
+def scorecam_fast(model, image, class_index: int = 0, layer=None, max_n: int = SCORECAM_FAST_N,
+                  engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Faster Score-CAM: :func:`scorecam` on the ``max_n`` (default 10) most varied channels."""
+    target, _ = graph.target(model, layer)
+    max_n = min(int(max_n), int(target.output.shape[-1]))
+    return _run("scorecam_fast", model, image, class_index, target.name, engine, max_n=max_n)
+
+
+def saliency(model, image, class_index: int = 0, layer=None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Vanilla saliency (Simonyan et al., 2014): |d logit / d pixel|. ``layer`` is ignored."""
+    return _run("saliency", model, image, class_index, None, engine, n=0)
+
+
+def smoothgrad(model, image, class_index: int = 0, layer=None, n: int = SMOOTHGRAD_SAMPLES,
+               noise: float = SMOOTHGRAD_NOISE, seed: int = 0, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """SmoothGrad (Smilkov et al., 2017): saliency averaged over ``n`` copies with Gaussian
+    noise (sigma = ``noise`` x the image's value range), computed as one batch; a fixed ``seed``
+    makes the map reproducible. ``layer`` is ignored."""
+    if n < 1:
+        raise ValueError(f"smoothgrad needs n >= 1 samples; got {n}")
+    return _run("smoothgrad", model, image, class_index, None, engine, n=int(n), noise=noise, seed=seed)
+
+
+# {name: function} in registry order; each function above is named as its registry entry
+METHODS = {m.name: m.function for m in registry.REGISTRY}
+
+
+def explain(model, image, method: str = "gradcam", class_index: int = 0, layer=None, **kw) -> np.ndarray:
+    """Dispatch to ``METHODS[method]``; extra keywords (``engine``, ``max_n``, ``n``...) pass on."""
+    return registry.get(method).function(model, image, class_index=class_index, layer=layer, **kw)
+
+
+def explain_many(model, images, method: str = "gradcam", class_index: int = 0, layer=None,
+                 batch_size: int = 16, **kw) -> np.ndarray:
+    """Maps for many images: float32 (n, H, W), each as :func:`explain` would give it.
+
+    ``images`` is (n, H, W) raw grey at one size. Batchable methods (Grad-CAM, Grad-CAM++,
+    LayerCAM and saliency) run ``batch_size`` images per compiled call on the tape engine
+    (several times faster than one by one, for audits); other methods and engines loop over
+    :func:`explain`.
+    """
+    imgs = np.asarray(images, dtype=np.float32)
+    if imgs.ndim == 4 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    if imgs.ndim != 3:
+        raise ValueError(f"expected images (n, H, W); got shape {np.shape(images)}")
+    entry = registry.get(method)
+    engine = kw.pop("engine", DEFAULT_ENGINE)
+    if not entry.batchable or engine != "tape" or kw:
+        return np.stack([explain(model, im, method, class_index, layer, engine=engine, **kw) for im in imgs]) \
+            if len(imgs) else np.zeros((0,) + imgs.shape[1:], np.float32)
+    ci = graph.check_class(model, class_index)
+    nets = members(model)
+    if nets and entry.routine in registry.CAMS:  # the mean of the members' maps, as in explain()
+        maps = np.mean([explain_many(net, imgs, method, ci, layer, batch_size) for net in nets], axis=0)
+        return np.stack([graph.finish(m, imgs.shape[1:]) for m in maps]) if len(maps) else maps
+    out = np.zeros(imgs.shape, np.float32)
+    for start in range(0, len(imgs), batch_size):
+        chunk = imgs[start : start + batch_size]
+        xs = np.concatenate([graph.prepare(model, im)[0] for im in chunk])
+        raw = _TAPE[entry.routine](model, xs, ci, layer if entry.kind == "cam" else None)
+        out[start : start + len(chunk)] = [graph.finish(r, imgs.shape[1:]) for r in raw]
+    return out
