@@ -84,15 +84,17 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
 
 
 def heatmap(run, case: Case, method: str, class_index: int | None = None, layer: str | None = None, *,
-            model=None) -> dict:
+            model=None, engine: str = explain.DEFAULT_ENGINE) -> dict:
     """The map of ``method`` for ``class_index`` (default: the positive class) at ``layer``: computed
     once and kept in ``case.maps``. ``{"hmap"`` (the network's grid), ``"heat"`` (uint8 levels on
-    ``case.shown``, core.explain.quantize), ``"faith"`` (core.trust.faithfulness)``}``."""
+    ``case.shown``, core.explain.quantize), ``"faith"`` (core.trust.faithfulness)``}``.
+    ``engine`` (core.explain.ENGINES): a map of another engine than the default is kept under
+    ``(method, class index, layer, engine)``, so the two engines' maps never mix."""
     ci = case.positive_index if class_index is None else int(class_index)
-    key = (method, ci, layer)
+    key = (method, ci, layer) if engine == explain.DEFAULT_ENGINE else (method, ci, layer, engine)
     if key not in case.maps:
         m = runs.open_run(run).model() if model is None else model
-        hmap = explain.explain(m, case.x, method, class_index=ci, layer=layer)
+        hmap = explain.explain(m, case.x, method, class_index=ci, layer=layer, engine=engine)
         heat = explain.quantize(inputs.to_film(hmap, case.box, case.shown.shape))
         case.maps[key] = {"hmap": hmap, "heat": heat, "faith": trust.faithfulness(m, case.x, hmap, ci)}
     return case.maps[key]

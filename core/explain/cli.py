@@ -18,10 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core import case as case_lib
 from core import config, images, inputs, runs
 from core.explain.draw import colormaps, overlay
-from core.explain.graph import EngineError, default_layer, input_hw
-from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS, explain
+from core.explain.graph import EngineError, default_layer
+from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS
 from core.explain.registry import TITLES
 
 
@@ -83,56 +84,54 @@ def _check_args(args) -> Path:
     return src
 
 
-def _open_run(args):
-    """(run folder, its config, model, class names, class index to explain)."""
+def _open_run(args) -> tuple[runs.Run, int]:
+    """(the run, the class index to explain)."""
     try:
-        run = runs.resolve_run(args.run)
-        cfg = runs.read_config(run) if (Path(run) / "config.json").is_file() else {}
-        model = runs.load_model(run)
+        run = runs.open_run(args.run)
+        run.model()
     except (runs.RunError, OSError, ValueError) as exc:
         raise _Fail(str(exc)) from exc
-    classes = tuple(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
     try:
-        ci = _class_index(args.cls, classes)
+        ci = _class_index(args.cls, run.classes)
     except ValueError as exc:
         raise _Fail(str(exc)) from exc
-    return run, cfg, model, classes, ci
+    return run, ci
 
 
-def _analyse(args, src: Path, cfg: dict, model, ci: int) -> dict:
-    """Load the film as the run prepares it, predict and explain; the pieces the output needs."""
-    size = input_hw(model)
+def _analyse(args, src: Path, run: runs.Run, ci: int) -> tuple[case_lib.Case, dict, float]:
+    """The film analysed as the Explain page analyses it (core.case), its map, and the seconds taken."""
+    t0 = time.perf_counter()
     try:
-        img, box, fell_back, film = inputs.load(src, size[0] or cfg.get("size"), inputs.settings(cfg))
+        film = case_lib.analyse(run, src, name=str(src), colour_check=True)
     except images.ImageError as exc:
         raise _Fail(f"cannot read image {exc.name}: {exc.reason}") from exc
-    if fell_back:
+    if film.fell_back:
         print(f"warning: {inputs.FALLBACK_WARNING}", file=sys.stderr)
-    t0 = time.perf_counter()
-    probs = np.asarray(model(img[None, :, :, None], training=False))[0]
+    for text in film.warnings:
+        print(f"warning: {text}", file=sys.stderr)
     try:
-        heat = explain(model, img, args.method, class_index=ci, layer=args.layer, engine=args.engine)
+        got = case_lib.heatmap(run, film, args.method, ci, args.layer, engine=args.engine)
     except (ValueError, EngineError) as exc:
         raise _Fail(str(exc)) from exc
-    return {"probs": probs, "heat": heat, "box": box, "fell_back": fell_back, "film": film,
-            "seconds": time.perf_counter() - t0}
+    return film, got, time.perf_counter() - t0
 
 
-def _report(args, src, run, model, classes, ci, got: dict, out: Path) -> dict:
-    probs = got["probs"]
+def _report(args, src, run: runs.Run, ci: int, film: case_lib.Case, out: Path, seconds: float) -> dict:
+    classes = run.classes
     return {
         "image": str(src),
-        "run": str(run),
+        "run": str(run.path),
         "method": args.method,
         "class": classes[ci] if ci < len(classes) else str(ci),
         "class_index": ci,
-        "layer": args.layer or default_layer(model),
-        "p_covid": float(probs[config.COVID_INDEX]),
-        "box": list(got["box"]),
-        "lung_crop_fell_back": got["fell_back"],
-        "probabilities": {c: float(v) for c, v in zip(classes, probs, strict=False)},
+        "layer": args.layer or default_layer(run.model()),
+        "p_covid": film.p_positive,
+        "box": list(film.box),
+        "lung_crop_fell_back": film.fell_back,
+        "probabilities": {c: float(v) for c, v in zip(classes, film.probs, strict=False)},
+        "warnings": list(film.warnings),
         "out": str(out),
-        "seconds": round(got["seconds"], 3),
+        "seconds": round(seconds, 3),
     }
 
 
@@ -141,16 +140,15 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         src = _check_args(args)
-        run, cfg, model, classes, ci = _open_run(args)
-        got = _analyse(args, src, cfg, model, ci)
+        run, ci = _open_run(args)
+        film, got, seconds = _analyse(args, src, run, ci)
     except _Fail as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    # drawn on the original film: the map goes back onto the region the network saw
-    film = got["film"]
-    _write_png(out, overlay(film, inputs.to_film(got["heat"], got["box"], film.shape), args.alpha, args.colormap))
-    result = _report(args, src, run, model, classes, ci, got, out)
+    # drawn on the film as the Explain page shows it (its own resolution, at most core.case.SHOWN_MAX px)
+    _write_png(out, overlay(film.shown, got["heat"], args.alpha, args.colormap))
+    result = _report(args, src, run, ci, film, out, seconds)
     if args.json:
         print(json.dumps(result))
     else:
