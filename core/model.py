@@ -188,7 +188,7 @@ def _seed(size: int, n_classes: int, lung_model: keras.Model | None = None, lung
     return keras.Model(raw, out, name="cxr_seed")
 
 
-def build(preset: str = "default", task: str = "binary", size: int = config.DEFAULT_SIZE, **kw) -> keras.Model:
+def build(preset: str = "default", task: str = "binary", size: int = config.BUILD_SIZE, **kw) -> keras.Model:
     """Build an uncompiled classifier.
 
     ``preset`` is a key of :data:`PRESETS`; ``task`` a key of ``config.TASKS``; ``size`` the
@@ -265,7 +265,10 @@ def backbone(name: str, task: str = "binary", size: int = 224, weights: str = "n
 
 
 def input_size(model: keras.Model) -> int:
-    """The side in pixels that ``model`` expects."""
+    """The side in pixels that ``model`` expects, as one int (its input is square).
+
+    Not to be confused with ``core.explain``'s ``input_hw``, which returns ``(height, width)``.
+    """
     return int(model.input_shape[1])
 
 
