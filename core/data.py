@@ -151,14 +151,8 @@ def leak_check(table: pd.DataFrame, duplicates: Sequence[dict]) -> dict:
     return out
 
 
-def audit(
-    root: str | os.PathLike,
-    seed: int = config.SEED,
-    split_file: str | os.PathLike | None = None,
-    near: bool = True,
-    progress: bool = False,
-    label_map: dict[str, str] | None = None,
-) -> dict:
+def audit(root: str | os.PathLike, seed: int = config.SEED, split_file: str | os.PathLike | None = None,
+          near: bool = True, progress: bool = False, label_map: dict[str, str] | None = None) -> dict:
     """The dataset audit as a JSON-ready dict (see the module docstring).
 
     Keys: counts, by_source, by_split, by_source_label_split, patients_by_source,

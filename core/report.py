@@ -151,12 +151,10 @@ table { border-collapse: collapse; } td { border: 1px solid #ccc; padding: .2em 
 """
 
 
-def case_report_html(
-    image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None, *,
-    run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
-    case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-    severity: Mapping | None = None, severity_note: str = "",
-) -> str:
+def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
+                     *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
+                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
+                     severity: Mapping | None = None, severity_note: str = "") -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -216,12 +214,10 @@ def _latin1(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def case_report_pdf(
-    image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None, *,
-    run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
-    case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-    severity: Mapping | None = None, severity_note: str = "",
-) -> bytes:
+def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
+                    *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
+                    case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
+                    severity: Mapping | None = None, severity_note: str = "") -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
