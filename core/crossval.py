@@ -31,8 +31,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from core import config, runs
+from core import config, runs, splits, train
+from core.evaluate import evaluate_run
 
 
 def log(msg: str) -> None:
@@ -59,15 +61,12 @@ def _complete(run: Path | None) -> bool:
 
 def train_fold(cfg: dict, source: str, folds_dir: Path) -> Path:
     """The finished run of one fold: kept if complete, resumed if killed, else trained."""
-    from core import train
-
     run = _fold_run(folds_dir, source)
     if _complete(run):
         log(f"fold {source}: kept {run.name}")
         return run
     if run is not None and (run / "model.keras").is_file() and (run / "predictions.csv").is_file():
-        from core.evaluate import evaluate_run  # killed while it was being evaluated: the model is done
-
+        # killed while it was being evaluated: the model is done
         log(f"fold {source}: evaluating {run.name}")
         evaluate_run(run, progress=False)
         return run
@@ -129,8 +128,6 @@ def summarise(folds: dict) -> dict:
 
 def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     """Run (or resume) every fold of the leave-one-source-out table; write and return crossval.json."""
-    from core import splits, train
-
     full = {**train.DEFAULTS, **cfg}
     root = config.data_dir(full.get("data"))
     full["data"] = str(root)
@@ -166,8 +163,6 @@ def _cell(d: dict | None) -> str:
 
 def table_rows(result: dict):
     """The leave-one-source-out table as a DataFrame of plain-words columns (for the dashboard)."""
-    import pandas as pd
-
     rows = []
     for s, r in result["folds"].items():
         rows.append({"held-out source": s, "images": r["n"], "AUC vs other class [95% CI]": _cell(r["roc_auc"]),
@@ -190,8 +185,6 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from core import train
-
     p = argparse.ArgumentParser(
         prog="python -m core.crossval",
         description="Leave-one-source-out: train the recipe once per held-out source and print the table "

@@ -32,7 +32,8 @@ import weakref
 
 import keras
 import numpy as np
-from keras import layers
+import tensorflow as tf
+from keras import applications, layers
 
 from core import config
 
@@ -238,8 +239,6 @@ def backbone(name: str, task: str = "binary", size: int = 224, weights: str = "n
     ``"none"`` (random, what this project trains with) or ``"imagenet"``, which Keras downloads on
     first use; without internet that raises a RuntimeError saying so.
     """
-    from keras import applications
-
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     if weights not in ("none", "imagenet"):
@@ -294,7 +293,6 @@ def cached(model: keras.Model, key, build):
 
 
 def _inference(model: keras.Model):
-    import tensorflow as tf
 
     ref = weakref.ref(model)  # not the model itself: the cache must not keep it alive
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
@@ -335,7 +333,6 @@ def members(model: keras.Model) -> list[keras.Model]:
 
 
 def _features_fn(model: keras.Model):
-    import tensorflow as tf
 
     nets = members(model) or [model]
     parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
