@@ -95,7 +95,9 @@ def test_masks_batch_matches_single(shipped):
     imgs = np.stack([_ellipses(96, rng)[0] for _ in range(3)])
     batch = lungs.masks(imgs)
     assert batch.shape == (3, 96, 96) and batch.dtype == bool
-    assert np.array_equal(batch[1], lungs.mask(imgs[1]))
+    # One film alone or in a batch of three may go through different convolution kernels (oneDNN
+    # picks them by batch size and CPU), so a pixel whose probability sits on the threshold may flip.
+    assert (batch[1] != lungs.mask(imgs[1])).mean() <= 1e-3
 
 
 def test_shipped_lung_model_is_checked_against_its_sha256(tmp_path, shipped_lungs):
