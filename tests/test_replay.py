@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from core import config, evaluate, inputs, runs
+from core import config, evaluate, inputs, runs, train
+from core import model as cmodel
 
 ROWS_PER_SPLIT = 3  # predictions re-computed per split: enough to catch a stale file, fast
 
@@ -74,9 +75,6 @@ def test_shipped_predictions_are_what_its_model_says(shipped_run, cxr_root):
     """predictions.csv matches model.keras on real images, prepared as the run prepares them: test
     rows are the saved model's output; ``val`` rows of an ensemble are out-of-fold, the output of
     the member that did not train on the row's fold, through the run's calibration."""
-    from core import model as cmodel
-    from core import train
-
     cfg = runs.read_config(shipped_run)
     model = runs.load_model(shipped_run)
     classes = list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))
