@@ -331,11 +331,9 @@ def train(
     tr, ho = split_pairs(pairs, seed=seed)
     print(f"lung masks: {len(pairs)} pairs, train {len(tr)}, held out {len(ho)} "
           f"({len({p['patient_id'] for p in ho})} patients)", file=sys.stderr)
-    t0 = time.time()
-    model, history = _fit(
+    model, history, train_s = _fit(
         [read_pair(p, size) for p in tr], np.random.default_rng(seed), base, epochs, batch_size, lr, progress
     )
-    train_s = time.time() - t0
     # Save an uncompiled copy: the custom loss must not be needed to load the model safely.
     final = build_unet(base=base)
     final.set_weights(model.get_weights())
@@ -358,7 +356,8 @@ def train(
 
 def _fit(data_tr: list, rng: np.random.Generator, base: int, epochs: int, batch_size: int, lr: float,
          progress: bool) -> tuple:
-    """A compiled U-Net fitted on freshly augmented copies of ``data_tr`` each epoch: (model, losses)."""
+    """A compiled U-Net fitted on freshly augmented copies of ``data_tr`` each epoch:
+    (model, loss per epoch, seconds the epochs took)."""
     import keras  # lazy: see train
 
     model = build_unet(base=base)
@@ -376,7 +375,7 @@ def _fit(data_tr: list, rng: np.random.Generator, base: int, epochs: int, batch_
         history.append(loss)
         if progress:
             print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
-    return model, history
+    return model, history, time.time() - t0
 
 
 def _training_record(out: Path, pairs: list, tr: list, ho: list, scores: list[float], history: list[float],
