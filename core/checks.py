@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from core import images
+from core import images, inputs
 
 # Thresholds (see the module docstring for how they were chosen).
 MIDLINE_MIN = 0.05  # below: no bright midline between two darker lung fields
@@ -141,8 +141,6 @@ def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarr
         return out  # the layout checks below mean nothing on a flat image
     layout = image
     if lungs is not None:
-        from core import inputs
-
         box = inputs.lung_box(np.asarray(lungs, np.float32))
         if box is not None:
             layout = inputs.crop(image, box)

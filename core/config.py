@@ -22,28 +22,28 @@ TASKS = {
 }
 COVID_INDEX = 0
 
-DEFAULT_SIZE = 224  # pixels; the decoder resizes every image to SIZE x SIZE grey
+# Input side in pixels of a model built by ``core.model.build`` when no size is given, and the side
+# ``core.evaluate`` assumes for a run config that records none. Training's default
+# (``core.train.DEFAULTS["size"]``) and the shipped model (``assets/model/config.json``) are 128 px;
+# images are decoded at whatever size the run asks for, never at this one.
+BUILD_SIZE = 224
 SEED = 1337
+
+
+def _root(arg: str | os.PathLike | None, env: str, default: str) -> Path:
+    """``arg`` if given, else the environment variable ``env``, else ``<repo>/<default>``."""
+    chosen = arg or os.environ.get(env)
+    return Path(chosen).expanduser().resolve() if chosen else REPO_ROOT / default
 
 
 def data_dir(arg: str | os.PathLike | None = None) -> Path:
     """The data root: ``arg`` if given, else ``$CXR_DATA_DIR``, else ``<repo>/data``."""
-    if arg:
-        return Path(arg).expanduser().resolve()
-    env = os.environ.get("CXR_DATA_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return REPO_ROOT / "data"
+    return _root(arg, "CXR_DATA_DIR", "data")
 
 
 def runs_dir(arg: str | os.PathLike | None = None) -> Path:
     """The runs root: ``arg`` if given, else ``$CXR_RUNS_DIR``, else ``<repo>/runs``."""
-    if arg:
-        return Path(arg).expanduser().resolve()
-    env = os.environ.get("CXR_RUNS_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return REPO_ROOT / "runs"
+    return _root(arg, "CXR_RUNS_DIR", "runs")
 
 
 def classes(task: str) -> tuple[str, ...]:

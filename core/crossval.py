@@ -31,8 +31,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from core import config, runs
+from core import config, runs, splits
+from core.evaluate import evaluate_run
 
 
 def log(msg: str) -> None:
@@ -67,8 +69,7 @@ def train_fold(cfg: dict, source: str, folds_dir: Path) -> Path:
         log(f"fold {source}: kept {run.name}")
         return run
     if run is not None and (run / "model.keras").is_file() and (run / "predictions.csv").is_file():
-        from core.evaluate import evaluate_run  # killed while it was being evaluated: the model is done
-
+        # killed while it was being evaluated: the model is done
         log(f"fold {source}: evaluating {run.name}")
         evaluate_run(run, progress=False)
         return run
@@ -131,7 +132,7 @@ def summarise(folds: dict) -> dict:
 def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     """Run (or resume) every fold of the leave-one-source-out table; write and return crossval.json."""
     # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
-    from core import splits, train
+    from core import train
 
     full = {**train.DEFAULTS, **cfg}
     root = config.data_dir(full.get("data"))
@@ -168,8 +169,6 @@ def _cell(d: dict | None) -> str:
 
 def table_rows(result: dict):
     """The leave-one-source-out table as a DataFrame of plain-words columns (for the dashboard)."""
-    import pandas as pd
-
     rows = []
     for s, r in result["folds"].items():
         rows.append({"held-out source": s, "images": r["n"], "AUC vs other class [95% CI]": _cell(r["roc_auc"]),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,20 @@ def ieee_label(finding: str) -> str | None:
     return None
 
 
+def _ieee_patient_ids(meta: pd.DataFrame) -> Callable[[str], str]:
+    """``patientid -> "ieee8023:<ids>"``, where patients that share a file are one person: their
+    ids are merged (union-find) and joined shortest first, e.g. ``"ieee8023:285+339"``."""
+    uf = _UnionFind()
+    for _, grp in meta.groupby("filename", sort=False):
+        pids = grp["patientid"].str.strip().unique().tolist()
+        for p in pids[1:]:
+            uf.union(pids[0], p)
+    members: dict[str, set[str]] = {}
+    for p in meta["patientid"].str.strip():
+        members.setdefault(uf.find(p), set()).add(p)
+    return lambda p: join_patient_parts(f"ieee8023:{m}" for m in members[uf.find(p)])
+
+
 def read_ieee8023(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> pd.DataFrame:
     """Read the ieee8023 covid-chestxray-dataset layout: ``metadata.csv`` + ``images/``.
 
@@ -159,21 +173,7 @@ def read_ieee8023(folder: str | os.PathLike, base: str | os.PathLike | None = No
     base = Path(base) if base is not None else folder
     meta = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
     dropped: dict[str, int] = {}
-
-    # patients that share a file are one person: merge their ids (union-find)
-    uf = _UnionFind()
-    for _, grp in meta.groupby("filename", sort=False):
-        pids = grp["patientid"].str.strip().unique().tolist()
-        for p in pids[1:]:
-            uf.union(pids[0], p)
-    members: dict[str, set[str]] = {}
-    for p in meta["patientid"].str.strip():
-        members.setdefault(uf.find(p), set()).add(p)
-
-    def merged_id(p: str) -> str:
-        ids = sorted(members[uf.find(p)], key=lambda s: (len(s), s))
-        return "ieee8023:" + "+".join(ids)
-
+    merged_id = _ieee_patient_ids(meta)
     rows, seen = [], set()
     img_dir_default = "images"
     for rec in meta.to_dict("records"):
@@ -533,6 +533,16 @@ def find_sources(root: str | os.PathLike, label_map: Mapping[str, str] | None = 
     return found
 
 
+def _read_layout(kind: str, folder: Path, root: Path, label_map: Mapping[str, str] | None) -> pd.DataFrame:
+    """The table of one source folder that :func:`find_sources` found as layout ``kind``."""
+    readers = {"ieee8023": read_ieee8023, "hannover": read_hannover, "kermany": read_kermany, "nih": read_nih}
+    if kind in readers:
+        return readers[kind](folder, base=root)
+    if kind == "manifest":
+        return read_manifest(next(folder / m for m in MANIFEST_NAMES if (folder / m).is_file()), base=root)
+    return read_class_folders(folder, label_map, base=root)
+
+
 def load_table(
     root: str | os.PathLike,
     sources: Iterable[str] | None = None,
@@ -544,8 +554,9 @@ def load_table(
     is used for generic class-folder trees. Cross-source patient links (``attrs["links"]`` of the
     readers, e.g. the hannover crosswalk) are applied with :func:`link_patients` before ``sources``
     filters. ``attrs["dropped"]`` counts left-out rows by reason; ``attrs["sources"]`` lists the
-    folders read; ``attrs["linked_patients"]`` counts persons whose ids span two sources. Raises FileNotFoundError when ``root`` does not
-    exist, ValueError when no known layout is found under it.
+    folders read; ``attrs["linked_patients"]`` counts persons whose ids span
+    two sources. Raises FileNotFoundError when ``root`` does not exist, ValueError when no known
+    layout is found under it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -558,18 +569,7 @@ def load_table(
         )
     tables, dropped, read, links = [], {}, [], []
     for kind, folder in found:
-        if kind == "ieee8023":
-            t = read_ieee8023(folder, base=root)
-        elif kind == "hannover":
-            t = read_hannover(folder, base=root)
-        elif kind == "kermany":
-            t = read_kermany(folder, base=root)
-        elif kind == "nih":
-            t = read_nih(folder, base=root)
-        elif kind == "manifest":
-            t = read_manifest(next(folder / m for m in MANIFEST_NAMES if (folder / m).is_file()), base=root)
-        else:
-            t = read_class_folders(folder, label_map, base=root)
+        t = _read_layout(kind, folder, root, label_map)
         for k, v in t.attrs.get("dropped", {}).items():
             _count(dropped, k, v)
         links += t.attrs.get("links", [])

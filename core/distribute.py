@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def check(name: str | None, resume: bool = False) -> None:
 def strategy(name: str | None):
     """The ``tf.distribute`` strategy named ``name`` (see the module docstring)."""
     check(name)
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: tensorflow costs ~3.5 s; core.train imports this module and is TF-free until it fits
 
     if not name or name == "default":
         return tf.distribute.get_strategy()
@@ -136,7 +137,7 @@ def _multi_worker_strategy():
     This ``reduce`` maps over the structure, as the one-host ``MirroredStrategy`` does, and
     reduces a scalar across the replicas only: the same results, through the public API.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: see strategy
 
     class MultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
         def reduce(self, reduce_op, value, axis):
@@ -159,7 +160,7 @@ def average_variables(variables, strategy) -> None:
     variables = list(variables)
     if strategy.num_replicas_in_sync == 1 or not variables:
         return
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: see strategy
 
     local = tf.function(lambda: strategy.run(lambda: [tf.identity(v.value) for v in variables]))()
     for v, mean in zip(variables, strategy.reduce("MEAN", local, axis=None), strict=True):
@@ -172,7 +173,7 @@ def callbacks(strategy, model) -> list:
     every epoch, so that every worker ends it with the same weights. [] on one replica."""
     if strategy.num_replicas_in_sync == 1:
         return []
-    import keras
+    import keras  # lazy: as tensorflow in strategy
 
     return [keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: average_variables(model.non_trainable_variables, strategy))]
@@ -184,7 +185,7 @@ def barrier(strategy) -> None:
     The non-chief workers wait here while the chief evaluates and writes the run: a worker that
     exits stops sending heartbeats, and the cluster would report the chief's peer as crashed.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: see strategy
 
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.num_replicas_in_sync > 1:
         strategy.reduce("SUM", tf.function(lambda: strategy.run(lambda: tf.constant(1.0)))(), axis=None)
@@ -192,7 +193,7 @@ def barrier(strategy) -> None:
 
 def shard(dataset):
     """``dataset`` with the sharding policy of :data:`SHARD_POLICY` (a no-op on one worker)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: see strategy
 
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = getattr(tf.data.experimental.AutoShardPolicy, SHARD_POLICY)
@@ -211,6 +212,4 @@ def runs_root(root, name: str | None = None) -> Path:
 def discard(run, name: str | None = None) -> None:
     """Remove a non-chief worker's throwaway run folder (nothing on the chief)."""
     if not is_chief(name):
-        import shutil
-
         shutil.rmtree(Path(run).parent, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 # Refuse images larger than this before their pixels are allocated (decompression bombs).
 MAX_PIXELS = 60_000_000
@@ -126,6 +127,7 @@ def _decode_pil(data: bytes, name: str) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+    # lazy: pydicom costs ~0.3 s and only DICOM files need it; every CLI imports this module
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -203,8 +205,6 @@ def load_many(
     out, kept, errors = [], [], []
     iterator = paths
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(paths, desc="decoding", unit="img")
     for i, p in enumerate(iterator):
         try:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from core import images
+from core import images, lungs
 
 # Settings of the lung crop (a run's config.json ``lung_crop`` overrides them).
 LUNG_CROP = {
@@ -102,8 +102,6 @@ def prepare(
     boxes = np.tile(np.asarray(FULL_BOX, np.float64), (n, 1))
     fell_back = np.zeros(n, bool)
     if lung_crop is not None and n:
-        from core import lungs
-
         net = lungs.net_size()
         small = np.stack([images.resize(f, net) for f in films])
         probs = lungs.probabilities(small, model=lung_model, size=net)

@@ -31,8 +31,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
+from scipy import ndimage
 
-from core import config
+from core import config, runs
+from core import images as imgs
 
 LUNGS_DIR = config.ASSETS_DIR / "lungs"
 MODEL_PATH = LUNGS_DIR / "lungs.keras"
@@ -53,6 +56,7 @@ def build_unet(base: int = 8, depth: int = DEPTH, max_filters: int = 64, name: s
     single channel) sits inside, so contrast and brightness of the source do not matter. Input
     sides must be divisible by ``2**depth`` (16 by default).
     """
+    # lazy: keras costs ~4.8 s; masks, Dice and `python -m core.lungs --help` need none of it
     import keras
     from keras import layers
 
@@ -90,16 +94,14 @@ def _record(path: Path | None = None) -> dict:
 @functools.lru_cache(maxsize=4)
 def lung_model(path: str | os.PathLike | None = None):
     """The shipped lung U-Net (cached). Raises FileNotFoundError with a hint if it is missing."""
-    import keras
+    import keras  # lazy: see build_unet
 
     path = Path(path) if path else MODEL_PATH
     if not path.exists():
         raise FileNotFoundError(f"lung model not found at {path}: train it with `python -m core.lungs train`")
     expected = _record(path.with_name("training.json")).get("model_sha256")
     if expected:
-        from core.runs import sha256
-
-        if sha256(path) != expected:
+        if runs.sha256(path) != expected:
             raise ValueError(f"lung model {path}: sha256 does not match its training.json (altered or corrupt file)")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
@@ -110,9 +112,7 @@ def model_sha256(path: str | os.PathLike | None = None) -> str:
     recorded = _record(path.with_name("training.json")).get("model_sha256")
     if recorded:
         return str(recorded)
-    from core.runs import sha256
-
-    return sha256(path)
+    return runs.sha256(path)
 
 
 def net_size(path: str | os.PathLike | None = None) -> int:
@@ -131,7 +131,7 @@ def probabilities(images: np.ndarray, model=None, size: int | None = None) -> np
     model = model if model is not None else lung_model()
     size = size or net_size()
     small = np.stack([_resize(a, size, size) for a in arr])[..., None]
-    from core.model import inference
+    from core.model import inference  # lazy: core.model imports keras (~4.8 s)
 
     fn = inference(model)
     out = []
@@ -142,8 +142,6 @@ def probabilities(images: np.ndarray, model=None, size: int | None = None) -> np
 
 def clean(binary: np.ndarray, keep: int = 2, min_share: float = 0.05) -> np.ndarray:
     """Keep the ``keep`` largest connected parts (each at least ``min_share`` of the largest), fill holes."""
-    from scipy import ndimage
-
     binary = np.asarray(binary, dtype=bool)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
     if n <= 1:
@@ -208,8 +206,6 @@ def mask_pairs(root: str | os.PathLike) -> list[dict]:
     Masks are named ``<image stem>_mask.png`` (a few ``_mask.png.png``); masks whose image is not in
     ``images/`` (dropped upstream filters) are skipped. Patient ids come from metadata.csv.
     """
-    import pandas as pd
-
     root = Path(root)
     mask_dir, image_dir = root / MASK_DIR, root / IMAGE_DIR
     if not mask_dir.is_dir():
@@ -247,8 +243,6 @@ def split_pairs(pairs: list[dict], holdout: float = HOLDOUT, seed: int = config.
 
 def read_pair(pair: dict, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image float32 [0,255], mask bool) of a pair; both at ``size`` or at the image's native size."""
-    from core import images as imgs
-
     img = imgs.decode(pair["image"])
     m = cv2.imread(str(pair["mask"]), cv2.IMREAD_GRAYSCALE)
     if m is None:
@@ -283,7 +277,7 @@ def _augment(img: np.ndarray, m: np.ndarray, rng: np.random.Generator) -> tuple[
 
 # --------------------------------------------------------------------------- training
 def _dice_loss(y_true, y_pred):
-    import keras.ops as K
+    import keras.ops as K  # lazy: see build_unet
 
     inter = K.sum(y_true * y_pred, axis=(1, 2, 3))
     s = K.sum(y_true, axis=(1, 2, 3)) + K.sum(y_pred, axis=(1, 2, 3))
@@ -291,7 +285,7 @@ def _dice_loss(y_true, y_pred):
 
 
 def _loss(y_true, y_pred):
-    import keras
+    import keras  # lazy: see build_unet
 
     return keras.losses.binary_crossentropy(y_true, y_pred, axis=(1, 2, 3)) + _dice_loss(y_true, y_pred)
 
@@ -326,9 +320,7 @@ def train(
     About 20 % of the patients are held out and only used for the Dice figure in the record.
     Returns the training record.
     """
-    import keras
-
-    from core import runs
+    import keras  # lazy: keras costs ~4.8 s; masks, Dice and the CLI's --help need none of it
 
     if size % 2**DEPTH:
         raise ValueError(f"--size must be divisible by {2**DEPTH}; got {size}")
@@ -339,8 +331,35 @@ def train(
     tr, ho = split_pairs(pairs, seed=seed)
     print(f"lung masks: {len(pairs)} pairs, train {len(tr)}, held out {len(ho)} "
           f"({len({p['patient_id'] for p in ho})} patients)", file=sys.stderr)
-    data_tr = [read_pair(p, size) for p in tr]
-    rng = np.random.default_rng(seed)
+    model, history, train_s = _fit(
+        [read_pair(p, size) for p in tr], np.random.default_rng(seed), base, epochs, batch_size, lr, progress
+    )
+    # Save an uncompiled copy: the custom loss must not be needed to load the model safely.
+    final = build_unet(base=base)
+    final.set_weights(model.get_weights())
+    scores = held_out_dice(ho, model=final, size=size)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".lungs.tmp.keras"
+    final.save(tmp)
+    os.replace(tmp, out / "lungs.keras")
+    record = _training_record(
+        out, pairs, tr, ho, scores, history,
+        dict(seed=seed, size=size, base_filters=base, params=int(model.count_params()), epochs=epochs,
+             batch_size=batch_size, lr=lr, train_seconds=round(train_s, 1)),
+    )
+    tmp = out / ".training.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "training.json")
+    lung_model.cache_clear()
+    return record
+
+
+def _fit(data_tr: list, rng: np.random.Generator, base: int, epochs: int, batch_size: int, lr: float,
+         progress: bool) -> tuple:
+    """A compiled U-Net fitted on freshly augmented copies of ``data_tr`` each epoch:
+    (model, loss per epoch, seconds the epochs took)."""
+    import keras  # lazy: see train
+
     model = build_unet(base=base)
     steps = max(1, len(data_tr) // batch_size)
     sched = keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps, alpha=0.05)
@@ -356,36 +375,28 @@ def train(
         history.append(loss)
         if progress:
             print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.time() - t0:.0f} s)", file=sys.stderr)
-    train_s = time.time() - t0
-    # Save an uncompiled copy: the custom loss must not be needed to load the model safely.
-    final = build_unet(base=base)
-    final.set_weights(model.get_weights())
-    scores = held_out_dice(ho, model=final, size=size)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".lungs.tmp.keras"
-    final.save(tmp)
-    os.replace(tmp, out / "lungs.keras")
-    record = {
+    return model, history, time.time() - t0
+
+
+def _training_record(out: Path, pairs: list, tr: list, ho: list, scores: list[float], history: list[float],
+                     settings: dict) -> dict:
+    """``training.json``: data, split, ``settings`` (seed, size, ... in this order), loss and held-out Dice."""
+    s = settings
+    return {
         "command": "python -m core.lungs " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("lungs.py") else
-        f"core.lungs.train(epochs={epochs}, size={size}, base={base})",
+        f"core.lungs.train(epochs={s['epochs']}, size={s['size']}, base={s['base_filters']})",
         "data": "ieee8023/annotations/lungVAE-masks (lungVAE predictions, Selvan et al. 2020) paired "
                 "with ieee8023/images/<stem>.*",
         "n_pairs": len(pairs),
         "n_train": len(tr),
         "n_held_out": len(ho),
         "held_out_patients": len({p["patient_id"] for p in ho}),
-        "split": f"by patient_id, {HOLDOUT:.0%} of patients held out, seed {seed}",
-        "seed": seed,
-        "size": size,
-        "base_filters": base,
-        "params": int(model.count_params()),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
+        "split": f"by patient_id, {HOLDOUT:.0%} of patients held out, seed {s['seed']}",
+        **{k: s[k] for k in ("seed", "size", "base_filters", "params", "epochs", "batch_size", "lr")},
         "augment": "rotate +-12 deg, scale 0.8-1.15, shift 8%, h-flip, gamma/contrast/brightness, blur, noise",
         "loss": "binary cross-entropy + soft Dice",
         "final_train_loss": history[-1] if history else None,
-        "train_seconds": round(train_s, 1),
+        "train_seconds": s["train_seconds"],
         "held_out_dice_mean": float(np.mean(scores)) if scores else None,
         "held_out_dice_median": float(np.median(scores)) if scores else None,
         "held_out_dice_min": float(np.min(scores)) if scores else None,
@@ -395,11 +406,6 @@ def train(
         "model_sha256": runs.sha256(out / "lungs.keras"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    tmp = out / ".training.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "training.json")
-    lung_model.cache_clear()
-    return record
 
 
 # --------------------------------------------------------------------------- contact sheet
@@ -422,8 +428,6 @@ def contact_sheet(data=None, out="runs/lung_sheet.png", n_per_folder: int = 6, t
 
     It shows real X-rays, so write it outside the repository's tracked files (``runs/`` is ignored).
     """
-    from core import images as imgs
-
     root = config.data_dir(data)
     files = _sheet_files(root, n_per_folder, seed)
     if not files:

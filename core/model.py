@@ -32,7 +32,8 @@ import weakref
 
 import keras
 import numpy as np
-from keras import layers
+import tensorflow as tf
+from keras import applications, layers
 
 from core import config
 
@@ -188,7 +189,7 @@ def _seed(size: int, n_classes: int, lung_model: keras.Model | None = None, lung
     return keras.Model(raw, out, name="cxr_seed")
 
 
-def build(preset: str = "default", task: str = "binary", size: int = config.DEFAULT_SIZE, **kw) -> keras.Model:
+def build(preset: str = "default", task: str = "binary", size: int = config.BUILD_SIZE, **kw) -> keras.Model:
     """Build an uncompiled classifier.
 
     ``preset`` is a key of :data:`PRESETS`; ``task`` a key of ``config.TASKS``; ``size`` the
@@ -238,8 +239,6 @@ def backbone(name: str, task: str = "binary", size: int = 224, weights: str = "n
     ``"none"`` (random, what this project trains with) or ``"imagenet"``, which Keras downloads on
     first use; without internet that raises a RuntimeError saying so.
     """
-    from keras import applications
-
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     if weights not in ("none", "imagenet"):
@@ -265,7 +264,10 @@ def backbone(name: str, task: str = "binary", size: int = 224, weights: str = "n
 
 
 def input_size(model: keras.Model) -> int:
-    """The side in pixels that ``model`` expects."""
+    """The side in pixels that ``model`` expects, as one int (its input is square).
+
+    Not to be confused with ``core.explain``'s ``input_hw``, which returns ``(height, width)``.
+    """
     return int(model.input_shape[1])
 
 
@@ -291,7 +293,6 @@ def cached(model: keras.Model, key, build):
 
 
 def _inference(model: keras.Model):
-    import tensorflow as tf
 
     ref = weakref.ref(model)  # not the model itself: the cache must not keep it alive
     spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
@@ -332,7 +333,6 @@ def members(model: keras.Model) -> list[keras.Model]:
 
 
 def _features_fn(model: keras.Model):
-    import tensorflow as tf
 
     nets = members(model) or [model]
     parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 BOXES_FILE = Path("ieee8023") / "annotations" / "imageannotation_ai_lung_bounding_boxes.json"
 IMAGE_DIR = Path("ieee8023") / "images"
@@ -73,8 +74,6 @@ def read_boxes(root, path: str | Path | None = None) -> tuple[dict[str, list[tup
 
 def _stored_size(path: Path) -> tuple[int, int] | None:
     """(height, width) of an image file from its header (no full decode), None when unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             w, h = im.size

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import html
 import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from fpdf import FPDF
 from PIL import Image
 
 from core import config
@@ -121,24 +123,38 @@ def _severity_lines(severity: Mapping | None, note: str) -> list[str]:
 
 
 MARK_HTML = {"green": "#1a7f37", "amber": "#b26b00", "red": "#c00"}
+MARK_RGB = {"green": (26, 127, 55), "amber": (178, 107, 0), "red": (200, 0, 0)}
+_CAVEAT = ("The heatmap shows which pixels moved the model's output, not where disease is. Models trained on public "
+           "COVID-19 collections often learn the image source rather than the disease; see the model card. ")
 
 
-def case_report_html(
-    image: np.ndarray,
-    overlay: np.ndarray | None,
-    probs: Mapping[str, float],
-    threshold: float | None,
-    *,
-    run_id: str,
-    method: str = "gradcam",
-    in_lung_share: float | None = None,
-    warnings: Sequence[str] = (),
-    case_id: str = "uploaded image",
-    when: _dt.datetime | None = None,
-    trust: Sequence[Mapping] = (),
-    severity: Mapping | None = None,
-    severity_note: str = "",
-) -> str:
+def _facts(probs: Mapping[str, float], threshold: float | None, warnings: Sequence[str], when: _dt.datetime | None,
+           run_id: str, case_id: str, method: str) -> list[tuple[str, str]]:
+    """The header lines both reports start with: case, model run, date (UTC), decision, method."""
+    when = when or _dt.datetime.now(_dt.UTC)
+    return [("case", case_id), ("model run", run_id), ("date (UTC)", when.strftime("%Y-%m-%d %H:%M")),
+            ("decision at the operating point", _call(_p_covid(probs), threshold, warnings)),
+            ("explanation method", method)]
+
+
+_HTML_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>COVID-19 CXR case report</title>
+<style>
+body { font-family: sans-serif; max-width: 820px; margin: 1.5em auto; color: #222; }
+.disclaimer { border: 2px solid #b00; color: #b00; padding: .5em; font-weight: bold; }
+figure { display: inline-block; margin: .5em; vertical-align: top; } img { width: 200px; }
+figure.film img { width: 560px; }
+table { border-collapse: collapse; } td { border: 1px solid #ccc; padding: .2em .6em; }
+.warn { background: #fff3cd; padding: .3em 1em; }
+</style></head><body>
+<h1>Chest X-ray case report</h1>
+"""
+
+
+def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
+                     *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
+                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
+                     severity: Mapping | None = None, severity_note: str = "") -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -150,53 +166,46 @@ def case_report_html(
     (with ``severity_note`` saying what it was trained on, or why there is none). ``case_id`` is
     a label chosen by the caller; never pass a file name or anything read from a DICOM header.
     """
-    when = when or _dt.datetime.now(_dt.UTC)
     e = html.escape
-    p_covid = _p_covid(probs)
-    call = _call(p_covid, threshold, warnings)
+    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    if in_lung_share is not None:
+        facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"))
+    head = "\n".join(f"<tr><td>{e(k)}</td><td>{f'<b>{e(v)}</b>' if k.startswith('decision') else e(v)}</td></tr>"
+                     for k, v in facts)
     rows = "".join(f"<tr><td>{e(str(k))}</td><td>{float(v):.3f}</td></tr>" for k, v in probs.items())
-    lung = "n/a" if in_lung_share is None else f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"
     warn_html = "".join(f"<li>{e(w)}</li>" for w in warnings)
-    figs = [f"<figure>{_img_tag(image, 'input image')}<figcaption>input (as the model saw it)</figcaption></figure>"]
-    if overlay is not None:
-        figs.append(f"<figure class='film'>{_img_tag(overlay, 'heatmap overlay')}<figcaption>{e(method)} heatmap on "
-                    f"the original film ({overlay.shape[1]}x{overlay.shape[0]} px)</figcaption></figure>")
-    trust_html = "".join(
-        f"<tr><td style='color:{MARK_HTML.get(r['mark'], '#000')}'>&#9679; {e(r['mark'])}</td>"
-        f"<td><b>{e(str(r['title']))}</b>: {e(str(r['sentence']))}</td></tr>" for r in trust)
     sev = "".join(f"<li>{e(line)}</li>" for line in _severity_lines(severity, severity_note))
-    lung_row = "" if in_lung_share is None else f"<tr><td>heat inside the lungs</td><td>{e(lung)}</td></tr>"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>COVID-19 CXR case report</title>
-<style>
-body {{ font-family: sans-serif; max-width: 820px; margin: 1.5em auto; color: #222; }}
-.disclaimer {{ border: 2px solid #b00; color: #b00; padding: .5em; font-weight: bold; }}
-figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ width: 200px; }}
-figure.film img {{ width: 560px; }}
-table {{ border-collapse: collapse; }} td {{ border: 1px solid #ccc; padding: .2em .6em; }}
-.warn {{ background: #fff3cd; padding: .3em 1em; }}
-</style></head><body>
-<h1>Chest X-ray case report</h1>
-<p class="disclaimer">{e(DISCLAIMER)}</p>
+    return f"""{_HTML_HEAD}<p class="disclaimer">{e(DISCLAIMER)}</p>
 <table>
-<tr><td>case</td><td>{e(case_id)}</td></tr>
-<tr><td>model run</td><td>{e(run_id)}</td></tr>
-<tr><td>date (UTC)</td><td>{e(when.strftime("%Y-%m-%d %H:%M"))}</td></tr>
-<tr><td>decision at the operating point</td><td><b>{e(call)}</b></td></tr>
-<tr><td>explanation method</td><td>{e(method)}</td></tr>
-{lung_row}
+{head}
 </table>
 {f'<div class="warn"><p>Warnings:</p><ul>{warn_html}</ul></div>' if warnings else ""}
 <h2>Class probabilities</h2>
 <table>{rows}</table>
 {f"<h2>How severe it looks</h2><ul>{sev}</ul>" if sev else ""}
-<div>{"".join(figs)}</div>
-{f"<h2>How far to trust this map</h2><table>{trust_html}</table>" if trust else ""}
+<div>{_html_figures(image, overlay, method)}</div>
+{f"<h2>How far to trust this map</h2><table>{_html_trust(trust)}</table>" if trust else ""}
 <p><small>The heatmap shows which pixels moved the model's output, not where disease is. Models
 trained on public COVID-19 collections often learn the image source rather than the disease;
 see the model card. {e(DISCLAIMER)}</small></p>
 </body></html>
 """
+
+
+def _html_figures(image: np.ndarray, overlay: np.ndarray | None, method: str) -> str:
+    figs = [f"<figure>{_img_tag(image, 'input image')}<figcaption>input (as the model saw it)</figcaption></figure>"]
+    if overlay is not None:
+        figs.append(f"<figure class='film'>{_img_tag(overlay, 'heatmap overlay')}<figcaption>"
+                    f"{html.escape(method)} heatmap on the original film ({overlay.shape[1]}x{overlay.shape[0]} px)"
+                    "</figcaption></figure>")
+    return "".join(figs)
+
+
+def _html_trust(trust: Sequence[Mapping]) -> str:
+    e = html.escape
+    return "".join(
+        f"<tr><td style='color:{MARK_HTML.get(r['mark'], '#000')}'>&#9679; {e(r['mark'])}</td>"
+        f"<td><b>{e(str(r['title']))}</b>: {e(str(r['sentence']))}</td></tr>" for r in trust)
 
 
 def _latin1(text: str) -> str:
@@ -205,45 +214,22 @@ def _latin1(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def case_report_pdf(
-    image: np.ndarray,
-    overlay: np.ndarray | None,
-    probs: Mapping[str, float],
-    threshold: float | None,
-    *,
-    run_id: str,
-    method: str = "gradcam",
-    in_lung_share: float | None = None,
-    warnings: Sequence[str] = (),
-    case_id: str = "uploaded image",
-    when: _dt.datetime | None = None,
-    trust: Sequence[Mapping] = (),
-    severity: Mapping | None = None,
-    severity_note: str = "",
-) -> bytes:
+def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
+                    *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
+                    case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
+                    severity: Mapping | None = None, severity_note: str = "") -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
-    from fpdf import FPDF
-
-    when = when or _dt.datetime.now(_dt.UTC)
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
     pdf.set_creator("covid-cxr")  # no author or subject: nothing about the patient
     pdf.set_compression(False)  # page text stays readable in the file (the privacy tests search it)
     pdf.add_page()
-    width = pdf.w - pdf.l_margin - pdf.r_margin
-
-    def para(text, size=9, style="", colour=(0, 0, 0)):
-        pdf.set_font("Helvetica", style, size)
-        pdf.set_text_color(*colour)
-        pdf.multi_cell(width, size * 0.5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
-
+    para = functools.partial(_para, pdf)
     para("Chest X-ray case report", 16, "B")
     para(DISCLAIMER, 10, "B", (176, 0, 0))
     pdf.ln(1)
-    call = _call(_p_covid(probs), threshold, warnings)
-    facts = [("case", case_id), ("model run", run_id), ("date (UTC)", when.strftime("%Y-%m-%d %H:%M")),
-             ("decision at the operating point", call), ("explanation method", method),
-             ("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items()))]
+    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    facts.append(("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items())))
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} %"))
     for k, v in facts:
@@ -257,28 +243,37 @@ def case_report_pdf(
         for line in sev:
             para(line)
     pdf.ln(1)
-    top = pdf.get_y()
-    side = 95.0 if overlay is not None else 0.0
     if overlay is not None:
-        h, w = overlay.shape[:2]
-        iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
-        pdf.image(Image.fromarray(np.asarray(overlay, np.uint8)), x=pdf.l_margin, y=top, w=iw, h=ih)
-        pdf.set_xy(pdf.l_margin, top + ih + 1)
-        para(f"{method} heatmap on the original film ({w}x{h} px)", 7)
-        small = 30.0
-        pdf.image(Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)), x=pdf.l_margin + side + 4,
-                  y=top, w=small, h=small)
-        pdf.set_xy(pdf.l_margin + side + 4, top + small + 1)
-        pdf.set_font("Helvetica", "", 7)
-        pdf.multi_cell(small + 20, 3.5, "input (as the model saw it)")
-        pdf.set_y(top + ih + 6)
+        _pdf_figures(pdf, image, overlay, method)
     if trust:
         para("How far to trust this map", 11, "B")
-        colours = {"green": (26, 127, 55), "amber": (178, 107, 0), "red": (200, 0, 0)}
         for r in trust:
-            para(f"[{r['mark']}] {r['title']}: {r['sentence']}", 8, "", colours.get(r["mark"], (0, 0, 0)))
+            para(f"[{r['mark']}] {r['title']}: {r['sentence']}", 8, "", MARK_RGB.get(r["mark"], (0, 0, 0)))
     pdf.ln(1)
-    para("The heatmap shows which pixels moved the model's output, not where disease is. Models trained on public "
-         "COVID-19 collections often learn the image source rather than the disease; see the model card. "
-         + DISCLAIMER, 7)
+    para(_CAVEAT + DISCLAIMER, 7)
     return bytes(pdf.output())
+
+
+def _para(pdf: FPDF, text: str, size: float = 9, style: str = "", colour: tuple = (0, 0, 0)) -> None:
+    """One paragraph across the page's width, in Helvetica."""
+    pdf.set_font("Helvetica", style, size)
+    pdf.set_text_color(*colour)
+    pdf.multi_cell(pdf.w - pdf.l_margin - pdf.r_margin, size * 0.5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+
+
+def _pdf_figures(pdf: FPDF, image: np.ndarray, overlay: np.ndarray, method: str) -> None:
+    """The overlay on the film (95 mm) with its caption, and the model's input (30 mm) beside it."""
+    top = pdf.get_y()
+    side = 95.0
+    h, w = overlay.shape[:2]
+    iw, ih = (side, side * h / w) if w >= h else (side * w / h, side)
+    pdf.image(Image.fromarray(np.asarray(overlay, np.uint8)), x=pdf.l_margin, y=top, w=iw, h=ih)
+    pdf.set_xy(pdf.l_margin, top + ih + 1)
+    _para(pdf, f"{method} heatmap on the original film ({w}x{h} px)", 7)
+    small = 30.0
+    pdf.image(Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)), x=pdf.l_margin + side + 4,
+              y=top, w=small, h=small)
+    pdf.set_xy(pdf.l_margin + side + 4, top + small + 1)
+    pdf.set_font("Helvetica", "", 7)
+    pdf.multi_cell(small + 20, 3.5, "input (as the model saw it)")
+    pdf.set_y(top + ih + 6)

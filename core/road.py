@@ -239,7 +239,7 @@ def road(model, images: np.ndarray, maps: dict[str, np.ndarray], class_index: in
     masks are imputed in one sparse solve; perturbed images go through the model
     ``batch_size`` at a time. ``progress`` is an optional callable run after each image.
     """
-    from core import model as cxr_model
+    from core import model as cxr_model  # lazy: core.model imports keras (~4.8 s); the imputation needs none
 
     images = np.asarray(images, np.float32)
     names = list(maps)

@@ -20,7 +20,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from core import config
+from core import config, metrics
 
 COLUMNS = ("source", "view", "age_group", "sex", "label")
 METRICS = ("roc_auc", "sensitivity", "specificity")
@@ -61,8 +61,6 @@ def slice_metrics(table: pd.DataFrame, y, p, groups, threshold: float, columns=N
     ``rest`` (point values on the other images), ``flags`` and, when flagged, ``paths`` (its
     misclassified images), ``false_positives`` and ``false_negatives``.
     """
-    from core import metrics
-
     table = table.reset_index(drop=True)
     y = np.asarray(y, int)
     p = np.asarray(p, float)

@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from core import config
+from core import config, metrics
 
 MIN_IMAGES = 5  # a source needs this many images (within the group probed) to be probed
 FOLDS = 5
@@ -82,11 +86,6 @@ def _ci(value: float, boots: np.ndarray) -> dict:
 def out_of_fold(features: np.ndarray, codes: np.ndarray, groups, folds: int = FOLDS,
                 seed: int = config.SEED) -> np.ndarray:
     """Out-of-fold class probabilities (n, k) of a standardised logistic regression, patient-grouped folds."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     x = np.asarray(features, np.float64)
     k = int(codes.max()) + 1
     n_groups = len(pd.unique(pd.Series(groups)))
@@ -114,8 +113,6 @@ def probe(features: np.ndarray, sources, groups, n_boot: int = 1000, seed: int =
     caller removes it before writing JSON). With fewer than two probe-able sources it returns
     ``{"n", "reason"}``.
     """
-    from core import metrics
-
     src = pd.Series(np.asarray(sources, dtype=object)).astype(str)
     counts = src.value_counts()
     keep_src = sorted(counts[counts >= MIN_IMAGES].index)

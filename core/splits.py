@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from core import config, images, runs
 from core.datasets import _UnionFind, abspath, load_table
@@ -101,8 +102,6 @@ def fingerprints(
     changed = False
     iterator = enumerate(table["path"])
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(iterator, total=n, desc="fingerprints", unit="img", file=sys.stderr)
     for i, rel in iterator:
         p = abspath(root, rel)
@@ -401,6 +400,7 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int = config.SEED) -> np.nda
     (``StratifiedGroupKFold``), so that each fold holds every source x label cell in about the
     same share. Deterministic for a given seed.
     """
+    # lazy: sklearn costs ~1.1 s; `python -m core.data` (which imports this module) needs none of it
     from sklearn.model_selection import StratifiedGroupKFold
 
     folds = np.full(len(table), -1, dtype=int)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core import checks, images
+from core import checks, images, lungs
 
 
 def frontal_like(size: int = 256, seed: int = 0) -> np.ndarray:
@@ -106,8 +106,6 @@ def frontal_sample(cxr_root):
 
 
 def _lungs(img):
-    from core import lungs
-
     return lungs.mask(images.resize(img, 256))
 
 

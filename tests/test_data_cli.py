@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_datasets import SYNTH_COUNTS, image_bytes, tree_files, write_tree
 
-from core import config, data
+from core import config, data, download
 from core.datasets import load_table
 
 PY = sys.executable
@@ -189,7 +189,7 @@ class _Server:
 
 @pytest.fixture()
 def server(monkeypatch):
-    monkeypatch.setattr(data, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(download, "RETRY_WAIT", 0.0)
     s = _Server()
     yield s
     s.close()
@@ -206,13 +206,13 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
 def upstream_archives() -> dict[str, bytes]:
     """Small archives in the real upstream layouts (GitHub archive, Mendeley ChestXRay2017.zip)."""
     files = tree_files(kermany="chest_xray", kermany_split=True)
-    top = f"covid-chestxray-dataset-{data.IEEE8023_COMMIT}/"
+    top = f"covid-chestxray-dataset-{download.IEEE8023_COMMIT}/"
     ieee = {top + k[len("ieee8023/"):]: v for k, v in files.items() if k.startswith("ieee8023/")}
     ieee[top + "README.md"] = b"# covid-chestxray-dataset\n"
     kermany = {k: v for k, v in files.items() if k.startswith("chest_xray/")}
     kermany["__MACOSX/chest_xray/train/NORMAL/._IM-0001-0001.jpeg"] = b"junk"
     kermany["chest_xray/.DS_Store"] = b"junk"
-    nih = {f"COVID-19-{data.NIH_COMMIT}/X-Ray Image DataSet/{k[len('nih/'):]}": v
+    nih = {f"COVID-19-{download.NIH_COMMIT}/X-Ray Image DataSet/{k[len('nih/'):]}": v
            for k, v in files.items() if k.startswith("nih/")}
     return {"/ieee.zip": zip_bytes(ieee), "/kermany.zip": zip_bytes(kermany), "/nih.zip": zip_bytes(nih)}
 
@@ -224,7 +224,7 @@ def test_download_extracts_real_layouts_and_resumes(server, tmp_path):
     urls = {"ieee8023": server.url + "/ieee.zip", "kermany": server.url + "/kermany.zip",
             "nih": server.url + "/nih.zip"}
     sha = {"ieee8023": hashlib.sha256(server.files["/ieee.zip"]).hexdigest()}
-    summary = data.download(to, ["ieee8023", "kermany", "nih"], urls=urls, sha256=sha, progress=False)
+    summary = download.download(to, ["ieee8023", "kermany", "nih"], urls=urls, sha256=sha, progress=False)
     assert {k: v["status"] for k, v in summary["sources"].items()} == dict.fromkeys(
         ("ieee8023", "kermany", "nih"), "downloaded")
     # the broken transfer was resumed with a Range request for the missing bytes only
@@ -238,7 +238,7 @@ def test_download_extracts_real_layouts_and_resumes(server, tmp_path):
     assert t.groupby(["source", "label"]).size().to_dict() == SYNTH_COUNTS
     # a second call finds everything in place and asks the server for nothing
     n = len(server.requests)
-    again = data.download(to, ["ieee8023", "kermany"], urls=urls, progress=False)
+    again = download.download(to, ["ieee8023", "kermany"], urls=urls, progress=False)
     assert {v["status"] for v in again["sources"].values()} == {"present"} and len(server.requests) == n
 
 
@@ -247,13 +247,13 @@ def test_download_resumes_a_part_file(server, tmp_path):
     server.files["/a.zip"] = body
     dest = tmp_path / "a.zip"
     (tmp_path / "a.zip.part").write_bytes(body[:100])
-    data.download_file(server.url + "/a.zip", dest, sha256=hashlib.sha256(body).hexdigest(), progress=False)
+    download.download_file(server.url + "/a.zip", dest, sha256=hashlib.sha256(body).hexdigest(), progress=False)
     assert dest.read_bytes() == body and not (tmp_path / "a.zip.part").exists()
     assert server.requests == [("/a.zip", "bytes=100-")]
     # a complete .part: the server answers 416 and the file is accepted as it is
     dest.unlink()
     (tmp_path / "a.zip.part").write_bytes(body)
-    data.download_file(server.url + "/a.zip", dest, progress=False)
+    download.download_file(server.url + "/a.zip", dest, progress=False)
     assert dest.read_bytes() == body
 
 
@@ -266,18 +266,18 @@ def test_download_errors(server, tmp_path):
     server.files["/corrupt.zip"] = bytes(corrupt)
     server.files["/ieee.zip"] = good
     server.files["/kermany.zip"] = upstream_archives()["/kermany.zip"]
-    with pytest.raises(data.DownloadError, match="HTTP 404"):
-        data.download_file(server.url + "/missing.zip", tmp_path / "m.zip", progress=False)
-    with pytest.raises(data.DownloadError, match="not a readable zip or tar"):
-        data.download(tmp_path / "d1", ["ieee8023"], urls={"ieee8023": server.url + "/bad.zip"}, progress=False)
-    with pytest.raises(data.DownloadError, match="corrupt"):
-        data.download(tmp_path / "d2", ["ieee8023"], urls={"ieee8023": server.url + "/corrupt.zip"}, progress=False)
+    with pytest.raises(download.DownloadError, match="HTTP 404"):
+        download.download_file(server.url + "/missing.zip", tmp_path / "m.zip", progress=False)
+    with pytest.raises(download.DownloadError, match="not a readable zip or tar"):
+        download.download(tmp_path / "d1", ["ieee8023"], urls={"ieee8023": server.url + "/bad.zip"}, progress=False)
+    with pytest.raises(download.DownloadError, match="corrupt"):
+        download.download(tmp_path / "d2", ["ieee8023"], urls={"ieee8023": server.url + "/corrupt.zip"}, progress=False)
     assert not (tmp_path / "d2" / ".downloads" / "ieee8023.archive").exists()  # a bad archive is never reused
-    with pytest.raises(data.DownloadError, match="sha256"):
-        data.download(tmp_path / "d3", ["ieee8023"], urls={"ieee8023": server.url + "/ieee.zip"},
+    with pytest.raises(download.DownloadError, match="sha256"):
+        download.download(tmp_path / "d3", ["ieee8023"], urls={"ieee8023": server.url + "/ieee.zip"},
                       sha256={"ieee8023": "0" * 64}, progress=False)
-    with pytest.raises(data.DownloadError, match="no metadata.csv"):
-        data.download(tmp_path / "d4", ["ieee8023"], urls={"ieee8023": server.url + "/kermany.zip"}, progress=False)
+    with pytest.raises(download.DownloadError, match="no metadata.csv"):
+        download.download(tmp_path / "d4", ["ieee8023"], urls={"ieee8023": server.url + "/kermany.zip"}, progress=False)
     assert not (tmp_path / "d1" / "ieee8023").exists()  # nothing half-extracted is left behind
 
 

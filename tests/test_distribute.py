@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from test_browser import free_port
 
 from core import config, distribute, runs
 
@@ -27,8 +28,6 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
 
 
 def cluster(n: int = 2) -> list[str]:
-    from test_browser import free_port
-
     return [f"127.0.0.1:{free_port()}" for _ in range(n)]
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from core import images
 
@@ -64,10 +68,6 @@ def dicom(
     rows: int | None = None,
     cols: int | None = None,
 ) -> bytes:
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -210,8 +210,6 @@ def test_bad_inputs_raise_one_clear_error(name, data, reason):
 
 def test_pixel_limit_is_checked_before_allocating(monkeypatch):
     # a 100000x100000 grey image would need 10 GB; refusing must be instant and allocation-free
-    import tracemalloc
-
     tracemalloc.start()
     with pytest.raises(images.ImageError):
         images.load(png_header_only(100_000, 100_000))

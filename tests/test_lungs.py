@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import keras
 import numpy as np
 import pytest
 
@@ -20,8 +24,6 @@ def _ellipses(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
 
 
 def test_unet_builds_trains_and_runs_on_any_size():
-    import keras
-
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     net = lungs.build_unet(base=4)
@@ -77,8 +79,6 @@ def shipped(shipped_lungs):
 
 
 def test_shipped_model_loads_safely_and_is_small(shipped):
-    import keras
-
     keras.saving.load_model(lungs.MODEL_PATH, safe_mode=True)
     assert lungs.MODEL_PATH.stat().st_size < 4 * 2**20
     assert lungs.RECORD_PATH.exists()
@@ -95,14 +95,13 @@ def test_masks_batch_matches_single(shipped):
     imgs = np.stack([_ellipses(96, rng)[0] for _ in range(3)])
     batch = lungs.masks(imgs)
     assert batch.shape == (3, 96, 96) and batch.dtype == bool
-    assert np.array_equal(batch[1], lungs.mask(imgs[1]))
+    # One film alone or in a batch of three may go through different convolution kernels (oneDNN
+    # picks them by batch size and CPU), so a pixel whose probability sits on the threshold may flip.
+    assert (batch[1] != lungs.mask(imgs[1])).mean() <= 1e-3
 
 
 def test_shipped_lung_model_is_checked_against_its_sha256(tmp_path, shipped_lungs):
     """A lung model whose bytes differ from its training record's sha256 is refused."""
-    import json
-    import shutil
-
     shutil.copy(lungs.MODEL_PATH, tmp_path / "lungs.keras")
     record = json.loads(lungs.RECORD_PATH.read_text())
     assert record["model_sha256"]

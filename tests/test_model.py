@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
 
-from core import config
+from core import config, explain, lungs
 from core import model as M
 
 SIZE = 64
@@ -42,8 +45,6 @@ def test_presets_contract(preset, task):
     names = [layer.name for layer in m.layers]
     for required in ("last_conv", "logits", "probs"):
         assert required in names
-    from core import explain
-
     assert explain.default_layer(m) == "last_conv"
     assert m.get_layer("probs").get_config()["activation"] == "softmax"
     n = len(config.classes(task))
@@ -158,26 +159,17 @@ def test_unknown_preset_and_task():
 
 
 def test_features_are_the_pooled_penultimate_layer():
-    import keras
-
-    from core import model as model_lib
-
-    net = model_lib.build("default", "binary", 32, width=0.5)
+    net = M.build("default", "binary", 32, width=0.5)
     x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32)).astype(np.float32)
-    f = model_lib.features(net, x)
+    f = M.features(net, x)
     ref = keras.Model(net.input, net.get_layer("gap").output)(x[..., None], training=False)
     assert f.shape == (3, ref.shape[-1]) and np.allclose(f, np.asarray(ref), atol=1e-5)
-    assert model_lib.members(net) == []
+    assert M.members(net) == []
 
 
 def test_the_one_compiled_cache_does_not_keep_a_deleted_model_alive():
     """Inference, features, the explainers' tapes and the lung net's inference share one weakly
     keyed cache (core.model.cached): once the caller drops a model, nothing of ours keeps it."""
-    import gc
-    import weakref
-
-    from core import explain, lungs
-
     net = M.build("default", "binary", 32, width=0.5)
     lung = lung_standin(32)
     x = _images(2, size=32)

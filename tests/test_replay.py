@@ -9,11 +9,13 @@ shipped model is replaced by another run; only a run whose files disagree fails 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 
-from core import config, evaluate, inputs, runs
+from core import config, evaluate, inputs, runs, train
+from core import model as cmodel
 
 ROWS_PER_SPLIT = 3  # predictions re-computed per split: enough to catch a stale file, fast
 
@@ -31,7 +33,37 @@ def test_shipped_metrics_are_what_core_evaluate_computes(shipped_run):
                                   target_sensitivity=stored["threshold"]["target_value"], progress=False)
     again = json.loads(json.dumps(evaluate.jsonable(again)))
     stored.pop("run"), again.pop("run")  # where the folder lay when it was evaluated
-    assert again == stored, sorted(k for k in stored if stored.get(k) != again.get(k))
+    # metrics.json was written on another machine: sums over thousands of bootstrap draws may be
+    # added in another order there (other CPU, other BLAS), so floats agree to ~1e-15, not bit for bit.
+    diffs = _differences(stored, again, rel=1e-9, abs_=1e-12)
+    assert not diffs, diffs[:20]
+
+
+def _differences(a, b, rel: float, abs_: float, where: str = "") -> list[str]:
+    """Where two JSON values differ: floats compared within ``rel``/``abs_``, everything else exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())}"]
+        return [d for k in a for d in _differences(a[k], b[k], rel, abs_, f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, rel, abs_, f"{where}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+        ok = both_nan or (isinstance(a, int | float) and isinstance(b, int | float)
+                          and math.isclose(a, b, rel_tol=rel, abs_tol=abs_))
+        return [] if ok else [f"{where}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def test_differences_allow_only_round_off():
+    """The comparison above: round-off passes, a real change or a changed structure does not."""
+    a = {"brier": 0.1234567890123456, "n": 3, "ci": [0.1, None, "x"], "nan": float("nan")}
+    assert _differences(a, {**a, "brier": 0.1234567890123457}, 1e-9, 1e-12) == []
+    assert _differences(a, {**a, "brier": 0.1235}, 1e-9, 1e-12) == [".brier: 0.1234567890123456 != 0.1235"]
+    assert _differences(a, {**a, "n": 4}, 1e-9, 1e-12) and _differences(a, {**a, "ci": [0.1, None]}, 1e-9, 1e-12)
+    assert _differences(a, {**a, "ci": [0.1, 0.0, "x"]}, 1e-9, 1e-12)
 
 
 def _sample(pred: pd.DataFrame) -> pd.DataFrame:
@@ -43,9 +75,6 @@ def test_shipped_predictions_are_what_its_model_says(shipped_run, cxr_root):
     """predictions.csv matches model.keras on real images, prepared as the run prepares them: test
     rows are the saved model's output; ``val`` rows of an ensemble are out-of-fold, the output of
     the member that did not train on the row's fold, through the run's calibration."""
-    from core import model as cmodel
-    from core import train
-
     cfg = runs.read_config(shipped_run)
     model = runs.load_model(shipped_run)
     classes = list(cfg.get("classes") or config.classes(cfg.get("task", "binary")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core import slices
+from core import findings, slices
 
 
 def _table(n=120, seed=0):
@@ -47,8 +47,6 @@ def test_small_or_healthy_slices_are_not_flagged():
 
 
 def test_a_sub_slice_repeating_a_flagged_slice_gets_no_card_of_its_own():
-    from core import findings
-
     t, y, p = _table()
     bad = (t["source"] == "B").to_numpy()
     p = np.where(bad & (y == 0), 0.9, p)  # every negative of source B is called COVID-19

@@ -14,6 +14,7 @@ from PIL import Image
 from test_datasets import hannover_files, image_bytes, tree_files, write_tree
 
 from core import images, splits
+from core.datasets import load_table
 
 
 @pytest.fixture()
@@ -28,8 +29,6 @@ def real(cxr_root):
     Uses the default on-disk fingerprint cache (``$CXR_CACHE_DIR`` or ``runs/.cache``): the first
     run decodes every image (~8 s CPU), later runs only stat the files.
     """
-    from core.datasets import load_table
-
     cache = splits.cache_path().parent
     table = load_table(cxr_root)
     dups = splits.find_duplicates(table, cxr_root, threshold=0.95, cache_dir=cache)
@@ -110,8 +109,6 @@ def dup_tree(tmp_path):
 
 
 def test_find_duplicates(dup_tree, cache):
-    from core.datasets import load_table
-
     t = load_table(dup_tree)
     d = splits.find_duplicates(t, dup_tree, cache_dir=cache)
     pairs = {(r.path_a, r.path_b): r.kind for r in d.itertuples()}
@@ -183,8 +180,6 @@ def test_prepare_drops_unreadable(tmp_path, cache):
 
 def test_fingerprint_cache_follows_file_changes(tmp_path, cache, monkeypatch):
     root = write_tree(tmp_path / "d", tree_files())
-    from core.datasets import load_table
-
     t = load_table(root)
     shas, thumbs, _ = splits.fingerprints(t, root, cache_dir=cache)
     assert (cache / "fingerprints.npz").exists()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
 import pytest
 
-from core import work
+from core import config, work
 
 
 @pytest.fixture(autouse=True)
@@ -165,12 +166,10 @@ def test_dashboard_model_calls_take_a_slot_and_loading_freezes_the_heap():
     waits; loading the model freezes the heap (Streamlit's full collection after every script
     run then skips TensorFlow's objects) and keeps TensorFlow's kernels across script runs; a
     film already analysed never waits."""
-    import gc
-
+    # lazy: keras and the dashboard cost ~5 s; the other tests here are about core.work alone
     import keras
     from test_dashboard import chest_like_png
 
-    from core import config
     from dashboard import state
 
     run = config.DEFAULT_RUN

@@ -36,7 +36,7 @@ def _clock(fn, *a, **k):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="data root (default: $CXR_DATA_DIR, ../shared/cxr or data/)")
-    ap.add_argument("--size", type=int, default=config.DEFAULT_SIZE)
+    ap.add_argument("--size", type=int, default=config.BUILD_SIZE)
     ap.add_argument("--repeats", type=int, default=1, help="decode passes (the best is reported)")
     args = ap.parse_args()
     root = Path(args.data) if args.data else None
