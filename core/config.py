@@ -22,8 +22,7 @@ TASKS = {
 }
 COVID_INDEX = 0
 
-# Input side in pixels of a model built by ``core.model.build`` when no size is given, and the side
-# ``core.evaluate`` assumes for a run config that records none. Training's default
+# Input side in pixels of a model built by ``core.model.build`` when no size is given. Training's default
 # (``core.train.DEFAULTS["size"]``) and the shipped model (``assets/model/config.json``) are 128 px;
 # images are decoded at whatever size the run asks for, never at this one.
 BUILD_SIZE = 224
