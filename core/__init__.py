@@ -4,17 +4,24 @@ Submodules are imported on first use (``core.explain`` pulls in TensorFlow, whic
 so ``import core`` stays cheap; ``core.<name>`` works for every module of the package, and
 ``__all__`` is read from the package's files so it cannot go stale. By family:
 
-- settings and run folders: ``config`` (data/runs roots, class names), ``runs`` (reading and
-  writing run folders), ``work`` (background jobs)
+- settings and run folders: ``config`` (data/runs roots, class names), ``runs`` (the ``Run``
+  handle: every reader of a run folder; writing run folders), ``work`` (the bounded line of model
+  calls shared by the dashboard's sessions)
+- one film: ``case`` (``analyse(run, film) -> Case``: decode, checks, preparation, lung mask,
+  probabilities, features, maps on demand)
 - data: ``images`` (the one decoding path), ``inputs`` (what the model is fed), ``datasets``
   (one reader per source layout), ``splits`` (duplicates, patient-level splits), ``data`` (the
   ``python -m core.data`` CLI: audit, split), ``download`` (fetching the public sources)
-- model and training: ``model`` (Functional CNN presets), ``train``, ``crossval``,
-  ``distribute`` (multi-GPU / multi-worker), ``lungs`` (lung segmentation) and the modules split
-  from ``train`` (augmentation, calibration, ensembles, image cache)
-- evaluation: ``metrics``, ``evaluate``, ``predict``, ``export``, ``slices``
-- explanation and trust: ``explain``, ``pointing``, ``road``, ``trust``, ``checks``,
-  ``severity``, ``source_probe``, ``findings``, ``audit``
+- model and training: ``model`` (Functional CNN presets), ``train`` (fit loop, run folder, CLI)
+  over ``train_data``, ``image_cache``, ``augment``, ``adversarial``, ``calibration`` and
+  ``ensemble``; ``crossval`` (leave-one-source-out), ``distribute`` (multi-GPU / multi-worker),
+  ``lungs`` (lung segmentation), ``keras_adapter`` (the only user of private Keras internals)
+- evaluation: ``metrics``, ``evaluate``, ``unseen`` (which films a run never saw), ``predict``,
+  ``export``, ``slices``
+- explanation and trust: ``explain`` (a package: method registry, engines, drawing, CLI),
+  ``heat`` (where a map's heat lies), ``pointing``, ``road``, ``trust``, ``checks``,
+  ``severity``, ``source_probe``, ``findings``, ``audit`` over ``audit_steps``,
+  ``audit_checks`` and ``audit_maps``
 - output: ``report`` (one-page case report)
 """
 
