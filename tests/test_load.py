@@ -226,8 +226,8 @@ def test_concurrent_sessions_get_their_own_result(app_env, cxr_root, one_server)
         assert [k[2] for k in store] == [digest(cases[i][0]), digest(cases[j][0])], f"session {i} keeps its own two films"
         mine = next(v for k, v in store.items() if k[2] == digest(cases[j][0]))
         theirs = next(v for k, v in stores[j].items() if k[2] == digest(cases[j][0]))
-        assert mine is not theirs and mine["shown"] is not theirs["shown"], "a film is never shared across sessions"
-        assert np.array_equal(mine["probs"], theirs["probs"])
+        assert mine is not theirs and mine.shown is not theirs.shown, "a film is never shared across sessions"
+        assert np.array_equal(mine.probs, theirs.probs)
 
 
 def test_memory_bounded_across_200_uploads(app_env, cxr_root):
