@@ -29,7 +29,11 @@ import json
 import sys
 from pathlib import Path
 
-from core import config, inputs, runs
+import keras
+import tensorflow as tf
+
+from core import config, inputs, lungs, runs
+from core import model as model_lib
 
 SIGNATURE = "serving_default"
 
@@ -37,8 +41,6 @@ SIGNATURE = "serving_default"
 def resize(img, size: int):
     """:func:`core.images.resize` in TF ops: (h, w, 1) or (n, h, w, 1) -> (.., size, size, 1);
     area interpolation when ``size`` is below the longer side, bilinear otherwise (as cv2)."""
-    import tensorflow as tf
-
     h, w = tf.shape(img)[-3], tf.shape(img)[-2]
     return tf.cond(
         size < tf.maximum(h, w),
@@ -53,8 +55,6 @@ def lung_box(prob, crop: dict):
     Returns ``(box float64 (4,), found bool)``; ``box`` is the whole film when not found. All
     arithmetic is float64 on integer pixel counts, as numpy does it, so the rule is the same.
     """
-    import tensorflow as tf
-
     c = {**inputs.LUNG_CROP, **crop}
     m = tf.cast(prob >= c["threshold"], tf.float64)
     h, w = tf.shape(prob, out_type=tf.int64)[0], tf.shape(prob, out_type=tf.int64)[1]
@@ -80,8 +80,6 @@ def lung_box(prob, crop: dict):
 
 def crop(film, box):
     """:func:`core.inputs.crop` in TF ops: the part of ``film`` (h, w, 1) inside the fractional box."""
-    import tensorflow as tf
-
     shape = tf.shape(film, out_type=tf.int64)
     h, w = shape[0], shape[1]
     hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
@@ -93,10 +91,6 @@ def crop(film, box):
 
 def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | None = None):
     """The signature's function: films (n, h, w, 1) -> dict of p_covid, probs, box, fell_back."""
-    import tensorflow as tf
-
-    from core import model as model_lib
-
     size = model_lib.input_size(model)
 
     def prepare(films):
@@ -124,9 +118,6 @@ def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | N
 def export(run, out) -> dict:
     """Write the SavedModel of ``run`` to ``out`` (created; must not exist or be empty); return
     what ``export.json`` records."""
-    import keras
-    import tensorflow as tf
-
     run = runs.open_run(run)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -137,8 +128,6 @@ def export(run, out) -> dict:
     archive = keras.export.ExportArchive()
     archive.track(model)
     if crop_cfg is not None:
-        from core import lungs
-
         lung_model, net = lungs.lung_model(), lungs.net_size()
         archive.track(lung_model)
     fn = serving_fn(model, crop_cfg, lung_model, net)

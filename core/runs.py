@@ -25,6 +25,7 @@ from importlib import metadata
 from numbers import Real
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from core import config, inputs
@@ -78,8 +79,6 @@ def write_json(path, obj) -> Path:
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -315,7 +314,7 @@ def read_crossval(run) -> dict:
 
 def load_model(run=None, check_hash: bool = True):
     """Load the run's model.keras with ``safe_mode=True``; verify its sha256 if config has one."""
-    import keras
+    import keras  # lazy: keras pulls in TensorFlow (+3.3 s); TF-free CLIs (core.data, core.evaluate) import core.runs
 
     run = resolve_run(run)
     path = _need(run, "model.keras")

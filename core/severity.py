@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from core import config
+from core import config, datasets, explain, images, inputs, lungs, runs
+from core import model as cmodel
 
 SCORES_CSV = Path("ieee8023") / "annotations" / "covid-severity-scores.csv"
 ASSET_DIR = config.ASSETS_DIR / "severity"
@@ -67,8 +68,6 @@ class SeverityError(ValueError):
 # --------------------------------------------------------------------------- data
 def scored_table(root) -> pd.DataFrame:
     """The scored films present under ``root``: path, patient_id, geographic_mean, opacity_mean."""
-    from core import datasets
-
     root = Path(root)
     csv = root / SCORES_CSV
     if not csv.is_file():
@@ -126,13 +125,8 @@ def film_features(films: list[np.ndarray], model=None, cfg: dict | None = None, 
 
     ``model`` and ``cfg`` (the run's config) are needed for ``classifier`` and ``both``.
     """
-    from core import lungs
-
     parts = []
     if kind in ("classifier", "both"):
-        from core import inputs
-        from core import model as cmodel
-
         x, _, _ = inputs.prepare(films, cmodel.input_size(model), inputs.settings(cfg), lung_model)
         parts.append(cmodel.features(model, x))
     if kind in ("lungs", "both"):
@@ -146,8 +140,6 @@ def film_features(films: list[np.ndarray], model=None, cfg: dict | None = None, 
 
 def _small(film: np.ndarray) -> np.ndarray:
     """The film at most LUNG_SIDE px on its longer side (aspect kept), as the dashboard shows it."""
-    from core import explain
-
     return explain.display_film(np.asarray(film, np.float32), LUNG_SIDE)
 
 
@@ -280,14 +272,10 @@ def summarise(y, pred, base, groups, n_boot: int = N_BOOT, seed: int = config.SE
 
 # --------------------------------------------------------------------------- train / evaluate
 def _films(table: pd.DataFrame, root) -> list[np.ndarray]:
-    from core import images
-
     return [images.decode(Path(root) / p) for p in table["path"]]
 
 
 def _classifier(run):
-    from core import runs
-
     run = runs.open_run(run)
     return run.path, run.model(), run.config
 
@@ -346,8 +334,6 @@ def _evaluate(run, data, progress: bool):
 
 def train(run=None, data=None, out=None, progress: bool = True) -> dict:
     """Evaluate by nested CV, fit the final model on all scored films, write it and its card."""
-    from core import lungs, runs
-
     res, ctx = _evaluate(run, data, progress)
     out = Path(out) if out else ASSET_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -490,9 +476,6 @@ def estimate(record: dict, film: np.ndarray, model=None, cfg: dict | None = None
     ``low``/``high`` add the 10th/90th percentile of the cross-validated residuals (an 80 %
     interval, clipped to the score's range).
     """
-    from core import inputs
-    from core import model as cmodel
-
     x = None
     if model is not None:
         x = inputs.prepare([film], cmodel.input_size(model), inputs.settings(cfg))[0][0]
@@ -508,13 +491,9 @@ def estimate_prepared(record: dict, x: np.ndarray | None, small: np.ndarray, mod
     of ``x`` (:func:`core.model.features`, shape (1, d)) and the lung ``mask`` of ``small``
     (:func:`core.lungs.mask`); then neither network runs again here.
     """
-    from core import lungs
-
     kinds = {k for m in record["models"].values() for k in m["features"]}
     feats = {}
     if kinds & {"classifier", "both"}:
-        from core import model as cmodel
-
         feats["classifier"] = (np.asarray(features, np.float32).reshape(1, -1) if features is not None
                                else cmodel.features(model, np.asarray(x, np.float32)[None]))
     if kinds & {"lungs", "both"}:
@@ -550,8 +529,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder for train (default: assets/severity)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
-    from core import runs
-
     try:
         if args.command == "train":
             res = train(args.run, args.data, args.out, progress=not args.json)["cv"]

@@ -38,9 +38,12 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
+from sklearn.covariance import LedoitWolf
 
-from core import checks, config
+from core import checks, config, explain, images, inputs, runs
+from core import model as cmodel
 from core.heat import heat_share
 
 # Every cut-off of the panel, in one place.
@@ -123,8 +126,6 @@ def border_row(heatmap: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- faithfulness
 def _random_regions(shape, n: int, share: float, seed: int) -> np.ndarray:
     """n boolean masks (n, H, W), each the top ``share`` of a smooth random map (blobs, like a CAM)."""
-    import cv2
-
     rng = np.random.default_rng(seed)
     h, w = shape
     out = np.zeros((n, h, w), bool)
@@ -147,8 +148,6 @@ def faithfulness(model, image: np.ndarray, heatmap: np.ndarray, class_index: int
     the model in one batch. Returns ``p`` (original probability of the class), ``drop_top``,
     ``drop_random`` (list), ``score`` (= drop_top - mean random drop) and ``blank``.
     """
-    from core import model as cmodel
-
     x = np.asarray(image, np.float32)
     h = np.nan_to_num(np.asarray(heatmap, np.float32))
     share, n = THRESHOLDS["faith_share"], int(THRESHOLDS["faith_random"])
@@ -188,8 +187,6 @@ def faithfulness_row(res: dict, class_name: str = "covid") -> dict:
 # --------------------------------------------------------------------------- sanity check
 def sanity_row(audit_summary: dict | None, method: str, model_sha256: str | None) -> dict:
     """The ``sanity`` row: did ``method`` pass the randomisation check for this model (audit.json)?"""
-    from core import explain
-
     title = "Randomisation check"
     name = explain.TITLES.get(method, method)
     if not audit_summary:
@@ -240,8 +237,6 @@ def reference(train_features: np.ndarray, val_features: np.ndarray) -> dict:
     Mean and Ledoit-Wolf shrunk precision of the training features; the validation films'
     distances (which the thresholds are read against: training films sit closer than new ones).
     """
-    from sklearn.covariance import LedoitWolf
-
     tr = np.asarray(train_features, np.float64)
     lw = LedoitWolf().fit(tr)
     ref = {"mean": lw.location_, "precision": lw.precision_, "n_train": np.int64(len(tr))}
@@ -256,8 +251,6 @@ def reference_by_folds(features: np.ndarray, folds: np.ndarray) -> dict:
     Each development film was seen by most members of the ensemble, so new films sit farther
     than these distances suggest: the amber/red marks err towards warning.
     """
-    from sklearn.covariance import LedoitWolf
-
     f = np.asarray(features, np.float64)
     folds = np.asarray(folds)
     ref = reference(f, f[:0])
@@ -278,9 +271,6 @@ def distance(ref: dict, feats: np.ndarray) -> np.ndarray:
 def write_reference(run=None, data=None, progress: bool = True) -> Path:
     """Compute the OOD reference of a run into ``ood_reference.npz`` (from split.csv: train and val
     films, or for a cross-validated run its development films, fold by fold)."""
-    from core import images, inputs, runs
-    from core import model as cmodel
-
     run = runs.open_run(run)
     model = run.model()
     split = run.split()
@@ -390,8 +380,6 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="data root (default: $CXR_DATA_DIR or data/)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
-    from core import runs
-
     try:
         path = write_reference(args.run, args.data, progress=not args.json)
     except (FileNotFoundError, runs.RunError, ValueError) as exc:

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
 from core import case as ccase
@@ -135,8 +136,6 @@ def trust_panel(rows: list[dict]) -> None:
 
 def figure(pics: list[np.ndarray], titles: list[str], height: int | None = None):
     """A plotly figure of one or two pictures side by side with linked zoom (one zoom box moves both)."""
-    import plotly.graph_objects as go
-
     n = len(pics)
     height = height or (FIG_HEIGHT if n == 1 else int(FIG_HEIGHT * 0.62))
     traces, layout, notes = [], {}, []

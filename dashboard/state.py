@@ -34,7 +34,19 @@ import pandas as pd
 import streamlit as st
 
 from core import case as ccase
-from core import config, datasets, evaluate, explain, findings, images, runs, splits, work
+from core import (
+    config,
+    datasets,
+    evaluate,
+    explain,
+    findings,
+    images,
+    keras_adapter,
+    lungs,
+    runs,
+    splits,
+    work,
+)
 from core import data as cdata
 from core import model as cmodel
 from core import severity as sev
@@ -219,8 +231,6 @@ def seed_runs(run: Path) -> pd.DataFrame:
 def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
     model = runs.load_model(run)
     try:  # the Explain page needs it for every film: load it with the model, before the freeze
-        from core import lungs
-
         lungs.lung_model()
     except (FileNotFoundError, OSError, ValueError):
         pass
@@ -245,9 +255,6 @@ def keep_tensorflow_kernels() -> None:
     per-thread state is fresh in every script thread anyway), so in this process
     ``clear_session`` does nothing; Streamlit's own ``gc.collect`` still runs after each run.
     """
-    # lazy: the adapter imports Keras (TensorFlow, ~3.5 s), which this module's import avoids
-    from core import keras_adapter
-
     keras_adapter.keep_kernels_on_clear_session()
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from core import audit as core_audit
 from core import findings, report, runs
 from core.metrics import fmt
 from dashboard import state
@@ -198,8 +199,6 @@ if methods:
 # ------------------------------------------------------------------ mean heatmaps
 counts = summary.get("map_counts") or {}
 if counts:
-    from core import audit as core_audit
-
     with st.expander("Mean heatmaps per class and source"):
         shown_any = False
         for name in methods:
