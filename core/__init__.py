@@ -1,8 +1,9 @@
 """covid-cxr core library: read chest X-rays, train and evaluate the CNN, explain it.
 
-Submodules are imported on first use (``core.explain`` pulls in TensorFlow, which takes seconds),
-so ``import core`` stays cheap; ``core.<name>`` works for every module of the package, and
-``__all__`` is read from the package's files so it cannot go stale. By family:
+Submodules are imported on first use (``core.train``, ``core.case`` and the model modules pull in
+TensorFlow, which takes seconds), so ``import core`` stays cheap; ``core.<name>`` works for every
+module of the package, and ``__all__`` is read from the package's files so it cannot go stale.
+By family:
 
 - settings and run folders: ``config`` (data/runs roots, class names), ``runs`` (the ``Run``
   handle: every reader of a run folder; writing run folders), ``work`` (the bounded line of model

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, runs.RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run = runs.resolve_run(args.run)
+    run = runs.open_run(args.run).path
     if not args.no_png:
         mean_maps_png(run)
     if args.markdown:

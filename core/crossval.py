@@ -90,7 +90,7 @@ def _fig(d) -> dict:
 
 def fold_row(run: Path) -> dict:
     """The table row of one finished fold run (from its metrics.json ``external`` block)."""
-    m = runs.read_metrics(run)
+    m = runs.open_run(run).metrics()
     ext = m.get("external")
     if not ext:
         raise runs.RunError(f"run {run.name!r} ({run}) has no external (held-out source) results")

@@ -515,9 +515,10 @@ def main(argv=None) -> int:
     if run is None:  # a non-chief worker of a multi-worker run
         log("worker finished; the chief wrote the run folder")
         return 0
-    result = {"run": str(run), "config": runs.read_config(run)}
-    if (run / "metrics.json").is_file():
-        result["metrics"] = runs.read_metrics(run)
+    handle = runs.open_run(run)
+    result = {"run": str(run), "config": handle.config}
+    if handle.has("metrics.json"):
+        result["metrics"] = handle.metrics()
     print(json.dumps(result, default=str) if a.json else run)
     return 0
 

@@ -229,7 +229,7 @@ def seed_runs(run: Path) -> pd.DataFrame:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
 def _model(run: str, model_stamp: tuple | None, config_stamp: tuple | None):
-    model = runs.load_model(run)
+    model = runs.open_run(run).model()
     try:  # the Explain page needs it for every film: load it with the model, before the freeze
         lungs.lung_model()
     except (FileNotFoundError, OSError, ValueError):
