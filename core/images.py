@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +29,8 @@ MAX_PIXELS = 60_000_000
 MAX_BYTES = 64 * 1024 * 1024
 # A chest X-ray smaller than this on its shorter side carries no usable detail.
 MIN_SIDE = 32
+# Elements per block of the float64 stretch (32 MiB of float64 at a time).
+_STRETCH_BLOCK = 4_000_000
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -48,30 +52,56 @@ class ImageError(ValueError):
 Source = str | os.PathLike | bytes | bytearray | memoryview
 
 
+def _too_big(name: str, nbytes: int) -> ImageError:
+    return ImageError(name, f"file is {nbytes / 2**20:.0f} MiB, over the {MAX_BYTES // 2**20} MiB limit")
+
+
+def _read_path(path: Path, name: str) -> bytes:
+    """At most MAX_BYTES + 1 bytes of a regular file.
+
+    Devices, FIFOs, sockets and folders are refused before they are read: ``/dev/zero`` reports a
+    size of 0 and never ends, and a FIFO blocks its reader. The file is opened non-blocking and
+    checked again on the open descriptor, so a file swapped in between cannot slip through.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError(name, "not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(name, "file not found") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ImageError(name, f"cannot read file ({getattr(exc, 'strerror', None) or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(name, "not a regular file")
+        if st.st_size > MAX_BYTES:
+            raise _too_big(name, st.st_size)
+        try:
+            data = fh.read(st.st_size + 1)
+            if len(data) > st.st_size:  # grew since fstat: read on, but never past the cap
+                data += fh.read(MAX_BYTES + 1 - len(data))
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+    return data
+
+
 def read_bytes(src: Source, name: str | None = None) -> tuple[bytes, str]:
-    """Return ``(data, name)`` for a path or bytes, refusing missing, empty or huge files."""
+    """Return ``(data, name)`` for a path or bytes, refusing missing, empty, huge or non-regular files.
+
+    A path is read only when it is a regular file, and never more than MAX_BYTES + 1 bytes of it.
+    """
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         name = name or "<upload>"
     else:
         path = Path(src)
         name = name or str(path)
-        try:
-            nbytes = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageError(name, "file not found") from None
-        except OSError as exc:
-            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
-        if nbytes > MAX_BYTES:
-            raise ImageError(name, f"file is {nbytes / 2**20:.0f} MiB, over the {MAX_BYTES // 2**20} MiB limit")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from None
+        data = _read_path(path, name)
     if len(data) == 0:
         raise ImageError(name, "file is empty")
     if len(data) > MAX_BYTES:
-        raise ImageError(name, f"file is {len(data) / 2**20:.0f} MiB, over the {MAX_BYTES // 2**20} MiB limit")
+        raise _too_big(name, len(data))
     return data, name
 
 
@@ -89,11 +119,26 @@ def _check_size(name: str, width: int, height: int) -> None:
         raise ImageError(name, f"image is only {width}x{height} pixels; at least {MIN_SIDE} per side is needed")
 
 
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min-max stretch to float32 [0, 255]; high-bit-depth X-rays rarely use their full range."""
-    arr = arr.astype(np.float32)
+def _stretch(arr: np.ndarray, name: str = "") -> np.ndarray:
+    """Min-max stretch to float32 [0, 255]; high-bit-depth X-rays rarely use their full range.
+
+    One NaN would make min and max NaN and the whole film black, so non-finite pixels are refused
+    here, before anything is scored. The stretch runs in float64 (in row blocks, to keep memory
+    flat), so finite values near the float32 limits (+-3e38) neither overflow nor warn.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ImageError(name, "image contains invalid pixel values (NaN or infinity)")
     lo, hi = float(arr.min()), float(arr.max())
-    return (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    if not np.isfinite(hi - lo):  # only float64 values beyond +-9e307 (a DICOM rescale) get here
+        raise ImageError(name, "image pixel values are out of range")
+    out = np.zeros(arr.shape, np.float32)
+    if hi > lo:
+        scale = 255.0 / (hi - lo)
+        step = max(1, _STRETCH_BLOCK // max(1, arr[0].size))
+        for i in range(0, arr.shape[0], step):
+            out[i:i + step] = (arr[i:i + step].astype(np.float64) - lo) * scale
+    return out
 
 
 def _decode_pil(data: bytes, name: str) -> np.ndarray:
@@ -115,9 +160,9 @@ def _decode_pil(data: bytes, name: str) -> np.ndarray:
         raise ImageError(name, f"image data is truncated or corrupt ({exc})") from None
     mode = img.mode
     if mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
-        return _stretch(np.asarray(img))
+        return _stretch(np.asarray(img), name)
     if mode == "F":
-        return _stretch(np.asarray(img))
+        return _stretch(np.asarray(img), name)
     if mode in {"RGBA", "LA", "PA"} or (mode == "P" and "transparency" in img.info):
         # Composite transparency onto black, as a viewer would show an X-ray.
         rgba = img.convert("RGBA")
@@ -126,11 +171,101 @@ def _decode_pil(data: bytes, name: str) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float32)
 
 
-def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+def _inflate_dicom(data: bytes, name: str) -> bytes:
+    """A deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) inflated with a cap, as explicit VR
+    little endian; any other file unchanged.
+
+    pydicom inflates the whole dataset at once, so a 2 MB file whose body inflates to gigabytes
+    would fill memory before any size check. Here the body may inflate to at most MAX_BYTES, the
+    same limit an uncompressed file has.
+    """
     # lazy: pydicom costs ~0.3 s and only DICOM files need it; every CLI imports this module
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, force=True)
+        # pydicom has no public reader of the file meta from bytes; dcmread uses this same one.
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:
+        raise ImageError(name, f"not a readable DICOM file ({str(exc)[:120]})") from None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return data
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data[fp.tell():], MAX_BYTES + 1)
+    except zlib.error:
+        raise ImageError(name, "deflated DICOM data is corrupt") from None
+    if len(body) > MAX_BYTES:
+        raise ImageError(
+            name, f"deflated DICOM data inflates to over {MAX_BYTES // 2**20} MiB, past the limit; refused unread"
+        )
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    return out.getvalue() + body
+
+
+def _finite_dicom_numbers(ds, name: str) -> None:
+    """Refuse NaN or infinite rescale and window values: they turn every pixel into NaN."""
+    for key in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if key not in ds:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns on odd DS strings such as "NaN"
+                value = ds[key].value
+                values = np.asarray(list(value) if ds[key].VM > 1 else [value], dtype=np.float64)
+        except Exception:
+            raise ImageError(name, f"DICOM {key} is not a number") from None
+        if not np.isfinite(values).all():
+            raise ImageError(name, f"DICOM {key} is not a finite number")
+
+
+def _pixel_error(exc: Exception, ds) -> str:
+    """One complete sentence for pydicom's decode errors; for a missing decoder, what to install."""
+    text = str(exc)
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    syntax = getattr(syntax, "name", None) or str(syntax or "an unknown transfer syntax")
+    if "missing dependencies" in text:
+        # pydicom lists one "<plugin> - requires <a> and <b>" line per decoder it knows of.
+        needs = [ln.split("requires", 1)[1].strip().replace("numpy and ", "").replace("gdcm", "python-gdcm")
+                 for ln in text.splitlines()[1:] if "requires" in ln]
+        hint = f"install one of: {'; '.join(needs)}" if needs else "no decoder for it is installed"
+        return f"DICOM pixel data is compressed as {syntax}, which needs a decoder that is not installed ({hint})"
+    if "is not supported" in text:
+        return f"DICOM pixel data is compressed as {syntax}, which this tool does not support"
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    return f"cannot decode DICOM pixel data ({first})"
+
+
+def _dicom_pixels(ds, name: str) -> np.ndarray:
+    """The first frame's pixels (grey 2-D or RGB 3-D), decoding one frame only."""
+    # lazy: see _inflate_dicom
+    from pydicom.pixels import pixel_array
+
+    # Corrupt headers make pydicom raise almost anything (found by tests/test_fuzz.py): one error type.
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        arr = pixel_array(ds, index=0) if frames > 1 else ds.pixel_array
+        if arr.ndim >= 3 and ds.get("SamplesPerPixel", 1) == 1:
+            arr = arr[0]  # multi-frame: the first frame
+        if arr.ndim >= 4:
+            arr = arr[0]  # multi-frame colour: the first frame
+    except Exception as exc:
+        raise ImageError(name, _pixel_error(exc, ds)) from None
+    return arr
+
+
+def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+    # lazy: see _inflate_dicom
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    data = _inflate_dicom(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
@@ -142,26 +277,19 @@ def _decode_dicom(data: bytes, name: str) -> np.ndarray:
     except Exception:
         raise ImageError(name, "DICOM file has invalid Rows/Columns") from None
     _check_size(name, cols, rows)
-    # Corrupt headers make pydicom raise almost anything (found by tests/test_fuzz.py): one error type.
-    try:
-        arr = ds.pixel_array
-        if arr.ndim >= 3 and ds.get("SamplesPerPixel", 1) == 1:
-            arr = arr[0]  # multi-frame: the first frame
-        if arr.ndim >= 4:
-            arr = arr[0]  # multi-frame colour: the first frame
-    except Exception as exc:
-        raise ImageError(name, f"cannot decode DICOM pixel data ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    arr = _dicom_pixels(ds, name)
     if arr.ndim == 3 and arr.shape[-1] == 3:  # colour DICOM (secondary capture): to grey
         return cv2.cvtColor(arr.astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32)
     if arr.ndim != 2:
         raise ImageError(name, f"DICOM pixel data has unsupported shape {arr.shape}")
+    _finite_dicom_numbers(ds, name)
     try:
         arr = apply_modality_lut(arr, ds)  # rescale slope/intercept
         arr = apply_voi_lut(arr, ds)  # window centre/width or VOI LUT when present
         photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     except Exception as exc:
         raise ImageError(name, f"DICOM rescale or window values are invalid ({type(exc).__name__})") from None
-    arr = _stretch(arr)
+    arr = _stretch(arr, name)
     if photometric == "MONOCHROME1":
         arr = 255.0 - arr  # MONOCHROME1 stores bone dark: invert so that bone is bright
     return arr
