@@ -64,7 +64,7 @@ _MAX_DEPTH = 4  # how deep load_table looks for source layouts below the root
 
 
 def abspath(root: str | os.PathLike, rel: str) -> Path:
-    """The absolute path of a table ``path`` (relative to ``root``)."""
+    """The path of a table ``path`` under ``root`` (trusted tables only: run-file paths use core.safepath)."""
     return Path(root) / rel
 
 

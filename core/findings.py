@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import pandas as pd
 
-from core import metrics, runs
+from core import metrics, runs, safepath
 
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
@@ -481,7 +481,7 @@ def case_images(run, root, paths, method: str = "gradcam", side: int = 320, *, m
     out = []
     for rel in paths:
         try:
-            c = ccase.analyse(run, Path(root) / rel, name=rel, colour_check=False, model=m)
+            c = ccase.analyse(run, safepath.read_film(root, rel), name=rel, colour_check=False, model=m)
         except images.ImageError as exc:
             out.append({"path": rel, "overlay": None, "error": exc.reason})
             continue

@@ -44,6 +44,7 @@ from core import (
     keras_adapter,
     lungs,
     runs,
+    safepath,
     splits,
     work,
 )
@@ -409,17 +410,18 @@ def severity_record() -> dict | None:
 def dataset_image(root: str, rel: str, size: int) -> np.ndarray:
     """A thumbnail (``size`` x ``size``) of a dataset image (path relative to the data root),
     through core.images.load; cached, keyed on the file's stamp."""
-    return _small_image(root, rel, size, stamp(datasets.abspath(root, rel)))
+    return _small_image(root, rel, size, safepath.film_stamp(root, rel))
 
 
 @st.cache_data(max_entries=IMAGE_CACHE, show_spinner=False)
 def _small_image(root: str, rel: str, size: int, file_stamp: tuple | None) -> np.ndarray:
-    return images.load(datasets.abspath(root, rel), size)
+    return safepath.load_film(root, rel, size)
 
 
 def dataset_bytes(root: str, rel: str) -> bytes:
-    """The bytes of a dataset file, for :func:`case` (core.images.ImageError when missing, empty or huge)."""
-    return images.read_bytes(datasets.abspath(root, rel), name=rel)[0]
+    """The bytes of a dataset file, for :func:`case` (core.safepath.read_film: core.images.ImageError
+    when outside the data root, not a regular file, missing, empty or huge)."""
+    return safepath.read_film(root, rel)
 
 
 def error_sentence(exc: BaseException) -> str:
@@ -513,7 +515,7 @@ def _audit_cases(run: str, key: tuple, root: str, paths: tuple[str, ...], method
 
 def audit_cases(run: Path, root: str, paths: tuple[str, ...], method: str) -> list[dict]:
     """The films behind an audit finding with the run's heatmaps on them (core.findings.case_images)."""
-    stamps = tuple(stamp(datasets.abspath(root, p)) for p in paths)
+    stamps = tuple(safepath.film_stamp(root, p) for p in paths)
     return _audit_cases(str(run), model_key(run), root, tuple(paths), method, stamps)
 
 
