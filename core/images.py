@@ -31,6 +31,8 @@ MAX_BYTES = 64 * 1024 * 1024
 MIN_SIDE = 32
 # Elements per block of the float64 stretch (32 MiB of float64 at a time).
 _STRETCH_BLOCK = 4_000_000
+# Bytes inflated per step of a deflated DICOM.
+_INFLATE_STEP = 2**20
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -64,13 +66,14 @@ def _read_path(path: Path, name: str) -> bytes:
     checked again on the open descriptor, so a file swapped in between cannot slip through.
     """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ImageError(name, "not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)) if regular else -1
     except FileNotFoundError:
         raise ImageError(name, "file not found") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ImageError(name, f"cannot read file ({getattr(exc, 'strerror', None) or exc})") from None
+    if fd < 0:
+        raise ImageError(name, "not a regular file")
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -193,20 +196,33 @@ def _inflate_dicom(data: bytes, name: str) -> bytes:
         raise ImageError(name, f"not a readable DICOM file ({str(exc)[:120]})") from None
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return data
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(data[fp.tell():], MAX_BYTES + 1)
-    except zlib.error:
-        raise ImageError(name, "deflated DICOM data is corrupt") from None
-    if len(body) > MAX_BYTES:
-        raise ImageError(
-            name, f"deflated DICOM data inflates to over {MAX_BYTES // 2**20} MiB, past the limit; refused unread"
-        )
+    body = _capped_inflate(data[fp.tell():], name)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     out.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(out, meta, enforce_standard=False)
     return out.getvalue() + body
+
+
+def _capped_inflate(raw: bytes, name: str) -> bytes:
+    """Raw deflate data inflated 1 MiB at a time; refused as soon as it passes MAX_BYTES."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks, total, tail = [], 0, raw
+    try:
+        while True:
+            piece = inflater.decompress(tail, _INFLATE_STEP)
+            stalled = not piece and len(inflater.unconsumed_tail) == len(tail)
+            tail = inflater.unconsumed_tail
+            total += len(piece)
+            if total > MAX_BYTES:
+                raise ImageError(name, f"deflated DICOM data inflates to over {MAX_BYTES // 2**20} MiB, "
+                                       "past the limit; refused unread")
+            chunks.append(piece)
+            if stalled or inflater.eof:
+                break
+    except zlib.error:
+        raise ImageError(name, "deflated DICOM data is corrupt") from None
+    return b"".join(chunks)
 
 
 def _finite_dicom_numbers(ds, name: str) -> None:
