@@ -6,6 +6,12 @@ everywhere. The result is a float32 array of shape (size, size) with values in [
 
 Bad input raises :class:`ImageError`, which names the file and the reason. Batches use
 :func:`load_many`, which skips bad files, reports them and keeps the rest.
+
+Hostile files are refused before they cost memory: paths are read only when they are regular
+files and never past MAX_BYTES; image sizes are checked before pixels are allocated; a deflated
+DICOM is inflated with a cap; NaN or infinite pixels and DICOM rescale/window values are refused
+rather than stretched into a black film. Paths named by run files go through
+:mod:`core.safepath` first (inside the data root only).
 """
 
 from __future__ import annotations

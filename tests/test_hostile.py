@@ -203,17 +203,33 @@ def test_hostile_file(case, build, expected):
     assert "\n" not in str(info.value) and len(str(info.value)) < 300, str(info.value)
 
 
-def test_deflate_bomb_refused_in_bounded_memory():
-    """Item 1: the 256 MiB body is refused without inflating it (before: pydicom inflated it all)."""
-    data = deflated_dicom(256 * MiB)
+def plain_private_element(nbytes: int) -> bytes:
+    """An uncompressed DICOM carrying a real private OB element of ``nbytes`` zeros (no length trick)."""
+    data = dicom_bytes(xray_like().astype(np.uint16) * 16)
+    at = data.index(b"\xe0\x7f\x10\x00")
+    return data[:at] + b"\x09\x00\x10\x10OB\x00\x00" + nbytes.to_bytes(4, "little") + bytes(nbytes) + data[at:]
+
+
+@pytest.mark.parametrize("case,build,expected,limit_mib", [
+    # Item 1: the 256 MiB body is refused without inflating it (before: pydicom inflated it all).
+    ("deflate_bomb", lambda: deflated_dicom(256 * MiB), "inflates to over", 120),
+    # A non-deflated file is bounded by MAX_BYTES already: its biggest private element stays cheap.
+    ("plain_60mib_private", lambda: plain_private_element(60 * MiB), OK, 300),
+    ("plain_over_max_bytes", lambda: plain_private_element(images.MAX_BYTES), "over the 64 MiB limit", 300),
+], ids=["deflate_bomb", "plain_60mib_private", "plain_over_max_bytes"])
+def test_big_dicom_elements_in_bounded_memory(case, build, expected, limit_mib):
+    data = build()
     tracemalloc.start()
     try:
-        with pytest.raises(images.ImageError, match="inflates to over"):
-            images.decode(data, name="bomb.dcm")
+        if expected == OK:
+            assert images.decode(data, name=f"{case}.dcm").shape == (256, 256)
+        else:
+            with pytest.raises(images.ImageError, match=expected):
+                images.decode(data, name=f"{case}.dcm")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 120 * MiB, f"peak {peak / MiB:.0f} MiB while refusing the deflate bomb"
+    assert peak < limit_mib * MiB, f"{case}: peak {peak / MiB:.0f} MiB of Python allocations"
 
 
 def test_deflated_dicom_decodes_like_the_plain_one():
