@@ -42,6 +42,7 @@ The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import shutil
@@ -321,10 +322,43 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
     return out
 
 
+class DiskFull(ValueError):
+    """The disk filled up while training: one sentence (the folder, free vs needed space, how to go on)."""
+
+
+def disk_full_sentence(folder: Path) -> str:
+    """Why training stopped on a full disk, with the space it needs and how to continue.
+
+    The space needed is about two checkpoints (the new one is written next to the old one before
+    it replaces it), estimated from the checkpoint in ``folder`` or else the shipped model.
+    """
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else 0
+    ckpt = folder / "checkpoint" / "last.keras"
+    sample = ckpt if ckpt.is_file() else config.DEFAULT_RUN / "model.keras"
+    need = 2 * (sample.stat().st_size if sample.is_file() else 0)
+    then = (f"then continue with `python -m core.train --resume {folder}` (it keeps every finished epoch)"
+            if (folder / "checkpoint" / "state.json").is_file() else "then run the same command again")
+    return (f"The disk holding {folder} is full ({free / 2**20:.0f} MB free, about {need / 2**20:.0f} MB "
+            f"needed for the next checkpoint): free some space, {then}.")
+
+
 def train(cfg: dict | None = None, **kw) -> Path | None:
     """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder
-    (``None`` on the non-chief workers of a multi-worker run, which write none)."""
+    (``None`` on the non-chief workers of a multi-worker run, which write none). A full disk
+    raises :class:`DiskFull` (one sentence; files are written atomically, so ``--resume`` goes on)."""
     cfg, state, run = _start({**DEFAULTS, **(cfg or {}), **kw}, kw)
+    where = {"folder": run or config.runs_dir(cfg["runs"])}
+    try:
+        return _train(cfg, state, run, where)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(disk_full_sentence(where["folder"])) from None
+
+
+def _train(cfg: dict, state: dict, run: Path | None, where: dict) -> Path | None:
     _check(cfg)
     distribute.check(cfg.get("strategy"), resume=bool(cfg.get("resume")))  # before any work (TF_CONFIG)
     _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
@@ -336,6 +370,7 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
     data = load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
     if run is None:
         run = runs.new_run(runs_root, cfg["name"])
+        where["folder"] = run
         (run / "checkpoint").mkdir()
         runs.write_json(run / "checkpoint" / "train_config.json", cfg)
     ckpt = run / "checkpoint"

@@ -6,6 +6,7 @@ through :mod:`dashboard.state`.
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,6 +25,19 @@ FIG_HEIGHT = 620  # pixels of one overlay figure
 QUEUED = ("Queued: the server is busy with other people's films ({ahead} waiting before yours; it analyses "
           "{slots} at a time). Yours starts as soon as a place is free.")
 WAITED = "This film waited {s:.1f} s in line: the server was busy with other people's films."
+# Markdown's (and Streamlit's: ``:blue[..]``, ``:emoji:``, ``$math$``) punctuation, escaped by plain()
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&^=\"'%])")
+
+
+def plain(value) -> str:
+    """``value`` as text that Streamlit's Markdown (captions, st.markdown, alerts) shows literally.
+
+    Text from data tables and run files (a ``source``, a path, a label, an error naming a file)
+    may hold ``![x](http://host/x.png)`` or ``[link](...)``: rendered as Markdown, the browser
+    would fetch the image or show a link. Every Markdown character is backslash-escaped and line
+    breaks become spaces, so the text reads as written and nothing is fetched or linked.
+    """
+    return _MARKDOWN.sub(r"\\\1", " ".join(str(value).splitlines()))
 
 
 def controls(run: Path, key: str) -> dict:
