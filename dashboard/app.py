@@ -21,7 +21,7 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import state  # noqa: E402
+from dashboard import components, state  # noqa: E402
 
 st.set_page_config(page_title="COVID-19 CXR explainer", page_icon=":material/pulmonology:", layout="wide")
 
@@ -47,7 +47,7 @@ with st.sidebar:
     else:
         st.warning(state.NO_RUN)
     root = state.data_root()
-    st.caption(f"Data: `{root}`" + ("" if state.has_data(root) else " (no images found)"))
+    st.caption(f"Data: {components.plain(root)}" + ("" if state.has_data(root) else " (no images found)"))
     st.caption("Research use only, not for diagnosis.")
 
 try:
@@ -55,4 +55,4 @@ try:
 except (ValueError, KeyError, OSError) as exc:
     # Last resort for malformed run files or data (RunError and ImageError are ValueErrors):
     # one sentence instead of a stack trace, and the session keeps working.
-    st.error(f"This page could not be shown: {state.error_sentence(exc)}")
+    st.error(f"This page could not be shown: {components.plain(state.error_sentence(exc))}")

@@ -26,7 +26,8 @@ QUEUED = ("Queued: the server is busy with other people's films ({ahead} waiting
           "{slots} at a time). Yours starts as soon as a place is free.")
 WAITED = "This film waited {s:.1f} s in line: the server was busy with other people's films."
 # Markdown's (and Streamlit's: ``:blue[..]``, ``:emoji:``, ``$math$``) punctuation, escaped by plain()
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&^=\"'%])")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|<>~$:&])")
+_LIST_START = re.compile(r"^(\s*\d*)([-.)])")  # "- x" or "1. x" at the start would make a list
 
 
 def plain(value) -> str:
@@ -37,7 +38,8 @@ def plain(value) -> str:
     would fetch the image or show a link. Every Markdown character is backslash-escaped and line
     breaks become spaces, so the text reads as written and nothing is fetched or linked.
     """
-    return _MARKDOWN.sub(r"\\\1", " ".join(str(value).splitlines()))
+    text = _MARKDOWN.sub(r"\\\1", " ".join(str(value).splitlines()))
+    return _LIST_START.sub(r"\1\\\2", text, count=1)
 
 
 def controls(run: Path, key: str) -> dict:
@@ -198,7 +200,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     except images.ImageError as exc:
         notice.empty()
         ctrl.empty()
-        st.error(state.error_sentence(exc))
+        st.error(plain(state.error_sentence(exc)))
         return
     if waited is not None:
         notice.caption(WAITED.format(s=waited))
@@ -245,7 +247,7 @@ def _views(case: dict, key: str) -> None:
         with left:
             st.plotly_chart(figure(pics, titles), key=f"{key}_fig_{m['method']}",
                             config={"displaylogo": False, "scrollZoom": True})
-            st.caption(f"{m['title']} for {case['class_name']} on the film at "
+            st.caption(f"{m['title']} for {plain(case['class_name'])} on the film at "
                        f"{case['film'].shape[1]}x{case['film'].shape[0]} px (drag to zoom, double-click to reset)")
         with right:
             trust_panel(m["rows"])
