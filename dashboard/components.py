@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import case as ccase
-from core import explain, images, inputs, report, severity, trust, work
+from core import checks, explain, images, inputs, report, severity, trust, work
 from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
 
@@ -81,16 +81,17 @@ def view_controls(key: str) -> dict:
 def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str:
     """P(covid), every class of a multiclass run, and the decision at the operating point.
 
-    With warnings, no decision is shown (only the raw output, folded away). Returns the text of
-    the decision for the report.
+    When the warnings withhold the answer (:func:`core.checks.verdict`, the rule core.predict and
+    core.explain follow too), no decision is shown (only the raw output, folded away). Returns the
+    text of the decision for the report.
     """
     classes = state.run_classes(run)
     thr = state.threshold(run)
     p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
         st.warning(w)
-    if warnings:
-        st.info("No answer is given for this image because it failed a plausibility check above.")
+    if checks.verdict(warnings).withheld:
+        st.info(checks.WITHHELD[:-1] + " above.")
         with st.expander("The model's raw output anyway (not meaningful for such an image)"):
             st.write({c: round(float(p), 4) for c, p in zip(classes, probs, strict=False)})
         return "withheld"
@@ -214,8 +215,9 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
         call = show_probabilities(run, entry.probs, entry.warnings)
         if entry.fell_back:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, entry, call) if not entry.warnings else (None, "")
-        if not entry.warnings:
+        withheld = checks.verdict(entry.warnings).withheld
+        est, note = severity_for(run, entry, call) if not withheld else (None, "")
+        if not withheld:
             show_severity(est, note)
     probs_d = {c: float(p) for c, p in zip(classes, entry.probs, strict=False)}
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
