@@ -211,3 +211,89 @@ def test_a_bad_run_is_one_sentence_in_the_clis(bad_runs, name, cli, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2, err
     assert err[-1].startswith("error: ") and name in err[-1] and BAD_RUNS[name][1] in err[-1], err[-3:]
+
+
+# ------------------------------------------------------------------ 4: the CLIs withhold as the dashboard does
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo() -> np.ndarray:
+    """A colourful 'circuit board': many saturated pixels of many hues."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((400, 400, 3), np.uint8)
+    for _ in range(120):
+        y, x = rng.integers(0, 380, 2)
+        img[y:y + 20, x:x + 20] = rng.integers(0, 256, 3)
+    img[::8] = (20, 120, 40)
+    return img
+
+
+NOT_AN_XRAY = {  # name -> (image array, the warning that withholds it)
+    "photo": (_photo(), checks.WARN_PHOTO),
+    "all-black": (np.zeros((512, 512), np.uint8), checks.WARN_LOW_CONTRAST),
+    "all-white": (np.full((512, 512), 255, np.uint8), checks.WARN_LOW_CONTRAST),
+    "huge-black": (np.zeros((7700, 7700), np.uint8), checks.WARN_LOW_CONTRAST),
+}
+
+
+def test_verdict_is_the_one_rule():
+    assert checks.verdict([]) == checks.Verdict((), False, None)
+    got = checks.verdict([checks.WARN_LATERAL, checks.WARN_TINTED])
+    assert got.withheld and got.reason == f"{checks.WARN_LATERAL} {checks.WARN_TINTED}"
+
+
+@pytest.fixture(scope="module")
+def hostile_films(tmp_path_factory, cxr_root) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("films")
+    out = {}
+    for name, (arr, _) in NOT_AN_XRAY.items():
+        out[name] = folder / f"{name}.png"
+        out[name].write_bytes(_png(arr))
+    real = sorted((cxr_root / "hannover" / "png").glob("*.png"))[0]
+    out["frontal"] = folder / "frontal.png"
+    out["frontal"].write_bytes(real.read_bytes())
+    return out
+
+
+def test_predict_withholds_per_film(hostile_films, tmp_path, capsys):
+    """core.predict marks every non-X-ray withheld with the dashboard's reason (CSV and --json), gives
+    it no call, and answers the real frontal film."""
+    from core import predict
+
+    out_csv = tmp_path / "out.csv"
+    rc = predict.main([str(p) for p in hostile_films.values()] + ["--csv", str(out_csv), "--json", "--workers", "2"])
+    assert rc == 0
+    got = {Path(r["path"]).stem: r for r in json.loads(capsys.readouterr().out)["predictions"]}
+    import pandas as pd
+
+    table = pd.read_csv(out_csv).assign(stem=lambda d: d["path"].map(lambda p: Path(p).stem)).set_index("stem")
+    for name, (_, why) in NOT_AN_XRAY.items():
+        assert got[name]["withheld"] is True and why in got[name]["reason"], got[name]
+        assert got[name]["covid_positive"] is None
+        assert bool(table.loc[name, "withheld"]) and why in table.loc[name, "reason"]
+    assert got["frontal"]["withheld"] is False and got["frontal"]["reason"] == ""
+    assert got["frontal"]["covid_positive"] in (True, False)
+
+
+@pytest.mark.parametrize("name", ["photo", "all-black", "frontal"])
+def test_explain_withholds_as_the_dashboard(hostile_films, name, tmp_path, capsys):
+    """core.explain: the same verdict as the Explain page (core.case + core.checks.verdict), the reason in --json."""
+    from core import case
+    from core.explain import cli
+
+    rc = cli.main([str(hostile_films[name]), "--out", str(tmp_path / "o.png"), "--json"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    page = checks.verdict(case.analyse(None, hostile_films[name]).warnings)
+    assert (got["withheld"], got["reason"]) == (page.withheld, page.reason)
+    assert got["withheld"] == (name != "frontal")
+    assert got["decision"] == "withheld" if name != "frontal" else got["decision"] in ("covid", "not covid")
+    if name != "frontal":
+        assert NOT_AN_XRAY[name][1] in got["reason"]
