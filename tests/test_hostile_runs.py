@@ -297,3 +297,43 @@ def test_explain_withholds_as_the_dashboard(hostile_films, name, tmp_path, capsy
     assert got["decision"] == "withheld" if name != "frontal" else got["decision"] in ("covid", "not covid")
     if name != "frontal":
         assert NOT_AN_XRAY[name][1] in got["reason"]
+
+
+# ------------------------------------------------------------------ 7: --resume reproduces an uninterrupted run
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_reproduces_an_uninterrupted_run(cxr_root, tmp_path, monkeypatch):
+    """Stopped right after member 0's epoch-2 checkpoint (as a kill there would leave it) and resumed:
+    the history, the weights and the predictions equal those of a run that was never stopped."""
+    import pandas as pd
+
+    from core import train
+
+    recipe = dict(data=str(cxr_root), size=64, limit=3, epochs=4, batch_size=16, folds=2, members=1, seed=11,
+                  verbose=0, evaluate=False, cache=False, augment="default")
+    whole = train.train(runs=str(tmp_path / "a"), name="whole", **recipe)
+
+    real = runs._atomic_write
+
+    def kill_after_epoch_2(path, write):
+        out = real(path, write)
+        if Path(path).name == "state.json" and json.loads(Path(path).read_text()).get("epoch") == 2:
+            raise _Killed  # the epoch-2 checkpoint is on disk; history.csv is not rewritten
+        return out
+
+    monkeypatch.setattr(runs, "_atomic_write", kill_after_epoch_2)
+    with pytest.raises(_Killed):
+        train.train(runs=str(tmp_path / "b"), name="killed", **recipe)
+    monkeypatch.setattr(runs, "_atomic_write", real)
+    killed = next((tmp_path / "b").glob("*-killed"))
+    assert json.loads((killed / "checkpoint" / "state.json").read_text())["epoch"] == 2
+    resumed = train.train(resume=str(killed), verbose=0, evaluate=False)
+
+    pd.testing.assert_frame_equal(runs.read_history(resumed), runs.read_history(whole))
+    a, b = runs.read_predictions(whole), runs.read_predictions(resumed)
+    np.testing.assert_array_equal(a["p_covid"].to_numpy(), b["p_covid"].to_numpy())
+    for wa, wb in zip(runs.load_model(whole).weights, runs.load_model(resumed).weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(wa), np.asarray(wb))
