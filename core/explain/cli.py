@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     else:
         probs = ", ".join(f"{c}: {v:.3f}" for c, v in result["probabilities"].items())
         if result["withheld"]:
-            print(f"{checks.WITHHELD} Raw output, not meaningful for such an image: {probs}")
+            print(f"{checks.WITHHELD} Raw output, not meaningful for such an image: "
+                  f"P(covid) = {result['p_covid']:.3f}  ({probs})")
         else:
             print(f"P(covid) = {result['p_covid']:.3f}  ({probs}); decision: {result['decision'] or 'no operating point'}")
         print(f"{TITLES[args.method]} for class {result['class']!r} at layer {result['layer']!r} -> {out}")
