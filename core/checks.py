@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -59,6 +60,12 @@ WARN_LOW_CONTRAST = "The image has very low contrast (almost uniform grey); the 
 WARN_SMALL = (
     "The image is only {w}x{h} pixels; below {m} pixels per side, fine lung detail is lost."
 )
+WITHHELD = "No answer is given for this image because it failed a plausibility check."
+# Beginnings of warnings that only flag the answer (shown next to it) instead of withholding it.
+# None today: every check withholds the decision, as the dashboard has always done; a warning
+# moved here is shown with the answer on the dashboard, by core.predict and core.explain at once.
+FLAG_ONLY: tuple[str, ...] = ()
+RANGE_SIDE = 256  # the grey-level range is read on a strided copy of about this side (cheap, same answer)
 
 
 def _regions(image: np.ndarray) -> tuple[float, float, float, float]:
@@ -115,7 +122,18 @@ def colour_stats(data: bytes) -> dict[str, float]:
     return {"saturated_share": share, "hue_spread": 1.0 - resultant}
 
 
-def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarray | None = None) -> list[str]:
+def _layout_warning(layout: np.ndarray) -> str | None:
+    """WARN_INVERTED, WARN_LATERAL or None, from one look at the midline and the lung fields."""
+    mid, left, right, std = _regions(layout)
+    if (mid - (left + right) / 2) / std < INVERSION_MAX:  # inversion_score
+        return WARN_INVERTED
+    if (mid - max(left, right)) / std < MIDLINE_MIN:  # midline_contrast
+        return WARN_LATERAL
+    return None
+
+
+def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarray | None = None,
+                   box=None) -> list[str]:
     """Plain-language warnings for an image that may not be a usable frontal chest X-ray.
 
     ``image`` is a raw grey array (H, W) in [0, 255] as returned by :func:`core.images.load`,
@@ -124,7 +142,8 @@ def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarr
     mask of the film (any size; core.lungs), puts the layout checks (midline, polarity) on the
     lungs' bounding box: on the whole film they misread frames that are tilted, off-centre or
     padded with black bars (about one in six Hannover and NIH frontal films), while a lateral
-    film still fails them inside its box. Returns an empty list when no check fires.
+    film still fails them inside its box. ``box`` (fractions, core.inputs) gives that box directly
+    when the caller already has it (core.predict's lung crop). Returns an empty list when no check fires.
     """
     image = np.asarray(image, dtype=np.float32)
     out: list[str] = []
@@ -135,17 +154,37 @@ def image_warnings(image: np.ndarray, data: bytes | None = None, lungs: np.ndarr
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE_WARN:
         out.append(WARN_SMALL.format(w=w, h=h, m=MIN_SIDE_WARN))
-    lo, hi = np.percentile(image, [1, 99])
+    step = max(1, min(h, w) // RANGE_SIDE)
+    lo, hi = np.percentile(image[::step, ::step], [1, 99])
     if hi - lo < MIN_RANGE:
         out.append(WARN_LOW_CONTRAST)
         return out  # the layout checks below mean nothing on a flat image
-    layout = image
-    if lungs is not None:
+    if box is None and lungs is not None:
         box = inputs.lung_box(np.asarray(lungs, np.float32))
-        if box is not None:
-            layout = inputs.crop(image, box)
-    if inversion_score(layout) < INVERSION_MAX:
-        out.append(WARN_INVERTED)
-    elif midline_contrast(layout) < MIDLINE_MIN:
-        out.append(WARN_LATERAL)
-    return out
+    layout = image if box is None else inputs.crop(image, box)
+    got = _layout_warning(layout)
+    return out + ([got] if got else [])
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the checks of one film mean for its answer (:func:`verdict`)."""
+
+    warnings: tuple[str, ...]  # every warning, to show
+    withheld: bool  # no decision is given (the raw output may still be shown, marked as such)
+    reason: str | None  # why it is withheld: the withholding warnings in one text; None when not
+
+
+def verdict(warnings) -> Verdict:
+    """The one rule that turns warnings into withholding the decision or only flagging it (the
+    dashboard, ``core.predict`` and ``core.explain`` all use it): every warning withholds except
+    those beginning as in :data:`FLAG_ONLY`."""
+    ws = tuple(warnings)
+    withholding = [w for w in ws if not w.startswith(FLAG_ONLY)]
+    return Verdict(ws, bool(withholding), " ".join(withholding) or None)
+
+
+def check_film(image: np.ndarray, data: bytes | None = None, lungs: np.ndarray | None = None,
+               box=None) -> Verdict:
+    """:func:`image_warnings` of one film, and whether its answer is withheld (:func:`verdict`)."""
+    return verdict(image_warnings(image, data, lungs=lungs, box=box))

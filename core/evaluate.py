@@ -443,8 +443,9 @@ def seed_runs(run, candidates=()) -> pd.DataFrame:
             continue
         row = {"run": str(other), "seed": o.config.get("seed"), "n_test": m.get("n_test"),
                "roc_auc": _point(m.get("roc_auc"))}
-        for src, w in (m.get("within_source") or {}).items():
-            row[f"within_{src}_roc_auc"] = _point(w.get("roc_auc"))
+        within = m.get("within_source")
+        for src, w in (within.items() if isinstance(within, dict) else ()):
+            row[f"within_{src}_roc_auc"] = _point(w.get("roc_auc") if isinstance(w, dict) else None)
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["run", "seed", "n_test", "roc_auc"])
 

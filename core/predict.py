@@ -10,6 +10,12 @@ every task uses the same ``--batch-size``. The column ``p_covid`` is always
 P(COVID-19), class index ``config.COVID_INDEX`` of the softmax (the original project reported
 P(normal) under a COVID-19 label). When the run has a metrics.json, its validation-chosen
 threshold gives the ``prediction`` column.
+
+Every film gets the dashboard's plausibility checks (:func:`core.checks.check_film`, in the
+decoding threads, a few ms a film): a film that fails one (a photograph, a lateral view, an
+all-black or all-white image...) is marked ``withheld`` with the ``reason``, and gets no
+``covid_positive`` call; its probabilities stay in the table as the model's raw output. The
+layout checks read the lungs' box when the run crops to the lungs, else the whole film.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core import config, datasets, images, inputs, lungs, runs
+from core import checks, config, datasets, images, inputs, lungs, runs
 from core import model as model_lib
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -63,18 +69,24 @@ def shard(paths: list, i: int, n: int, batch_size: int = 1) -> list:
     return paths[(i - 1) * batches // n * batch_size : i * batches // n * batch_size]
 
 
-def _prepare_one(path: str, size: int, lung_crop: dict | None, lung_model):
+def _prepare_one(path: str, size: int, lung_crop: dict | None, lung_model, check: bool = False):
+    """``(x, fell_back, verdict)`` of one film (``verdict``: core.checks.check_film, or None
+    without ``check``), or its ImageError."""
     try:
-        x, _, fell_back, _ = inputs.load(path, size, lung_crop, lung_model=lung_model)
-        return x, fell_back
+        data, name = images.read_bytes(path, name=path)
+        x, box, fell_back, film = inputs.load(data, size, lung_crop, name=name, lung_model=lung_model)
+        box = None if lung_crop is None or fell_back else box  # the lungs' box when there is one
+        return x, fell_back, checks.check_film(film, data, box=box) if check else None
     except images.ImageError as err:
         return err
 
 
-def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: int = 32, workers: int | None = None):
-    """Yield ``(indices, x, fell_back, errors)`` per batch of ``paths``: films prepared by
+def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: int = 32, workers: int | None = None,
+                     check: bool = False):
+    """Yield ``(indices, x, fell_back, verdicts, errors)`` per batch of ``paths``: films prepared by
     :func:`core.inputs.load` in a pool of ``workers`` threads (default: the CPU count), one batch
-    ahead of the caller, so that decoding overlaps the network and memory stays bounded."""
+    ahead of the caller, so that decoding overlaps the network and memory stays bounded.
+    ``verdicts``: :func:`core.checks.check_film` per film with ``check``, else None each."""
     lung_model = None
     if lung_crop is not None:
         lung_model = lungs.lung_model()  # loaded once here, shared by the threads
@@ -84,7 +96,8 @@ def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: in
 
         def submit(start):
             chunk = range(start, min(start + batch_size, len(paths)))
-            ahead.append((chunk, [pool.submit(_prepare_one, paths[k], size, lung_crop, lung_model) for k in chunk]))
+            ahead.append((chunk, [pool.submit(_prepare_one, paths[k], size, lung_crop, lung_model, check)
+                                  for k in chunk]))
 
         starts = iter(range(0, len(paths), batch_size))
         for start in starts:
@@ -100,55 +113,64 @@ def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: in
             ok = [(k, r) for k, r in zip(chunk, done, strict=True) if not isinstance(r, images.ImageError)]
             errors = [r for r in done if isinstance(r, images.ImageError)]
             x = np.stack([r[0] for _, r in ok]) if ok else np.zeros((0, size, size), np.float32)
-            yield [k for k, _ in ok], x, np.array([r[1] for _, r in ok], bool), errors
+            yield [k for k, _ in ok], x, np.array([r[1] for _, r in ok], bool), [r[2] for _, r in ok], errors
 
 
 def predict_films(model, paths, size: int | None = None, batch_size: int = 32, lung_crop: dict | None = None,
-                  workers: int | None = None, progress: bool = False):
+                  workers: int | None = None, progress: bool = False, check: bool = False):
     """The one batch-prediction path: films from files, prepared through :mod:`core.inputs`
     (:func:`prepared_batches`), scored ``batch_size`` at a time.
 
-    Returns ``(kept, probs, fell_back, errors)``: the indices of ``paths`` that could be used, their
-    class probabilities (len(kept), n_classes), whether the lung crop fell back for each, and one
-    :class:`core.images.ImageError` per file that could not be used. ``progress``: a bar on stderr.
+    Returns ``(kept, probs, fell_back, errors, verdicts)``: the indices of ``paths`` that could be
+    used, their class probabilities (len(kept), n_classes), whether the lung crop fell back for each,
+    one :class:`core.images.ImageError` per file that could not be used, and per kept film its
+    :func:`core.checks.check_film` verdict (with ``check``; else None). ``progress``: a bar on stderr.
     """
     size = size or model_lib.input_size(model)
     paths = [str(p) for p in paths]
-    kept, probs, fell_back, errors = [], [], [], []
+    kept, probs, fell_back, errors, verdicts = [], [], [], [], []
     bar = tqdm(total=len(paths), desc="predicting", unit="film", disable=not progress, file=sys.stderr)
-    for idx, x, fb, errs in prepared_batches(paths, size, lung_crop, batch_size, workers):
+    for idx, x, fb, vs, errs in prepared_batches(paths, size, lung_crop, batch_size, workers, check):
         bar.update(len(idx) + len(errs))
         errors.extend(errs)
         if idx:
             kept.extend(idx)
+            verdicts.extend(vs)
             probs.append(model_lib.probabilities(model, x, batch_size=batch_size))
             fell_back.append(fb)
     bar.close()
     n_out = int(model.output_shape[-1])
     probs_all = np.concatenate(probs) if probs else np.zeros((0, n_out), np.float32)
-    return kept, probs_all, (np.concatenate(fell_back) if fell_back else np.zeros(0, bool)), errors
+    return kept, probs_all, (np.concatenate(fell_back) if fell_back else np.zeros(0, bool)), errors, verdicts
 
 
 def predict_paths(model, paths, size: int | None = None, classes=None, batch_size: int = 32,
-                  lung_crop: dict | None = None, workers: int | None = None, progress: bool = False):
+                  lung_crop: dict | None = None, workers: int | None = None, progress: bool = False,
+                  check: bool = True):
     """Predict films from files (:func:`predict_films`; ``lung_crop``: the run's setting, see
     :func:`core.inputs.settings`; ``None`` = whole film).
 
     Returns ``(DataFrame, errors)``: one row per readable image, in the order of ``paths``, with
     ``path`` and ``p_<class>`` for each class (``p_covid`` = P(COVID-19)), ``predicted`` (arg-max
-    class) and, with a lung crop, ``fell_back`` (no lungs found: the whole film was used); and one
-    :class:`core.images.ImageError` per file that could not be used. ``progress``: a bar on stderr.
+    class), with a lung crop ``fell_back`` (no lungs found: the whole film was used), and with
+    ``check`` ``withheld``/``reason`` (:func:`core.checks.check_film`: the film failed a plausibility
+    check, so its answer means little); and one :class:`core.images.ImageError` per file that could
+    not be used. ``progress``: a bar on stderr.
     """
     n_out = int(model.output_shape[-1])
     classes = list(classes or config.classes("binary" if n_out == 2 else "multiclass"))
     paths = [str(p) for p in paths]
-    kept, probs, fell_back, errors = predict_films(model, paths, size, batch_size, lung_crop, workers, progress)
+    kept, probs, fell_back, errors, verdicts = predict_films(model, paths, size, batch_size, lung_crop, workers,
+                                                             progress, check)
     df = pd.DataFrame({"path": [paths[k] for k in kept]})
     for i, c in enumerate(classes):
         df[f"p_{c}"] = probs[:, i].astype(float)
     df["predicted"] = [classes[int(i)] for i in np.argmax(probs, axis=1)] if len(probs) else []
     if lung_crop is not None:
         df["fell_back"] = fell_back.astype(bool)
+    if check:
+        df["withheld"] = [v.withheld for v in verdicts] if len(df) else []
+        df["reason"] = [v.reason or "" for v in verdicts] if len(df) else []
     return df, errors
 
 
@@ -159,7 +181,8 @@ def predict_table(run, table: pd.DataFrame, root, progress: bool = True):
     ``external`` and ``p_<class>`` per class, one row per readable image."""
     run = runs.open_run(run)
     paths = [datasets.abspath(root, p) for p in table["path"]]
-    kept, probs, _, errors = predict_films(run.model(), paths, run.size, lung_crop=run.lung_crop, progress=progress)
+    kept, probs, _, errors, _ = predict_films(run.model(), paths, run.size, lung_crop=run.lung_crop,
+                                              progress=progress)
     rows = table.iloc[kept].reset_index(drop=True)
     task = "binary" if list(run.classes) == list(config.TASKS["binary"]) else "multiclass"
     pred = pd.DataFrame({
@@ -206,9 +229,13 @@ def main(argv=None) -> int:
     thr = run.threshold
     if thr is not None and len(df):
         df["threshold"] = thr
-        df["covid_positive"] = df[f"p_{run.positive}"] >= thr
+        # no call for a film that failed a plausibility check (pandas' nullable boolean: <NA>)
+        df["covid_positive"] = (df[f"p_{run.positive}"] >= thr).astype("boolean").mask(df["withheld"])
     for err in errors:
         print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
+    if len(df) and df["withheld"].any():
+        print(f"{int(df['withheld'].sum())} film(s) with withheld=True: {checks.WITHHELD} (see the reason column)",
+              file=sys.stderr)
     if crop is not None and len(df) and df["fell_back"].any():
         print(f"{int(df['fell_back'].sum())} film(s) with fell_back=True: {inputs.FALLBACK_WARNING}", file=sys.stderr)
     if a.csv:
@@ -218,6 +245,7 @@ def main(argv=None) -> int:
             "run": str(run.path),
             "threshold": thr,
             "n": len(df),
+            "n_withheld": int(df["withheld"].sum()) if len(df) else 0,
             "shard": a.shard,
             "predictions": json.loads(df.to_json(orient="records")),
             "errors": [{"path": e.name, "reason": e.reason} for e in errors],

@@ -294,7 +294,7 @@ def history_curves(hist: pd.DataFrame) -> pd.DataFrame:
 
 def read_predictions(run) -> pd.DataFrame:
     """The run's predictions.csv: one row per val/test(/external) image with p_<class> columns."""
-    return _read_csv(run, "predictions.csv", ("path", "label", "split"))
+    return _read_csv(run, "predictions.csv", ("path", "source", "label", "split"))  # what every page reads
 
 
 def read_split(run) -> pd.DataFrame:

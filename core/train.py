@@ -24,9 +24,15 @@ Recipe, in order:
 5. The members are averaged into one saved model (``model.keras``, safe-mode loadable, no
    source head), which predicts the test and external images.
 
-Class weights (balanced per source within a class by default), a checkpoint every epoch
-(``--resume RUN`` continues a killed run), fixed seeds (same seed, same numbers on one machine)
-and ``--strategy mirrored|multiworker`` (tf.distribute, see :mod:`core.distribute`).
+Class weights (balanced per source within a class by default), a checkpoint every epoch, fixed
+seeds (same seed, same numbers on one machine) and ``--strategy mirrored|multiworker``
+(tf.distribute, see :mod:`core.distribute`). ``--resume RUN`` continues a killed run exactly: the
+finished members' weights, and for the member under way its weights, the optimizer's state and
+schedule, the layers' random states (dropout; :func:`rng_states`) and its place in the seeded data
+order (the batches already seen are skipped) at its last epoch checkpoint, so the resumed run has the
+numbers of an uninterrupted one (``tests/test_hostile_runs.py``); epochs after that checkpoint are
+trained again. A full disk stops training with one sentence (:class:`DiskFull`), and ``--resume``
+goes on from the last checkpoint.
 
 The steps live in modules of their own: :mod:`core.train_data` (split, folds, weights),
 :mod:`core.image_cache` (prepared films), :mod:`core.augment`, :mod:`core.adversarial` (the source
@@ -42,6 +48,7 @@ The run folder (see :mod:`core.runs`) gets model.keras, config.json, split.csv, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import shutil
@@ -167,6 +174,28 @@ def build_member(cfg: dict, size: int, sources: list[str], steps_total: int):
 
 
 # ----------------------------------------------------------------------------- training one member
+def _seed_states(model) -> list:
+    # the layers' random-number state variables, in the model's (stable) variable order; their
+    # paths are renumbered on loading (seed_generator -> seed_generator_1), so order is the key
+    return [v for v in model.variables if "seed_generator" in v.path]
+
+
+def rng_states(model) -> list[list[int]]:
+    """The random-number states of the model's layers (dropout and any random layer), in order.
+
+    A ``.keras`` checkpoint keeps the weights and the optimizer but not these counters (a loaded
+    Dropout starts its mask sequence again), so they go into the checkpoint's state.json.
+    """
+    return [np.asarray(v).tolist() for v in _seed_states(model)]
+
+
+def restore_rng_states(model, saved: list | None) -> None:
+    """Put the states of :func:`rng_states` back into a model loaded from its checkpoint."""
+    if saved:
+        for v, value in zip(_seed_states(model), saved, strict=True):
+            v.assign(np.asarray(value, dtype=v.dtype))
+
+
 def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net, sources, state: dict,
                     cfg: dict):
     n_classes = len(config.classes(cfg["task"]))
@@ -190,6 +219,7 @@ def _epoch_callback(run: Path, ckpt: Path, member: int, fold_table, x_fold, net,
                     row["grl_lambda"] = float(np.asarray(self.model.get_layer("grl").lam))
             state["history"].append(row)
             state["epoch"] = epoch + 1
+            state["rng"] = rng_states(self.model)  # what the .keras checkpoint does not keep
             # checkpoint first, history.csv last: a kill in between never leaves history.csv a row
             # ahead of the checkpoint (resume would train that epoch again and rewrite the row)
             runs.atomic_save_model(self.model, ckpt / "last.keras")
@@ -220,6 +250,7 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
         if state["epoch"]:  # resume this member: weights, optimizer state and schedule from the checkpoint
             gradient_reversal(), source_loss(len(classes), len(sources))  # registered before loading
             model = keras.saving.load_model(ckpt / "last.keras", safe_mode=True)
+            restore_rng_states(model, state.get("rng"))
             net = model if not isinstance(model.output, dict) else keras.Model(
                 model.input, model.get_layer("probs").output, name="cxr_member")
         else:
@@ -321,10 +352,43 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
     return out
 
 
+class DiskFull(ValueError):
+    """The disk filled up while training: one sentence (the folder, free vs needed space, how to go on)."""
+
+
+def disk_full_sentence(folder: Path) -> str:
+    """Why training stopped on a full disk, with the space it needs and how to continue.
+
+    The space needed is about two checkpoints (the new one is written next to the old one before
+    it replaces it), estimated from the checkpoint in ``folder`` or else the shipped model.
+    """
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else 0
+    ckpt = folder / "checkpoint" / "last.keras"
+    sample = ckpt if ckpt.is_file() else config.DEFAULT_RUN / "model.keras"
+    need = 2 * (sample.stat().st_size if sample.is_file() else 0)
+    then = (f"then continue with `python -m core.train --resume {folder}` (it keeps every finished epoch)"
+            if (folder / "checkpoint" / "state.json").is_file() else "then run the same command again")
+    return (f"The disk holding {folder} is full ({free / 2**20:.0f} MB free, about {need / 2**20:.0f} MB "
+            f"needed for the next checkpoint): free some space, {then}.")
+
+
 def train(cfg: dict | None = None, **kw) -> Path | None:
     """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder
-    (``None`` on the non-chief workers of a multi-worker run, which write none)."""
+    (``None`` on the non-chief workers of a multi-worker run, which write none). A full disk
+    raises :class:`DiskFull` (one sentence; files are written atomically, so ``--resume`` goes on)."""
     cfg, state, run = _start({**DEFAULTS, **(cfg or {}), **kw}, kw)
+    where = {"folder": run or config.runs_dir(cfg["runs"])}
+    try:
+        return _train(cfg, state, run, where)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(disk_full_sentence(where["folder"])) from None
+
+
+def _train(cfg: dict, state: dict, run: Path | None, where: dict) -> Path | None:
     _check(cfg)
     distribute.check(cfg.get("strategy"), resume=bool(cfg.get("resume")))  # before any work (TF_CONFIG)
     _setup_tf(int(cfg["seed"]), cfg.get("logical_cpus"))
@@ -336,6 +400,7 @@ def train(cfg: dict | None = None, **kw) -> Path | None:
     data = load_data(cfg, root, config.cache_dir(runs_root) if cfg.get("cache") else None)
     if run is None:
         run = runs.new_run(runs_root, cfg["name"])
+        where["folder"] = run
         (run / "checkpoint").mkdir()
         runs.write_json(run / "checkpoint" / "train_config.json", cfg)
     ckpt = run / "checkpoint"

@@ -21,7 +21,8 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import state  # noqa: E402
+from core import runs  # noqa: E402
+from dashboard import components, state  # noqa: E402
 
 st.set_page_config(page_title="COVID-19 CXR explainer", page_icon=":material/pulmonology:", layout="wide")
 
@@ -37,17 +38,36 @@ PAGES = [
 
 nav = st.navigation(PAGES)
 
+
+
+def broken_runs(choices: list[str]) -> dict[str, str]:
+    """The run folders of the list that cannot be opened, with the one sentence why: they stay in
+    the list (named, with a note) so that picking one explains itself, and never break the others."""
+    out = {}
+    for c in choices:
+        try:
+            state.run_handle(c)
+        except runs.RunError as exc:
+            out[c] = state.error_sentence(exc)
+    return out
+
+
 with st.sidebar:
     choices = state.run_choices(str(state.runs_root()))
     if choices:
         if st.session_state.get("run") not in choices:
             st.session_state["run"] = choices[0]
-        st.selectbox("Model run", choices, format_func=state.run_label, key="run",
+        broken = broken_runs(choices)
+        st.selectbox("Model run", choices, key="run",
+                     format_func=lambda c: state.run_label(c) + (" (cannot be opened)" if c in broken else ""),
                      help="The shipped model, or any run folder under the runs directory.")
+        if broken:
+            st.caption(components.plain(f"{len(broken)} run folder(s) cannot be opened: "
+                                        + " ".join(broken.values())))
     else:
         st.warning(state.NO_RUN)
     root = state.data_root()
-    st.caption(f"Data: `{root}`" + ("" if state.has_data(root) else " (no images found)"))
+    st.caption(f"Data: {components.plain(root)}" + ("" if state.has_data(root) else " (no images found)"))
     st.caption("Research use only, not for diagnosis.")
 
 try:
@@ -55,4 +75,4 @@ try:
 except (ValueError, KeyError, OSError) as exc:
     # Last resort for malformed run files or data (RunError and ImageError are ValueErrors):
     # one sentence instead of a stack trace, and the session keeps working.
-    st.error(f"This page could not be shown: {state.error_sentence(exc)}")
+    st.error(f"This page could not be shown: {components.plain(state.error_sentence(exc))}")

@@ -6,6 +6,7 @@ through :mod:`dashboard.state`.
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import case as ccase
-from core import explain, images, inputs, report, severity, trust, work
+from core import checks, explain, images, inputs, report, severity, trust, work
 from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
 
@@ -24,6 +25,21 @@ FIG_HEIGHT = 620  # pixels of one overlay figure
 QUEUED = ("Queued: the server is busy with other people's films ({ahead} waiting before yours; it analyses "
           "{slots} at a time). Yours starts as soon as a place is free.")
 WAITED = "This film waited {s:.1f} s in line: the server was busy with other people's films."
+# Markdown's (and Streamlit's: ``:blue[..]``, ``:emoji:``, ``$math$``) punctuation, escaped by plain()
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|<>~$:&])")
+_LIST_START = re.compile(r"^(\s*\d*)([-.)])")  # "- x" or "1. x" at the start would make a list
+
+
+def plain(value) -> str:
+    """``value`` as text that Streamlit's Markdown (captions, st.markdown, alerts) shows literally.
+
+    Text from data tables and run files (a ``source``, a path, a label, an error naming a file)
+    may hold ``![x](http://host/x.png)`` or ``[link](...)``: rendered as Markdown, the browser
+    would fetch the image or show a link. Every Markdown character is backslash-escaped and line
+    breaks become spaces, so the text reads as written and nothing is fetched or linked.
+    """
+    text = _MARKDOWN.sub(r"\\\1", " ".join(str(value).splitlines()))
+    return _LIST_START.sub(r"\1\\\2", text, count=1)
 
 
 def controls(run: Path, key: str) -> dict:
@@ -65,16 +81,17 @@ def view_controls(key: str) -> dict:
 def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str:
     """P(covid), every class of a multiclass run, and the decision at the operating point.
 
-    With warnings, no decision is shown (only the raw output, folded away). Returns the text of
-    the decision for the report.
+    When the warnings withhold the answer (:func:`core.checks.verdict`, the rule core.predict and
+    core.explain follow too), no decision is shown (only the raw output, folded away). Returns the
+    text of the decision for the report.
     """
     classes = state.run_classes(run)
     thr = state.threshold(run)
     p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
         st.warning(w)
-    if warnings:
-        st.info("No answer is given for this image because it failed a plausibility check above.")
+    if checks.verdict(warnings).withheld:
+        st.info(checks.WITHHELD[:-1] + " above.")
         with st.expander("The model's raw output anyway (not meaningful for such an image)"):
             st.write({c: round(float(p), 4) for c, p in zip(classes, probs, strict=False)})
         return "withheld"
@@ -184,7 +201,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     except images.ImageError as exc:
         notice.empty()
         ctrl.empty()
-        st.error(state.error_sentence(exc))
+        st.error(plain(state.error_sentence(exc)))
         return
     if waited is not None:
         notice.caption(WAITED.format(s=waited))
@@ -198,8 +215,9 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
         call = show_probabilities(run, entry.probs, entry.warnings)
         if entry.fell_back:
             st.warning(inputs.FALLBACK_WARNING)
-        est, note = severity_for(run, entry, call) if not entry.warnings else (None, "")
-        if not entry.warnings:
+        withheld = checks.verdict(entry.warnings).withheld
+        est, note = severity_for(run, entry, call) if not withheld else (None, "")
+        if not withheld:
             show_severity(est, note)
     probs_d = {c: float(p) for c, p in zip(classes, entry.probs, strict=False)}
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
@@ -231,7 +249,7 @@ def _views(case: dict, key: str) -> None:
         with left:
             st.plotly_chart(figure(pics, titles), key=f"{key}_fig_{m['method']}",
                             config={"displaylogo": False, "scrollZoom": True})
-            st.caption(f"{m['title']} for {case['class_name']} on the film at "
+            st.caption(f"{m['title']} for {plain(case['class_name'])} on the film at "
                        f"{case['film'].shape[1]}x{case['film'].shape[0]} px (drag to zoom, double-click to reset)")
         with right:
             trust_panel(m["rows"])

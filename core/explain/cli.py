@@ -4,6 +4,9 @@
         --out overlay.png [--alpha 0.4] [--colormap jet] [--json]
 
 Prints the class probabilities and writes the heatmap overlay, drawn on the original film, as a PNG.
+A film that fails a plausibility check (:func:`core.checks.verdict`, the Explain page's rule) gets
+no decision: the warnings and the reason are printed (``withheld``, ``reason`` in ``--json``), and
+the probabilities only as the model's raw output.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import cv2
 import numpy as np
 
 from core import case as case_lib
-from core import config, images, inputs, runs
+from core import checks, config, images, inputs, report, runs
 from core.explain.draw import colormaps, overlay
 from core.explain.graph import EngineError, default_layer
 from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS
@@ -118,6 +121,11 @@ def _analyse(args, src: Path, run: runs.Run, ci: int) -> tuple[case_lib.Case, di
 
 def _report(args, src, run: runs.Run, ci: int, film: case_lib.Case, out: Path, seconds: float) -> dict:
     classes = run.classes
+    verdict = checks.verdict(film.warnings)
+    if verdict.withheld:
+        decision = "withheld"
+    else:
+        decision = None if run.threshold is None else report.decision(film.p_positive, run.threshold)
     return {
         "image": str(src),
         "run": str(run.path),
@@ -130,6 +138,10 @@ def _report(args, src, run: runs.Run, ci: int, film: case_lib.Case, out: Path, s
         "lung_crop_fell_back": film.fell_back,
         "probabilities": {c: float(v) for c, v in zip(classes, film.probs, strict=False)},
         "warnings": list(film.warnings),
+        "withheld": verdict.withheld,
+        "reason": verdict.reason,
+        "threshold": run.threshold,
+        "decision": decision,
         "out": str(out),
         "seconds": round(seconds, 3),
     }
@@ -152,6 +164,11 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"P(covid) = {result['p_covid']:.3f}  ({', '.join(f'{c}: {v:.3f}' for c, v in result['probabilities'].items())})")
+        probs = ", ".join(f"{c}: {v:.3f}" for c, v in result["probabilities"].items())
+        if result["withheld"]:
+            print(f"{checks.WITHHELD} Raw output, not meaningful for such an image: "
+                  f"P(covid) = {result['p_covid']:.3f}  ({probs})")
+        else:
+            print(f"P(covid) = {result['p_covid']:.3f}  ({probs}); decision: {result['decision'] or 'no operating point'}")
         print(f"{TITLES[args.method]} for class {result['class']!r} at layer {result['layer']!r} -> {out}")
     return 0

@@ -6,14 +6,14 @@ import pandas as pd
 import streamlit as st
 
 from core import images
-from dashboard import state
+from dashboard import components, state
 
 EXAMPLES = 3  # images per class and source
 THUMB = 160
 
 st.title("Data")
 root = state.data_root()
-st.caption(f"Data root: `{root}`. Images are read from there when the page opens; none are stored in the repository.")
+st.caption(f"Data root: {components.plain(root)}. Images are read from there when the page opens; none are stored in the repository.")
 if not state.has_data(root):
     st.info(state.NO_DATA)
     st.stop()
@@ -22,12 +22,12 @@ run = state.current_run()
 split_file = None
 if run is not None and (run / "split.csv").is_file():
     split_file = str(run / "split.csv")
-    st.caption(f"Splits as used by `{state.run_label(str(run))}`.")
+    st.caption(f"Splits as used by {components.plain(state.run_label(str(run)))}.")
 
 try:
     table = state.data_table(str(root), split_file)
 except (OSError, ValueError) as exc:
-    st.error(state.error_sentence(exc))
+    st.error(components.plain(state.error_sentence(exc)))
     st.stop()
 if table.empty:
     st.info("No images were found under the data root. " + state.NO_DATA)
@@ -56,17 +56,17 @@ try:
 except (OSError, ValueError) as exc:
     warnings, predictability = [state.error_sentence(exc)], {}
 for w in warnings:
-    st.warning(w[0].upper() + w[1:])
+    st.warning(components.plain(w[0].upper() + w[1:]))
 if predictability:
     st.caption("How well 'is it covid?' is predicted without looking at the lungs (cross-validated ROC AUC): "
                + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in predictability.items() if v is not None))
 
 st.subheader("Examples per class and source")
 for (label, source), g in table.groupby(["label", "source"], sort=True):
-    st.markdown(f"**{label}** from **{source}** ({len(g)} images)")
+    st.markdown(f"**{components.plain(label)}** from **{components.plain(source)}** ({len(g)} images)")
     cols = st.columns(EXAMPLES)
     for col, rel in zip(cols, g["path"].sort_values().head(EXAMPLES), strict=False):
         try:
-            col.image(state.dataset_image(str(root), rel, THUMB).astype("uint8"), caption=rel.rsplit("/", 1)[-1])
+            col.image(state.dataset_image(str(root), rel, THUMB).astype("uint8"), caption=components.plain(rel.rsplit("/", 1)[-1]))
         except images.ImageError as exc:
-            col.warning(state.error_sentence(exc))
+            col.warning(components.plain(state.error_sentence(exc)))

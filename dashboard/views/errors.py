@@ -15,7 +15,7 @@ run = state.require_run()
 try:
     pred = state.run_predictions(run)
 except runs.RunError as exc:
-    st.error(state.error_sentence(exc))
+    st.error(components.plain(state.error_sentence(exc)))
     st.stop()
 thr = state.threshold(run)
 if thr is None:
@@ -62,9 +62,9 @@ for i, r in enumerate(shown.head(GALLERY).itertuples()):
     with grid[i % 4]:
         try:
             thumb = state.dataset_image(str(root), r.path, THUMB)
-            st.image(thumb.astype("uint8"), caption=f"{r.error}, {r.source}/{r.label}, P(covid) {r.p_covid:.2f}")
+            st.image(thumb.astype("uint8"), caption=components.plain(f"{r.error}, {r.source}/{r.label}, P(covid) {r.p_covid:.2f}"))
         except images.ImageError as exc:
-            st.warning(state.error_sentence(exc))
+            st.warning(components.plain(state.error_sentence(exc)))
 
 st.subheader("Open a case")
 kind_of = dict(zip(shown["path"], shown["error"], strict=False))
@@ -73,9 +73,9 @@ try:
     data = state.dataset_bytes(str(root), case)
     state.model_size(run)
 except (images.ImageError, runs.RunError) as exc:
-    st.error(state.error_sentence(exc))
+    st.error(components.plain(state.error_sentence(exc)))
     st.stop()
 row = shown[shown["path"] == case].iloc[0]
-st.caption(f"True label: **{row['label']}** ({row['source']}); the model called it "
+st.caption(f"True label: **{components.plain(row['label'])}** ({components.plain(row['source'])}); the model called it "
            f"{'covid' if row['error'] == 'false positive' else 'not covid'}.")
 components.show_case(run, data, case, colour_check=False, case_id=case, key="err")

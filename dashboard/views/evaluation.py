@@ -14,18 +14,18 @@ import streamlit as st
 from core import evaluate, metrics, runs
 from core.crossval import table_rows as crossval_table
 from core.metrics import fmt
-from dashboard import state
+from dashboard import components, state
 
 st.title("Evaluation")
 run = state.require_run()
-st.caption(f"Run: `{state.run_label(str(run))}`. All numbers are on the run's held-out test split "
+st.caption(f"Run: {components.plain(state.run_label(str(run)))}. All numbers are on the run's held-out test split "
            "(patients never seen in training); 95 % CIs resample patients.")
 
 try:
     m = state.run_metrics(run)
     pred = state.run_predictions(run)
 except runs.RunError as exc:
-    st.error(state.error_sentence(exc) + " Run `python -m core.evaluate --run RUN` to write it.")
+    st.error(components.plain(state.error_sentence(exc)) + " Run `python -m core.evaluate --run RUN` to write it.")
     st.stop()
 
 
@@ -77,7 +77,7 @@ if not within:
     st.warning("No test source holds both covid and other images, so the source shortcut cannot be checked "
                "within a source on these data.")
 for w in m.get("warnings", []):
-    st.warning(w)
+    st.warning(components.plain(w))
 if spread:
     parts = [f"within {s_} {w_.get('mean', float('nan')):.2f} ± {w_.get('sd', float('nan')):.2f}"
              for s_, w_ in (spread.get("within_source_roc_auc") or {}).items()]
@@ -182,13 +182,13 @@ if external or ext_files:
         try:
             e = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            st.warning(f"{f.name} is unreadable.")
+            st.warning(components.plain(f"{f.name} is unreadable."))
             continue
-        st.markdown(f"**{f.stem}**")
+        st.markdown(f"**{components.plain(f.stem)}**")
         st.write({k_: fmt(e.get(k_)) for k_ in ("roc_auc", "sensitivity", "specificity", "accuracy") if k_ in e}
                  | {"n": e.get("n")})
         for w in e.get("warnings", []):
-            st.warning(w)
+            st.warning(components.plain(w))
 else:
     st.caption("No external validation yet: `python -m core.evaluate --run RUN --data OTHER_DATA` "
                "(or train with `--holdout-source`) adds one.")

@@ -18,7 +18,7 @@ def model_size() -> int:
     try:
         return state.model_size(run)
     except runs.RunError as exc:
-        st.error(state.error_sentence(exc))
+        st.error(components.plain(state.error_sentence(exc)))
         st.stop()
 
 
@@ -42,7 +42,7 @@ else:
     try:
         pred = state.run_predictions(run)
     except runs.RunError as exc:
-        st.error(state.error_sentence(exc))
+        st.error(components.plain(state.error_sentence(exc)))
         st.stop()
     test = pred[pred["split"] == "test"]
     if test.empty:
@@ -54,8 +54,8 @@ else:
     try:
         data = state.dataset_bytes(str(root), rel)
     except images.ImageError as exc:
-        st.error(state.error_sentence(exc) + " Is the data root the one this run was trained on?")
+        st.error(components.plain(state.error_sentence(exc)) + " Is the data root the one this run was trained on?")
         st.stop()
     row = test[test["path"] == rel].iloc[0]
-    st.caption(f"True label: **{row['label']}** (source {row['source']}).")
+    st.caption(f"True label: **{components.plain(row['label'])}** (source {components.plain(row['source'])}).")
     components.show_case(run, data, rel, colour_check=False, case_id=rel, key="explain")

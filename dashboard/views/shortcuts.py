@@ -10,7 +10,7 @@ import streamlit as st
 from core import audit as core_audit
 from core import findings, report, runs
 from core.metrics import fmt
-from dashboard import state
+from dashboard import components, state
 
 BADGE = {"high": ":red-background[**high**]", "medium": ":orange-background[**medium**]",
          "low": ":blue-background[**low**]", "ok": ":green-background[**ok**]"}
@@ -25,7 +25,7 @@ try:
     summary = state.audit_summary(run)
     table = state.audit_table(run)
 except runs.RunError as exc:
-    st.error(state.error_sentence(exc))
+    st.error(components.plain(state.error_sentence(exc)))
     st.stop()
 if summary is None:
     st.info("This run has not been audited yet: run `python -m core.audit --run RUN --data DIR` "
@@ -48,16 +48,16 @@ def show_cases(card: dict, key: str) -> None:
     for i, case in enumerate(state.audit_cases(run, str(root), tuple(paths[:SHOW]), method)):
         col = cols[i % 4]
         if case["error"]:
-            col.warning(f"{case['path']}: {case['error']}.")
+            col.warning(components.plain(f"{case['path']}: {case['error']}."))
             continue
         col.image(case["overlay"], width="stretch",
-                  caption=f"{case['path'].split('/')[-1]} · P(covid) {case['p_covid']:.2f}"
+                  caption=components.plain(f"{case['path'].split('/')[-1]} · P(covid) {case['p_covid']:.2f}")
                           + (" · no lungs found" if case["fell_back"] else ""))
 
 
 def card(c: dict, key: str) -> None:
     with st.container(border=True):
-        st.markdown(f"{BADGE.get(c['severity'], c['severity'])} severity · {c['claim']}")
+        st.markdown(f"{BADGE.get(c['severity'], c['severity'])} severity · {components.plain(c['claim'])}")
         n = len(c.get("paths") or [])
         total = c.get("n_paths", n)
         if n:
@@ -90,7 +90,7 @@ st.caption(f"{summary.get('n_images', '?')} test images, explaining class '{summ
            + (f"; the network sees a lung crop, and on {summary.get('n_fell_back', 0)} films no lungs were found"
               if summary.get("lung_crop") else "") + ".")
 with st.expander("The audit in plain words"):
-    st.warning(summary.get("verdict", "The audit has no verdict."))
+    st.warning(components.plain(summary.get("verdict", "The audit has no verdict.")))
 
 # ------------------------------------------------------------------ source probe
 sp = summary.get("source_probe") or {}
@@ -111,7 +111,7 @@ if sp.get("model"):
                "AUC means the features encode the collection beyond the diagnosis. The floor is the same probe on "
                "a random-weights network of the same architecture.")
 elif sp.get("reason"):
-    st.info(f"Source probe: {sp['reason']}")
+    st.info(f"Source probe: {components.plain(sp['reason'])}")
 
 # ------------------------------------------------------------------ ROAD and pointing game
 rd = (summary.get("road") or {}).get("maps") or {}
@@ -211,7 +211,7 @@ if counts:
                 group = k.split("__", 2)[2]
                 rgb = state.mean_map(run, name, group)
                 if rgb is not None:
-                    cols[i % len(cols)].image(rgb, caption=f"{group} (n={counts[k]})", width="stretch")
+                    cols[i % len(cols)].image(rgb, caption=components.plain(f"{group} (n={counts[k]})"), width="stretch")
                     shown_any = True
         if not shown_any:
             st.info("No class or source has enough audited images for a mean heatmap: audit more test images.")
@@ -248,7 +248,7 @@ if table is not None and not table.empty:
                 cols[i % 4].warning(f"{case['path']}: {case['error']}.")
                 continue
             cols[i % 4].image(case["overlay"], width="stretch",
-                              caption=f"{r.source}/{r.label}: {100 * shares[case['path']]:.0f} % in lungs")
+                              caption=components.plain(f"{r.source}/{r.label}: {100 * shares[case['path']]:.0f} % in lungs"))
 
 # ------------------------------------------------------------------ compare two runs
 st.subheader("Compare two audited runs")
@@ -267,7 +267,7 @@ else:
         try:
             figs, cmp_cards = state.compare_runs(a, b)
         except runs.RunError as exc:
-            st.error(state.error_sentence(exc))
+            st.error(components.plain(state.error_sentence(exc)))
         else:
             st.markdown("**Cards**: `gone` = the finding no longer appears in B; `better` / `worse` = its severity "
                         "changed. A shortcut that only moved shows up as one card better and another worse.")

@@ -8,16 +8,16 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import runs
-from dashboard import state
+from dashboard import components, state
 
 st.title("Training")
 run = state.require_run()
-st.caption(f"Run: `{state.run_label(str(run))}`")
+st.caption(f"Run: {components.plain(state.run_label(str(run)))}")
 
 try:
     hist = state.run_history(run)
 except runs.RunError as exc:
-    st.error(state.error_sentence(exc))
+    st.error(components.plain(state.error_sentence(exc)))
     hist = None
 
 if hist is not None:
@@ -54,13 +54,13 @@ with c1:
     try:
         st.json(state.run_config(run), expanded=1)
     except runs.RunError as exc:
-        st.error(state.error_sentence(exc))
+        st.error(components.plain(state.error_sentence(exc)))
 with c2:
     st.subheader("Split")
     try:
         split = state.run_split(run)
     except runs.RunError as exc:
-        st.error(state.error_sentence(exc))
+        st.error(components.plain(state.error_sentence(exc)))
     else:
         idx = [c for c in ("source", "label") if c in split.columns]
         if idx:
