@@ -21,7 +21,7 @@ import pandas as pd
 from fpdf import FPDF
 from PIL import Image
 
-from core import config
+from core import checks, config
 
 DISCLAIMER = "Research use only, not for diagnosis."
 
@@ -101,7 +101,7 @@ def right_for_wrong_reason(audit_table: pd.DataFrame, threshold: float, method: 
 def _call(p_covid: float, threshold: float | None, warnings: Sequence[str]) -> str:
     if threshold is None:
         return "no operating point (the run has no metrics.json)"
-    if warnings:
+    if checks.verdict(warnings).withheld:
         return f"withheld: the image failed a plausibility check (P(covid) {p_covid:.3f})"
     return f"{decision(p_covid, threshold)} (P(covid) {p_covid:.3f} vs. threshold {threshold:.3f})"
 
