@@ -160,7 +160,7 @@ def test_model_is_unchanged(blob):
     before_w = [w.copy() for w in fresh.get_weights()]
     before_out = np.asarray(fresh(xt[:4, ..., None], training=False))
     for method in ALL:
-        for engine in E.ENGINES:
+        for engine in E.ENGINES if method in BOTH_ENGINES else ("tape",):
             E.explain(fresh, xt[0], method, engine=engine, class_index=1)
     after_out = np.asarray(fresh(xt[:4, ..., None], training=False))
     assert np.array_equal(before_out, after_out)
