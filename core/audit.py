@@ -88,6 +88,20 @@ def _pick(test: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return shuffled.assign(_r=rank.values).sort_values(["_r"], kind="stable").head(limit).drop(columns="_r").reset_index(drop=True)
 
 
+def _with_class(preds: pd.DataFrame, handle) -> pd.DataFrame:
+    """``class`` from ``label`` where predictions.csv has none (an adopted run): the labels config
+    ``adopted.positive_labels`` counts as positive are the positive class; the others are the
+    other class of a two-class run, or themselves."""
+    if "class" in preds:
+        return preds
+    adopted = handle.config.get("adopted") if isinstance(handle.config.get("adopted"), dict) else {}
+    positive = set(adopted.get("positive_labels") or [handle.positive])
+    others = [c for c in handle.classes if c != handle.positive]
+    label = preds["label"].astype(str)
+    other = label.where(label.isin(handle.classes), others[0]) if len(others) == 1 else label
+    return preds.assign(**{"class": np.where(label.isin(positive), handle.positive, other)})
+
+
 def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None, seed: int = config.SEED) -> dict:
     """Step 1: the run, its model and settings, and the rows to audit (test; external for the source probe).
 
@@ -100,7 +114,7 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
     split = handle.split() if handle.has("split.csv") else None
     # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
-    preds = evaluate.with_groups(handle.predictions(), split)
+    preds = _with_class(evaluate.with_groups(handle.predictions(), split), handle)
     test = preds[preds["split"] == "test"]
     if test.empty:
         raise runs.RunError(f"run {handle.name}: predictions.csv has no test rows to audit")

@@ -364,14 +364,16 @@ def penultimate(model: keras.Model, layer: str | None = None) -> tuple:
 
     ``layer`` named (config ``adopted.penultimate``): its output. Else ``gap`` when the model has
     one (our networks), else the input of the last Dense layer found by walking nested models
-    (any classifier's head). ValueError when none is reachable (a SavedModel signature).
+    (any classifier's head; a top-level Dense after the nested network only picks an output). ValueError when none is reachable (a SavedModel signature).
     """
     if layer:
         return find_layer(model, layer)[0], "output"
     names = [lyr.name for lyr in model.layers]
     if "gap" in names:
         return model.get_layer("gap"), "output"
-    dense = [lyr for lyr, _ in walk(model) if isinstance(lyr, keras.layers.Dense)]
+    walked = [(lyr, path) for lyr, path in walk(model) if isinstance(lyr, keras.layers.Dense)]
+    # a Dense inside the nested network is its head; one after it at the top picks an output unit
+    dense = [lyr for lyr, path in walked if path] or [lyr for lyr, _ in walked]
     if not dense:
         raise ValueError(f"model {model.name!r} has no reachable Dense layer to read penultimate features from")
     return dense[-1], "input"
