@@ -323,3 +323,17 @@ def test_audit_runs_on_an_adopted_run(adopted_run, cxr_root):
     assert set(data["probes"]["auc"]) == {"original", "lungs_blanked", "lungs_only"}
     assert data["p_consistency_max_abs_diff"] < 1e-4
     assert data["findings"] and "pointing_game" in data
+
+
+def test_dashboard_menu_offers_only_applicable_methods(blackbox, trained, monkeypatch, tmp_path):
+    """The Explain page's method menu: a black box gets the output-only methods (and saliency, whose
+    gradients flow through this signature); one caption names the others and why."""
+    from dashboard import components, state
+
+    monkeypatch.setattr(state, "model", lambda run: blackbox)
+    usable, caption = components.usable_methods(tmp_path)
+    assert usable == ["saliency", "smoothgrad", "occlusion", "rise"]
+    assert "Grad-CAM" in caption and "Score-CAM" in caption and "SavedModel" in caption
+    monkeypatch.setattr(state, "model", lambda run: trained[0]["multi_sigmoid"])
+    usable, caption = components.usable_methods(tmp_path)
+    assert usable == list(E.METHODS) and caption is None
