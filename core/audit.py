@@ -21,6 +21,13 @@ audit measures that, per image and per explanation method, with checks a shortcu
   (mean heatmaps per class and per source as ``.npy``, :mod:`core.audit_maps`) into the run
   folder. Images are prepared through ``core.inputs``: a lung-crop run is audited on what its
   network sees, with the lung masks and expert boxes mapped into that view.
+- Any Keras model (an adopted run, ``core.adopt``): the explained class is the run's positive
+  class; methods that do not apply to the model (:func:`core.explain.applicable`: no reachable
+  convolution layer, no gradients through a SavedModel signature) are left out with their
+  reason in ``audit.json`` (``methods_left_out``; when none applies, occlusion runs instead);
+  the source probe reads the penultimate features (config ``adopted.penultimate``, else the
+  input of the network's last Dense layer); the randomisation check re-initialises every
+  weight of the adopted network; a black box gets no randomisation check (``sanity_note``).
 
 CLI (``--json`` prints the summary with the same findings; ``--markdown FILE`` rewrites the
 generated block of ``assets/AUDIT.md``; audit_maps.png is drawn unless ``--no-png``)::

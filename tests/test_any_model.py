@@ -337,3 +337,47 @@ def test_dashboard_menu_offers_only_applicable_methods(blackbox, trained, monkey
     monkeypatch.setattr(state, "model", lambda run: trained[0]["multi_sigmoid"])
     usable, caption = components.usable_methods(tmp_path)
     assert usable == list(E.METHODS) and caption is None
+
+
+def test_audit_of_a_black_box_leaves_out_what_does_not_apply(adopted_run, blackbox, cxr_root, tmp_path, monkeypatch):
+    """A black-box run (its Run.model() wraps a SavedModel signature, as core.adopt's Run does): the
+    CAM methods are left out with their reason, no randomisation check and no penultimate
+    features, with notes instead of failures; the probes, ROAD and pointing game still run."""
+    import shutil
+
+    run = tmp_path / "bb_run"
+    shutil.copytree(adopted_run, run, ignore=shutil.ignore_patterns("audit*"))
+    cfg = runs.read_config(run)
+    runs.write_json(run / "config.json", {**cfg, "adopted": {**cfg["adopted"], "blackbox": True}})
+    monkeypatch.setattr(runs.Run, "model", lambda self: blackbox)
+    s = audit.run_audit(run, cxr_root, methods=["gradcam", "saliency"], limit=4, sanity_n=2, n_boot=20,
+                        progress=False, lung_model=lungs.build_unet(base=4))
+    assert set(s["methods"]) == {"saliency"} and "SavedModel" in s["methods_left_out"]["gradcam"]
+    assert s["methods"]["saliency"]["sanity"] is None and "black box" in s["sanity_note"]
+    assert "reason" in s["source_probe"] and "Dense" in s["source_probe"]["reason"]
+    assert set(s["road"]["maps"]) == {"saliency", "random", "lungs"} and s["findings"]
+    data = json.loads((run / "audit.json").read_text())
+    assert data["methods_left_out"] == s["methods_left_out"]
+
+
+@pytest.mark.slow
+def test_keras_applications_densenet_nested_in_an_adopted_wrapper():
+    """A real keras.applications DenseNet121 (weights=None) as a backbone inside the adopted network,
+    with a one-unit sigmoid head: the CAM layer is the end of its last block (``relu``, not the
+    last 32-channel convolution), the penultimate features are its 1024 pooled channels, and the
+    randomised copy re-initialises it."""
+    base = keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    inp = keras.Input((SIZE, SIZE, 3))
+    net = keras.Model(inp, layers.Dense(1, activation="sigmoid")(layers.GlobalAveragePooling2D()(base(inp))),
+                      name="adopted")
+    model = _wrap(net, "sequential_sigmoid")
+    img = np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE)).astype(np.float32)
+    assert E.default_layer(model) == "relu" and len(E.conv_layers(model)) == 120
+    h = E.gradcam(model, img)
+    assert h.shape == (SIZE, SIZE) and np.isfinite(h).all()
+    assert np.allclose(h, E.gradcam(model, img, layer="adopted/densenet121/relu"), atol=1e-6)
+    assert cmodel.features(model, img[None]).shape == (1, 1024)
+    rand = audit_checks.randomised_copy(model)
+    w0 = model.get_layer("adopted").get_layer("densenet121").get_layer("conv1_conv").get_weights()[0]
+    w1 = rand.get_layer("adopted").get_layer("densenet121").get_layer("conv1_conv").get_weights()[0]
+    assert not np.allclose(w0, w1)

@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="explanation method (default gradcam)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class to explain, by name (covid, other, ...) or index (default covid)")
-    p.add_argument("--layer", default=None, help="conv layer to explain (default last_conv)")
+    p.add_argument("--layer", default=None, help="conv layer to explain (default: last_conv, else the end of the last convolution block, "
+                   "at any nesting depth); a layer inside a nested model also by its path, e.g. adopted/conv5")
     p.add_argument("--run", default=None, help="run folder or name (default: the shipped model in assets/model)")
     p.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in [0, 1] (default 0.4)")
