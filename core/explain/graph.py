@@ -91,8 +91,8 @@ def _block_end(model: keras.Model):
     layer, path = walked[convs[-1]]
     grid = tuple(layer.output.shape[1:3])
     for nxt, p in walked[convs[-1] + 1:]:
-        shape = getattr(nxt, "output", None)
-        shape = None if isinstance(nxt, keras.Model) or shape is None else getattr(shape, "shape", None)
+        out = None if isinstance(nxt, keras.Model) else getattr(nxt, "output", None)
+        shape = getattr(out, "shape", None)
         if p != path or shape is None or len(shape) != 4 or tuple(shape[1:3]) != grid:
             break
         layer = nxt
@@ -159,7 +159,7 @@ def _pre_activation(net: keras.Model):
     network); only a Dense-with-activation end is cloned (the copy snapshots the weights)."""
     last = net.layers[-1]
     kind = _final_activation(last)
-    if kind and (isinstance(last, (keras.layers.Activation, keras.layers.Softmax))):
+    if kind and isinstance(last, (keras.layers.Activation, keras.layers.Softmax)):
         return keras.Model(_one(net.inputs), keras_adapter.input_in(net, last), name=net.name), kind
     if kind:
         clone = keras.models.clone_model(net)
