@@ -23,7 +23,7 @@ from core import config, images, inputs, runs
 from core.explain.draw import colormaps, overlay
 from core.explain.graph import EngineError, default_layer
 from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS
-from core.explain.registry import TITLES
+from core.explain.registry import TITLES, get
 
 
 class _Fail(Exception):
@@ -125,7 +125,8 @@ def _report(args, src, run: runs.Run, ci: int, film: case_lib.Case, out: Path, s
         "method": args.method,
         "class": classes[ci] if ci < len(classes) else str(ci),
         "class_index": ci,
-        "layer": args.layer or default_layer(run.model()),
+        # only the CAM family reads a layer (a black box has none to name)
+        "layer": args.layer or (default_layer(run.model()) if get(args.method).kind == "cam" else None),
         "p_covid": film.p_positive,
         "box": list(film.box),
         "lung_crop_fell_back": film.fell_back,
