@@ -21,6 +21,13 @@ audit measures that, per image and per explanation method, with checks a shortcu
   (mean heatmaps per class and per source as ``.npy``, :mod:`core.audit_maps`) into the run
   folder. Images are prepared through ``core.inputs``: a lung-crop run is audited on what its
   network sees, with the lung masks and expert boxes mapped into that view.
+- Any Keras model (an adopted run, ``core.adopt``): the explained class is the run's positive
+  class; methods that do not apply to the model (:func:`core.explain.applicable`: no reachable
+  convolution layer, no gradients through a SavedModel signature) are left out with their
+  reason in ``audit.json`` (``methods_left_out``; when none applies, occlusion runs instead);
+  the source probe reads the penultimate features (config ``adopted.penultimate``, else the
+  input of the network's last Dense layer); the randomisation check re-initialises every
+  weight of the adopted network; a black box gets no randomisation check (``sanity_note``).
 
 CLI (``--json`` prints the summary with the same findings; ``--markdown FILE`` rewrites the
 generated block of ``assets/AUDIT.md``; audit_maps.png is drawn unless ``--no-png``)::
@@ -60,6 +67,7 @@ from core.audit_steps import (
     source_probe_step,
     test_rows,
     trust_table,
+    usable_methods,
 )
 from core.explain.registry import AUDIT_DEFAULT
 
@@ -87,6 +95,20 @@ def _pick(test: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return shuffled.assign(_r=rank.values).sort_values(["_r"], kind="stable").head(limit).drop(columns="_r").reset_index(drop=True)
 
 
+def _with_class(preds: pd.DataFrame, handle) -> pd.DataFrame:
+    """``class`` from ``label`` where predictions.csv has none (an adopted run): the labels config
+    ``adopted.positive_labels`` counts as positive are the positive class; the others are the
+    other class of a two-class run, or themselves."""
+    if "class" in preds:
+        return preds
+    adopted = handle.config.get("adopted") if isinstance(handle.config.get("adopted"), dict) else {}
+    positive = set(adopted.get("positive_labels") or [handle.positive])
+    others = [c for c in handle.classes if c != handle.positive]
+    label = preds["label"].astype(str)
+    other = label.where(label.isin(handle.classes), others[0]) if len(others) == 1 else label
+    return preds.assign(**{"class": np.where(label.isin(positive), handle.positive, other)})
+
+
 def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None, seed: int = config.SEED) -> dict:
     """Step 1: the run, its model and settings, and the rows to audit (test; external for the source probe).
 
@@ -99,7 +121,7 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(explain.METHODS)}")
     split = handle.split() if handle.has("split.csv") else None
     # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
-    preds = evaluate.with_groups(handle.predictions(), split)
+    preds = _with_class(evaluate.with_groups(handle.predictions(), split), handle)
     test = preds[preds["split"] == "test"]
     if test.empty:
         raise runs.RunError(f"run {handle.name}: predictions.csv has no test rows to audit")
@@ -108,10 +130,13 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
     if limit:
         external = external.head(0)
     clf = handle.model()
+    kept, left_out = usable_methods(clf, methods)
+    adopted = handle.config.get("adopted") if isinstance(handle.config.get("adopted"), dict) else {}
     return {"run": handle.path, "handle": handle, "cfg": handle.config, "model": clf,
             "size": cxr_model.input_size(clf), "classes": list(handle.classes), "crop": handle.lung_crop,
             "root": handle.data_root(data), "test": test, "external": external,
-            "methods": list(methods), "limit": limit}
+            "methods": kept, "methods_left_out": left_out, "ci": handle.positive_index,
+            "penultimate": adopted.get("penultimate"), "blackbox": explain.is_blackbox(clf), "limit": limit}
 
 
 def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = None,
@@ -132,7 +157,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     timing: dict = {}
     with _timed(timing, "open_s"):
         ctx = open_run(run, data, methods, limit, seed)
-    clf, size, classes = ctx["model"], ctx["size"], ctx["classes"]
+    clf, size, classes, ci, methods = ctx["model"], ctx["size"], ctx["classes"], ctx["ci"], ctx["methods"]
     with _timed(timing, "load_s"):
         boxes, box_counts = pointing.read_boxes(ctx["root"])
         loaded = load_images(ctx["test"], ctx["root"], size, ctx["crop"], boxes, lung_model, progress)
@@ -140,26 +165,27 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
         x, lung = loaded["x"], loaded["lung"]
         ext = _load_external(ctx, lung_model, progress)
     with _timed(timing, "explain_s"):
-        maps = explain_all(clf, x, methods, progress)
+        maps = explain_all(clf, x, methods, progress, ci)
     with _timed(timing, "trust_s"):
-        table = trust_table(clf, test, x, lung, maps, di_methods or (), steps)
+        table = trust_table(clf, test, x, lung, maps, [m for m in di_methods or () if m in maps], steps, ci)
         sums, counts = mean_maps(test, x, lung, maps)
     with _timed(timing, "sanity_s"):
-        rand = randomised_copy(clf, seed)
-        sanity = sanity_checks(clf, x, methods, sanity_n, rand, seed)
+        # a black box's weights cannot be reached, so it has no randomised copy (and no check)
+        rand = None if ctx["blackbox"] else randomised_copy(clf, seed)
+        sanity = sanity_checks(clf, x, methods, sanity_n, rand, seed) if rand is not None else {}
         for v in sanity.values():
             v["paths"] = test["path"].to_numpy()[v["_pick"]].tolist()
     with _timed(timing, "probes_s"):
         pr = probes(clf, x, lung, test["y"].to_numpy(), test["group"].to_numpy(), test["source"].to_numpy(),
-                    n_boot=n_boot)
+                    class_index=ci, n_boot=n_boot)
         p_by = pr.pop("_p")
     with _timed(timing, "road_s"):
-        road_res, road_cols = road_step(clf, test, x, lung, maps, classes, road_fractions, n_boot, seed, progress)
+        road_res, road_cols = road_step(clf, test, x, lung, maps, classes, road_fractions, n_boot, seed, progress, ci)
     with _timed(timing, "pointing_s"):
         point_res, point_cols = pointing_step(test, lung, loaded["expert"], maps, n_boot, seed)
         point_res["boxes"]["counts"] = box_counts
     with _timed(timing, "source_probe_s"):
-        source_res, p_true = source_probe_step(clf, rand, x, test, ext, n_boot, seed)
+        source_res, p_true = source_probe_step(clf, rand, x, test, ext, n_boot, seed, ctx["penultimate"])
     with _timed(timing, "slices_s"):
         slices_res = slices_step(ctx, test, p_by["original"], n_boot, seed)
 
@@ -217,7 +243,8 @@ def _per_image_columns(table: pd.DataFrame, test: pd.DataFrame, p_by: dict, road
 
 def _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods) -> dict:
     cfg = ctx["cfg"]
-    pcol = f"p_{ctx['classes'][0]}"
+    explained = ctx["classes"][ctx.get("ci", 0)]
+    pcol = f"p_{explained}"
     consistency = None
     if pcol in test:
         diff = np.abs(test[pcol].to_numpy(float) - table[table["method"] == table["method"].iloc[0]]
@@ -233,7 +260,10 @@ def _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, 
         "unreadable": loaded["errors"][:20],
         "limit": ctx.get("limit"),
         "classes": ctx["classes"],
-        "explained_class": ctx["classes"][0],
+        "explained_class": explained,
+        "methods_left_out": ctx.get("methods_left_out", {}),
+        "sanity_note": ("no randomisation check: the weights of a black box (a SavedModel signature) cannot be "
+                        "re-initialised") if ctx.get("blackbox") else None,
         "lung_crop": ctx["crop"],
         "n_fell_back": int(np.sum(loaded["fell_back"])),
         "methods": _methods_summary(table, ctx["classes"], sanity, n_boot),

@@ -88,32 +88,38 @@ def deletion_insertion(
 
 
 # --------------------------------------------------------------------------- sanity check
+ADOPTED = "adopted"  # the nested sub-model of an adopted run (core.adopt): everything in it was learned
+
+
 def randomised_copy(model, seed: int = config.SEED):
     """The same network with every learned weight re-initialised (Adebayo et al.'s full randomisation).
 
-    Layers whose weights are fixed by design (non-trainable: frozen lung net, fixed blur kernels)
-    keep their weights, so only what the model *learned* is destroyed.
+    The copy is a clone (nested Functional and Sequential models included, at any depth) with
+    fresh initial weights. Layers whose weights are fixed by design (non-trainable: frozen lung
+    net, fixed blur kernels, an adopted run's preprocessing) keep their weights, so only what the
+    model *learned* is destroyed; inside an adopted network (the sub-model ``adopted``) every layer
+    with weights is re-initialised, a frozen backbone included (its weights were learned too).
     """
     keras.utils.set_random_seed(seed)
     fresh = keras.models.clone_model(model)
     fresh.build(model.input_shape)
-    for src, dst in zip(_all_layers(model), _all_layers(fresh), strict=False):
-        if not src.weights:
+    for (src, learned), (dst, _) in zip(_all_layers(model), _all_layers(fresh), strict=False):
+        if not src.weights or learned:
             continue
         if not src.trainable or not src.trainable_weights:
             dst.set_weights(src.get_weights())
     return fresh
 
 
-def _all_layers(model):
+def _all_layers(model, learned: bool = False) -> list:
+    """(layer, inside an adopted network?) for every layer; a frozen sub-model outside one stays whole."""
     out = []
     for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers and not layer.trainable:
-            out.append(layer)  # a frozen sub-model is kept whole
-        elif hasattr(layer, "layers") and layer.layers:
-            out.extend(_all_layers(layer))
+        inner = learned or layer.name == ADOPTED
+        if hasattr(layer, "layers") and layer.layers and (inner or layer.trainable):
+            out.extend(_all_layers(layer, inner))
         else:
-            out.append(layer)
+            out.append((layer, learned))  # a frozen sub-model is kept whole
     return out
 
 

@@ -115,22 +115,35 @@ def test_rows(ctx: dict, loaded: dict) -> pd.DataFrame:
     if "group" not in test:
         test["group"] = test["patient_id"]
     test["group"] = test["group"].where(test["group"].notna(), test["patient_id"]).astype(str)
-    test["y"] = (test["class"].astype(str) == ctx["classes"][0]).astype(int)
+    test["y"] = (test["class"].astype(str) == ctx["classes"][ctx.get("ci", 0)]).astype(int)
     return test
 
 
-def explain_all(model, x: np.ndarray, methods, progress: bool = True) -> dict[str, np.ndarray]:
-    """Step 3: every method's maps of the explained class (COVID-19) for every image, (n, size, size)."""
+def usable_methods(model, methods) -> tuple[list[str], dict[str, str]]:
+    """Step 1b: the requested methods that apply to ``model`` and {method: why not} for the others
+    (:func:`core.explain.applicable`: no reachable convolution layer, no gradients through a
+    SavedModel signature). When none applies, the output-only occlusion instead, so that a black
+    box still gets maps."""
+    why = explain.applicable(model)
+    kept = [m for m in methods if why.get(m) is None]
+    left_out = {m: why[m] for m in methods if why.get(m) is not None}
+    return (kept or ["occlusion"]), left_out
+
+
+def explain_all(model, x: np.ndarray, methods, progress: bool = True,
+                class_index: int = config.COVID_INDEX) -> dict[str, np.ndarray]:
+    """Step 3: every method's maps of the explained (positive) class for every image, (n, size, size)."""
     out = {}
     for method in methods:
         t0 = time.time()
-        out[method] = explain.explain_many(model, x, method, class_index=config.COVID_INDEX)
+        out[method] = explain.explain_many(model, x, method, class_index=class_index)
         if progress:
             print(f"audit: {method} maps for {len(x)} images in {time.time() - t0:.1f} s", file=sys.stderr)
     return out
 
 
-def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), steps: int = 16) -> pd.DataFrame:
+def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), steps: int = 16,
+                class_index: int = config.COVID_INDEX) -> pd.DataFrame:
     """Step 4: one row per image and method: where the heat lies (:func:`core.heat.heat_share`), and deletion/insertion
     AUCs for ``di_methods``."""
     rows = []
@@ -141,7 +154,7 @@ def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), s
                    "patient_id": r["patient_id"], "group": r["group"], "method": method, **heat_share(heat[i], lung[i])}
             if method in di_methods:
                 row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
-                    model, x[i], heat[i], config.COVID_INDEX, steps)
+                    model, x[i], heat[i], class_index, steps)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -166,7 +179,8 @@ def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -
 
 
 def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions=road.FRACTIONS,
-              n_boot: int = 1000, seed: int = config.SEED, progress: bool = True) -> tuple[dict, dict]:
+              n_boot: int = 1000, seed: int = config.SEED, progress: bool = True,
+              class_index: int = config.COVID_INDEX) -> tuple[dict, dict]:
     """Step 6: ROAD (:mod:`core.road`) of every method, of a random-map baseline and of the lungs.
 
     The ``lungs`` map ranks pixels by how deep inside the lung mask they lie: its ROAD says
@@ -176,9 +190,9 @@ def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions
     all_maps = {**maps, "random": road.random_maps(len(x), x.shape[1:], seed),
                 "lungs": np.stack([road.region_map(m) for m in lung]) if len(lung) else np.zeros(x.shape)}
     bar = tqdm(total=len(x), desc="audit ROAD", disable=not progress, file=sys.stderr)
-    res = road.road(model, x, all_maps, config.COVID_INDEX, fractions, seed=seed, progress=bar.update)
+    res = road.road(model, x, all_maps, class_index, fractions, seed=seed, progress=bar.update)
     bar.close()
-    summary = {"fractions": list(fractions), "grid": road.GRID, "noise": road.NOISE, "score": "P(COVID-19)",
+    summary = {"fractions": list(fractions), "grid": road.GRID, "noise": road.NOISE, "score": f"P({classes[class_index]})",
                "maps": {}}
     for name, r in res.items():
         d = {k: _group_means(r[k], test, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
@@ -233,8 +247,9 @@ def pointing_step(test: pd.DataFrame, lung, expert: list, maps: dict, n_boot: in
 
 
 def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | None, n_boot: int = 1000,
-                      seed: int = config.SEED) -> tuple[dict, dict]:
-    """Step 8: the source probe (:mod:`core.source_probe`) on the trained features and on those of the
+                      seed: int = config.SEED, layer: str | None = None) -> tuple[dict, dict]:
+    """Step 8: the source probe (:mod:`core.source_probe`) on the trained penultimate features
+    (:func:`core.model.features`; ``layer``: config ``adopted.penultimate``) and on those of the
     random-weights copy (the floor), over the test images plus any external ones."""
     cols = ["path", "source", "label", "group"]
     pool = test[cols]
@@ -247,9 +262,12 @@ def source_probe_step(model, random_model, x, test: pd.DataFrame, ext: dict | No
            "folds": source_probe.FOLDS}
     p_true = {}
     for name, net in (("model", model), ("random", random_model)):
+        if net is None:  # a black box has no random-weights copy: no floor
+            out[name] = {"reason": "no random-weights copy of a black box (its weights cannot be reached)"}
+            continue
         try:
-            feats = cxr_model.features(net, xs)
-        except ValueError as exc:  # a network without a ``gap`` layer has no penultimate features
+            feats = cxr_model.features(net, xs, layer=layer)
+        except ValueError as exc:  # no reachable Dense layer (a SavedModel signature): no penultimate features
             return {**out, "reason": f"no penultimate features: {exc}"}, {}
         out["n_features"] = int(feats.shape[1])
         res = source_probe.source_probes(feats, pool["source"], pool["label"], pool["group"].astype(str),

@@ -51,18 +51,21 @@ def input_in(model: keras.Model, layer):
 
 
 @contextlib.contextmanager
-def capture_output(layer, store: dict, key: str):
-    """Record ``layer``'s output in ``store[key]`` while the block runs (e.g. while tracing).
+def capture_output(layer, store: dict, key: str, what: str = "output"):
+    """Record ``layer``'s output (``what="output"``) or first input (``"input"``) in ``store[key]``
+    while the block runs (e.g. while tracing).
 
     The instance attribute shadows the class's ``call`` and is removed on exit, so the layer is
     back to its original state.
     """
+    if what not in ("output", "input"):
+        raise ValueError(f"what must be 'output' or 'input'; got {what!r}")
     with _CALL_LOCK:
         original = layer.call
 
         def recording_call(*args, **kwargs):
             out = original(*args, **kwargs)
-            store[key] = out
+            store[key] = out if what == "output" else (args[0] if args else next(iter(kwargs.values())))
             return out
 
         layer.call = recording_call
@@ -70,6 +73,12 @@ def capture_output(layer, store: dict, key: str):
             yield
         finally:
             layer.__dict__.pop("call", None)
+
+
+def is_savedmodel_layer(layer) -> bool:
+    """True for a layer that wraps a TensorFlow SavedModel signature (``keras.layers.TFSMLayer``):
+    its inner layers cannot be reached."""
+    return isinstance(layer, keras.layers.TFSMLayer)
 
 
 def keep_kernels_on_clear_session() -> None:

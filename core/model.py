@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras import applications, layers
 
-from core import config
+from core import config, keras_adapter
 
 PRESETS = {
     "seed": "the original project's network: 4 convolutions, Flatten, Dense64 (224x224x3 in the original)",
@@ -332,23 +332,81 @@ def members(model: keras.Model) -> list[keras.Model]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name.startswith("member_")]
 
 
-def _features_fn(model: keras.Model):
-
-    nets = members(model) or [model]
-    parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
-    size = input_size(model)
-    return tf.function(
-        lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1),
-        input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
-    )
+def walk(model: keras.Model, path: tuple = ()):
+    """Yield (layer, path of enclosing sub-models) for every layer, depth first, in model order
+    (nested Functional and Sequential models included, at any depth)."""
+    for layer in model.layers:
+        yield layer, path
+        if isinstance(layer, keras.Model):
+            yield from walk(layer, path + (layer,))
 
 
-def features(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
-    """Penultimate features (output of ``gap``) of raw grey images (n, H, W) at the model's size.
+def qualified(layer, path: tuple) -> str:
+    """A layer's name with the sub-models that hold it: ``adopted/conv5`` (plain at the top level)."""
+    return "/".join([p.name for p in path] + [layer.name])
 
-    For an ensemble, the members' features side by side (n, sum of widths), member 0 first.
+
+def find_layer(model: keras.Model, name: str):
+    """The layer called ``name`` (plain, or a path such as ``adopted/conv5``) anywhere in ``model``.
+
+    A plain name shared by several layers means the top-level one, else the first in model order.
+    ValueError when there is none.
     """
-    fn = cached(model, "features", _features_fn)
+    found = [(lyr, path) for lyr, path in walk(model) if name in (lyr.name, qualified(lyr, path))]
+    if not found:
+        raise ValueError(f"the model has no layer {name!r}")
+    top = [f for f in found if not f[1]]
+    return (top or found)[0]
+
+
+def penultimate(model: keras.Model, layer: str | None = None) -> tuple:
+    """Where the penultimate features are read: (layer, "output" | "input").
+
+    ``layer`` named (config ``adopted.penultimate``): its output. Else ``gap`` when the model has
+    one (our networks), else the input of the last Dense layer found by walking nested models
+    (any classifier's head; a top-level Dense after the nested network only picks an output). ValueError when none is reachable (a SavedModel signature).
+    """
+    if layer:
+        return find_layer(model, layer)[0], "output"
+    names = [lyr.name for lyr in model.layers]
+    if "gap" in names:
+        return model.get_layer("gap"), "output"
+    walked = [(lyr, path) for lyr, path in walk(model) if isinstance(lyr, keras.layers.Dense)]
+    # a Dense inside the nested network is its head; one after it at the top picks an output unit
+    dense = [lyr for lyr, path in walked if path] or [lyr for lyr, _ in walked]
+    if not dense:
+        raise ValueError(f"model {model.name!r} has no reachable Dense layer to read penultimate features from")
+    return dense[-1], "input"
+
+
+def _features_fn(model: keras.Model, layer: str | None = None):
+    spec = [tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)]
+    nets = members(model)
+    if nets and layer is None:
+        parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
+        return tf.function(lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1), input_signature=spec)
+    target, what = penultimate(model, layer)
+    ref = weakref.ref(model)  # not the model itself: the cache must not keep it alive
+
+    def read(x):
+        # The layer may sit inside nested models, where its tensors are not the outer graph's:
+        # record them during the forward pass instead (core.keras_adapter).
+        store: dict = {}
+        with keras_adapter.capture_output(target, store, "f", what=what):
+            ref()(x, training=False)
+        f = store["f"]
+        return tf.reshape(f, [tf.shape(f)[0], -1])
+
+    return tf.function(read, input_signature=spec)
+
+
+def features(model: keras.Model, images, batch_size: int = 32, layer: str | None = None) -> np.ndarray:
+    """Penultimate features of raw grey images (n, H, W) at the model's size (:func:`penultimate`):
+    the output of ``gap`` for our networks, the input of the last Dense layer for any other model,
+    or the output of ``layer`` when named. For an ensemble, the members' features side by side
+    (n, sum of widths), member 0 first.
+    """
+    fn = cached(model, ("features", layer), lambda m: _features_fn(m, layer))
     x = np.asarray(images, np.float32)
     x = x[None] if x.ndim == 2 else x
     x = x[..., None] if x.ndim == 3 else x

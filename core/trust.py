@@ -195,6 +195,8 @@ def sanity_row(audit_summary: dict | None, method: str, model_sha256: str | None
     if model_sha256 and audit_summary.get("model_sha256") not in (None, model_sha256):
         return _row("sanity", title, "amber", "The run's audit was made for another model file; audit it again.")
     s = ((audit_summary.get("methods") or {}).get(method) or {}).get("sanity")
+    if not s and audit_summary.get("sanity_note"):  # a black box: its weights cannot be re-initialised
+        return _row("sanity", title, "amber", f"{name} has no randomisation check: {audit_summary['sanity_note']}.")
     if not s:
         return _row("sanity", title, "amber", f"{name} was not part of this run's randomisation check "
                     f"(`python -m core.audit --methods {method}`).")

@@ -16,6 +16,7 @@ import streamlit as st
 
 from core import case as ccase
 from core import checks, explain, images, inputs, report, severity, trust, work
+from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
 
@@ -42,21 +43,41 @@ def plain(value) -> str:
     return _LIST_START.sub(r"\1\\\2", text, count=1)
 
 
+def usable_methods(run: Path) -> tuple[list[str], str | None]:
+    """The explanation methods that apply to the run's model (registry order), and one caption
+    naming the others and why (None when every method applies): a black box (a SavedModel
+    signature) has no reachable convolution layer, and may have no gradients."""
+    why = explain.applicable(state.model(run))
+    usable = [m for m in explain.METHODS if why.get(m) is None]
+    left: dict[str, list[str]] = {}
+    for method, reason in why.items():
+        if reason:
+            left.setdefault(reason, []).append(explain.TITLES.get(method, method))
+    caption = " ".join(f"Not available for this model: {', '.join(titles)} ({reason})." for reason, titles in left.items())
+    return usable, caption or None
+
+
 def controls(run: Path, key: str) -> dict:
-    """Method, class and layer widgets (they change the maps); returns the choices."""
+    """Method, class and layer widgets (they change the maps); returns the choices. Only the methods
+    that apply to the run's model are offered; a caption names the others and why."""
     classes = state.run_classes(run)
-    methods = list(explain.METHODS)
+    methods, caption = usable_methods(run)
     c1, c4, c5 = st.columns([3, 1.2, 1.6])
     chosen = c1.multiselect(
-        "Explanation methods", methods, default=["gradcam"], key=f"{key}_methods",
+        "Explanation methods", methods, default=["gradcam"] if "gradcam" in methods else methods[:1],
+        key=f"{key}_methods",
         format_func=lambda m: explain.TITLES.get(m, m) + (" (slow)" if m in SLOW else ""),
-        help="Grad-CAM is fast; Score-CAM and SmoothGrad run the model many times and take seconds.",
+        help="Grad-CAM is fast; Score-CAM, SmoothGrad, occlusion and RISE run the model many times and take "
+             "seconds.",
     )
+    if caption:
+        c1.caption(caption)
     class_index = c4.selectbox("Class", range(len(classes)), format_func=lambda i: classes[i],
                                key=f"{key}_class", help="Which class's score the maps explain.")
-    layers = state.conv_layers(str(run))
+    cams = any(registry.get(m).kind == "cam" for m in methods)
+    layers = state.conv_layers(str(run)) if cams else []
     layer = c5.selectbox("Layer", layers, key=f"{key}_layer",
-                         help="Convolution layer for the CAM methods (default: the last one).")
+                         help="Convolution layer for the CAM methods (default: the last one).") if layers else None
     return {"methods": chosen, "class_index": int(class_index), "layer": layer}
 
 
@@ -195,7 +216,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
         notice.info(QUEUED.format(ahead=ahead, slots=work.slots()), icon=":material/hourglass_top:")
 
     try:
-        with st.spinner("Score-CAM and SmoothGrad take seconds...") if SLOW & set(opts["methods"]) else nullcontext():
+        with st.spinner("Score-CAM, SmoothGrad, occlusion and RISE take seconds...") if SLOW & set(opts["methods"]) else nullcontext():
             entry, waited = state.case(run, data, name, colour_check=colour_check,
                                        maps=[(m, ci, layer) for m in opts["methods"]], on_wait=queued)
     except images.ImageError as exc:

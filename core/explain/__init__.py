@@ -9,7 +9,9 @@ zeros, never NaN.
 Methods (``METHODS``, from the one list in :mod:`core.explain.registry`): ``gradcam``,
 ``gradcam_pp`` (Grad-CAM++), ``scorecam`` (all channels) and ``scorecam_fast`` (Faster Score-CAM,
 the ``max_n`` channels of highest spatial variance), ``layercam``, ``saliency`` (vanilla
-gradients) and ``smoothgrad`` (20 noisy samples, one batch). Any class can be explained
+gradients), ``smoothgrad`` (20 noisy samples, one batch), and the output-only ``occlusion``
+and ``rise`` (:mod:`core.explain.blackbox`; they need only ``model(x)``, so a black box still gets
+maps; :func:`applicable` says which methods apply to a model and why not). Any class can be explained
 (``class_index``; 0 is always COVID-19) at any convolution layer (``layer``; default
 ``last_conv`` or else the last convolution, see :func:`conv_layers`). Every method explains the
 pre-softmax score on a cached linear view of the model, which is never modified
@@ -21,7 +23,7 @@ is the engine that runs (:class:`EngineError` otherwise, never a silent switch).
 :func:`explain_many` batches the batchable methods over many images (for audits).
 
 Modules: ``registry`` (the methods; no TensorFlow), ``graph`` (model plumbing), ``tape`` and
-``tkv`` (the engines), ``methods`` (the public functions, :func:`explain`, :func:`explain_many`),
+``tkv`` (the engines), ``blackbox`` (occlusion, RISE), ``methods`` (the public functions, :func:`explain`, :func:`explain_many`),
 ``draw`` (overlays, panels, film views; no TensorFlow), ``cli`` (``python -m core.explain``).
 """
 
@@ -52,10 +54,11 @@ from core.explain.registry import REGISTRY, TITLES, Method
 # audit's defaults (read at import time) stay TensorFlow-free.
 _LAZY = {
     "graph": ("BATCH", "SCORECAM_FAST_N", "SMOOTHGRAD_NOISE", "SMOOTHGRAD_SAMPLES", "EngineError",
-              "check_class", "conv_layers", "default_layer", "finish", "input_hw", "linear_model",
-              "prepare", "target"),
+              "applicable", "check_class", "conv_layers", "default_layer", "finish", "input_hw",
+              "is_blackbox", "linear_model", "prepare", "target"),
     "methods": ("DEFAULT_ENGINE", "ENGINES", "METHODS", "explain", "explain_many", "gradcam",
-                "gradcam_pp", "layercam", "saliency", "scorecam", "scorecam_fast", "smoothgrad"),
+                "gradcam_pp", "layercam", "occlusion", "rise", "saliency", "scorecam", "scorecam_fast",
+                "smoothgrad"),
     "cli": ("main",),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

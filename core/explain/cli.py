@@ -26,7 +26,7 @@ from core import checks, config, images, inputs, report, runs
 from core.explain.draw import colormaps, overlay
 from core.explain.graph import EngineError, default_layer
 from core.explain.methods import DEFAULT_ENGINE, ENGINES, METHODS
-from core.explain.registry import TITLES
+from core.explain.registry import TITLES, get
 
 
 class _Fail(Exception):
@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="explanation method (default gradcam)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class to explain, by name (covid, other, ...) or index (default covid)")
-    p.add_argument("--layer", default=None, help="conv layer to explain (default last_conv)")
+    p.add_argument("--layer", default=None, help="conv layer to explain (default: last_conv, else the end of the last convolution block, "
+                   "at any nesting depth); a layer inside a nested model also by its path, e.g. adopted/conv5")
     p.add_argument("--run", default=None, help="run folder or name (default: the shipped model in assets/model)")
     p.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in [0, 1] (default 0.4)")
@@ -132,7 +133,8 @@ def _report(args, src, run: runs.Run, ci: int, film: case_lib.Case, out: Path, s
         "method": args.method,
         "class": classes[ci] if ci < len(classes) else str(ci),
         "class_index": ci,
-        "layer": args.layer or default_layer(run.model()),
+        # only the CAM family reads a layer (a black box has none to name)
+        "layer": args.layer or (default_layer(run.model()) if get(args.method).kind == "cam" else None),
         "p_covid": film.p_positive,
         "box": list(film.box),
         "lung_crop_fell_back": film.fell_back,

@@ -9,15 +9,15 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from core.explain import graph, registry, tape, tkv
+from core.explain import blackbox, graph, registry, tape, tkv
 from core.explain.graph import SCORECAM_FAST_N, SMOOTHGRAD_NOISE, SMOOTHGRAD_SAMPLES, EngineError
 from core.model import members
 
 ENGINES = ("tape", "tf-keras-vis")
 DEFAULT_ENGINE = "tape"
 
-# the tape engine's routine for each registered method's Method.routine
-_TAPE = {m.routine: getattr(tape, m.routine) for m in registry.REGISTRY}
+# the tape engine's routine for each registered method's Method.routine (output-only ones: blackbox)
+_TAPE = {m.routine: getattr(blackbox if m.kind == "blackbox" else tape, m.routine) for m in registry.REGISTRY}
 
 
 def _run(name, model, image, class_index, layer, engine, **kw):
@@ -35,6 +35,8 @@ def _run(name, model, image, class_index, layer, engine, **kw):
     ci = graph.check_class(model, class_index)
     if engine == "tape":
         return graph.finish(_TAPE[method.routine](model, x, ci, layer, **kw)[0], out_hw)
+    if method.kind == "blackbox":
+        raise EngineError(f"tf-keras-vis has no {method.title}; use engine='tape'")
     raw = tkv.run(method, model, x, ci, layer, **kw)
     if not np.isfinite(raw).all():
         raise EngineError(f"tf-keras-vis gave a non-finite {name} map; use engine='tape'")
@@ -85,6 +87,22 @@ def smoothgrad(model, image, class_index: int = 0, layer=None, n: int = SMOOTHGR
     if n < 1:
         raise ValueError(f"smoothgrad needs n >= 1 samples; got {n}")
     return _run("smoothgrad", model, image, class_index, None, engine, n=int(n), noise=noise, seed=seed)
+
+
+def occlusion(model, image, class_index: int = 0, layer=None, patch: float = blackbox.OCCLUSION_PATCH,
+              stride: float | None = None, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """Occlusion (Zeiler & Fergus, 2014): the drop of the class probability when a patch (``patch``
+    x the side, default 1/8; stride half of it) is replaced by the image mean. Output-only: works
+    on a black box. ``layer`` is ignored."""
+    return _run("occlusion", model, image, class_index, None, engine, patch=patch, stride=stride)
+
+
+def rise(model, image, class_index: int = 0, layer=None, n: int = blackbox.RISE_N, cells: int = blackbox.RISE_CELLS,
+         keep: float = blackbox.RISE_KEEP, seed: int = 0, engine: str = DEFAULT_ENGINE) -> np.ndarray:
+    """RISE (Petsiuk et al., 2018): ``n`` random soft masks from a ``cells`` x ``cells`` grid, weighted
+    by the class probability of each masked image. Output-only: works on a black box. ``layer``
+    is ignored; a fixed ``seed`` makes the map reproducible."""
+    return _run("rise", model, image, class_index, None, engine, n=int(n), cells=int(cells), keep=keep, seed=seed)
 
 
 # {name: function} in registry order; each function above is named as its registry entry

@@ -21,7 +21,9 @@ class Method:
 
     name: str  # key: explain(model, image, name), the CLI's --method
     title: str  # display name (menus, panel titles, reports)
-    kind: str  # "cam": weights a conv layer's channels (takes ``layer``); "gradient": pixel gradients
+    # "cam": weights a conv layer's channels (takes ``layer``); "gradient": pixel gradients;
+    # "blackbox": output-only, needs nothing but model(x) (applies to a SavedModel signature too)
+    kind: str
     routine: str  # the computation both engines run (scorecam_fast is scorecam on fewer channels)
     batchable: bool = False  # explain_many runs it batch_size images per compiled call (tape engine)
     slow: bool = False  # seconds per image: the dashboard says so and shows a spinner
@@ -45,6 +47,8 @@ REGISTRY: tuple[Method, ...] = (
     Method("layercam", "LayerCAM", "cam", "layercam", batchable=True),
     Method("saliency", "Saliency", "gradient", "saliency", batchable=True, audit=True),
     Method("smoothgrad", "SmoothGrad", "gradient", "saliency", slow=True),
+    Method("occlusion", "Occlusion", "blackbox", "occlusion", slow=True),
+    Method("rise", "RISE", "blackbox", "rise", slow=True),
 )
 
 BY_NAME: dict[str, Method] = {m.name: m for m in REGISTRY}
@@ -55,6 +59,8 @@ BATCHABLE: frozenset[str] = frozenset(m.name for m in REGISTRY if m.batchable)
 AUDIT_DEFAULT: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.audit)
 # routines whose map an ensemble averages over its members (each member has its own CAM)
 CAMS: frozenset[str] = frozenset(m.routine for m in REGISTRY if m.kind == "cam")
+# output-only methods: the ones a black box (a SavedModel signature) still gets
+BLACKBOX: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "blackbox")
 
 
 def get(name: str) -> Method:
