@@ -29,6 +29,7 @@ from core import (
     metrics,
     pointing,
     road,
+    safepath,
     slices,
     source_probe,
 )
@@ -74,7 +75,7 @@ def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | 
         films, idx = [], []
         for i in range(start, min(start + 16, len(paths))):
             try:
-                films.append(images.decode(root / paths[i]))
+                films.append(images.decode(safepath.read_film(root, paths[i]), paths[i]))
                 idx.append(i)
             except images.ImageError as exc:
                 out["errors"].append({"path": paths[i], "reason": exc.reason})

@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
-from core import checks, config, explain, images, inputs, runs
+from core import checks, config, explain, images, inputs, runs, safepath
 from core import model as cmodel
 from core.heat import heat_share
 
@@ -281,9 +281,9 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
 
     def features_of(rows):
         films = []
-        for p in [root / p for p in rows["path"]]:
+        for p in rows["path"].astype(str):
             try:
-                films.append(images.decode(p))
+                films.append(images.decode(safepath.read_film(root, p), p))
             except images.ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
         if not films:

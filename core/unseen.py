@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import datasets, runs, splits
+from core import datasets, runs, safepath, splits
 
 
 def seen_images(run: runs.Run) -> pd.DataFrame | None:
@@ -64,7 +64,7 @@ def unseen_images(run, data_root: Path, progress: bool = False) -> tuple[pd.Data
             drop([bool(parts.intersection(datasets.patient_parts(p))) for p in table["patient_id"].astype(str)],
                  "patient seen by the run")
         if len(table) and own_root is not None and own_root.is_dir():
-            seen_rows = seen[[(own_root / p).is_file() for p in seen["path"]]]
+            seen_rows = seen[[safepath.film_stamp(own_root, str(p)) is not None for p in seen["path"]]]
             byte, near_pairs, within = _copies_of_seen(table, data_root, seen_rows, own_root, progress)
             near = table["path"].isin({p["path"] for p in near_pairs}).to_numpy()
             drop(byte, "byte-identical to an image of the run")
