@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras import applications, layers
 
-from core import config
+from core import config, keras_adapter
 
 PRESETS = {
     "seed": "the original project's network: 4 convolutions, Flatten, Dense64 (224x224x3 in the original)",
@@ -332,13 +332,29 @@ def members(model: keras.Model) -> list[keras.Model]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name.startswith("member_")]
 
 
+def _penultimate(net: keras.Model):
+    """The penultimate tensor: ``gap`` of our networks; the output of the nested ``adopted`` network of
+    a run made by core.adopt (its head's input); a black box's output (nothing else is reachable)."""
+    names = {layer.name for layer in net.layers}
+    if "gap" in names:
+        return net.get_layer("gap").output
+    inner = net.get_layer("adopted") if "adopted" in names else None
+    if isinstance(inner, keras.Model):
+        return keras_adapter.output_in(net, inner)
+    return net.output
+
+
 def _features_fn(model: keras.Model):
 
     nets = members(model) or [model]
-    parts = [keras.Model(m.input, m.get_layer("gap").output) for m in nets]
+    parts = [keras.Model(m.input, _penultimate(m)) for m in nets]
     size = input_size(model)
+
+    def flat(y):  # an adopted network may end in a feature map: pool it as ``gap`` would
+        return tf.reduce_mean(y, axis=[1, 2]) if len(y.shape) == 4 else y
+
     return tf.function(
-        lambda x: tf.concat([p(x, training=False) for p in parts], axis=-1),
+        lambda x: tf.concat([flat(p(x, training=False)) for p in parts], axis=-1),
         input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)],
     )
 
