@@ -299,3 +299,17 @@ def test_preprocess_spec_file_and_errors(tmp_path):
         adopt.class_names({"activation": "softmax", "n_units": 3, "output": "head"}, None, ["covid"])
     with pytest.raises(al.AdoptError, match="--size"):
         al.wrap(_multi_sigmoid(), al.preprocess_spec("grey01"), unit=0)
+
+
+def test_savedmodel_run_is_a_black_box_that_still_predicts(data, tmp_path):
+    src = _sequential_sigmoid()
+    path = _save(src, tmp_path / "sm")
+    out = tmp_path / "run"
+    assert _adopt(path, data, out, "--preprocess", "grey01") == 0
+    run = runs.open_run(out)
+    assert run.blackbox and run.adopted["format"] == "savedmodel" and not run.has("model.keras")
+    assert run.has("model_savedmodel/saved_model.pb") and run.classes == ("covid", "other")
+    pred = run.predictions()
+    c = case.analyse(run, data / pred["path"][3])
+    want = src.predict(c.x[None, ..., None] / 255.0, verbose=0)[0, 0]
+    assert abs(c.p_positive - want) < 1e-5 and abs(pred["p_covid"][3] - want) < 1e-5
