@@ -317,11 +317,14 @@ def load_model(run=None, check_hash: bool = True):
     import keras  # lazy: keras pulls in TensorFlow (+3.3 s); TF-free CLIs (core.data, core.evaluate) import core.runs
 
     run = resolve_run(run)
-    cfg = _config_or_none(run)
-    if isinstance(cfg, dict) and isinstance(cfg.get("adopted"), dict):  # made by core.adopt: SavedModel or --trust-code
+    try:  # a run made by core.adopt (a SavedModel, or code the user trusted) loads through core.adopt_load
+        adopted = (read_config(run) if is_run(run) else {}).get("adopted")
+    except (RunError, AttributeError):
+        adopted = None  # a corrupt config.json is reported below, after the model file, as for every run
+    if isinstance(adopted, dict):
         from core import adopt_load  # lazy: as keras above
 
-        return adopt_load.load_run_model(run, cfg, check_hash)
+        return adopt_load.load_run_model(run, read_config(run), check_hash)
     path = _need(run, "model.keras")
     if check_hash and is_run(run):
         cfg = read_config(run)
@@ -338,14 +341,6 @@ def load_model(run=None, check_hash: bool = True):
         elif "zip" in str(exc).lower() or "File not found" in str(exc):
             text = "it is not a valid .keras file (truncated, corrupt, or another format such as HDF5 or pickle)"
         raise RunError(f"{_label(Path(run))} has a model.keras that cannot be loaded: {text[:200]}.") from None
-
-
-def _config_or_none(run: Path) -> dict | None:
-    """config.json, or None when it is missing or corrupt (load_model reports that after the model file)."""
-    try:
-        return read_config(run) if is_run(run) else None
-    except RunError:
-        return None
 
 
 def is_run(path) -> bool:

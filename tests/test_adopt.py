@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from keras import layers
 
-from core import adopt, case, evaluate, runs
+from core import adopt, case, evaluate, predict, runs
 from core import adopt_load as al
 from core import model as model_lib
 
@@ -219,6 +219,8 @@ def test_adopted_run_opens_everywhere(data, tmp_path, capsys):
     row = pred[pred["path"] == pred["path"][0]].iloc[0]
     assert abs(row["p_covid"] - c.p_positive) < 1e-5
     assert c.features.shape == (1, 4)
+    got, _ = predict.predict_paths(run.model(), [film], run.size, run.classes)
+    assert abs(got["p_covid"][0] - c.p_positive) < 1e-5
 
 
 def test_trained_on_leaves_out_its_films_and_patients(data, tmp_path):
@@ -259,6 +261,7 @@ def _slow_model():
     return keras.Model(i, layers.Dense(1, activation="sigmoid", name="head")(layers.GlobalAveragePooling2D()(x)))
 
 
+@pytest.mark.slow  # three adoptions in child processes (~50 s on 2 busy cores)
 def test_kill_and_resume_gives_the_uninterrupted_predictions(tmp_path):
     data = _films(tmp_path / "data", n=40, side=64)
     path = _save(_slow_model(), tmp_path / "m.keras")
@@ -313,3 +316,15 @@ def test_savedmodel_run_is_a_black_box_that_still_predicts(data, tmp_path):
     c = case.analyse(run, data / pred["path"][3])
     want = src.predict(c.x[None, ..., None] / 255.0, verbose=0)[0, 0]
     assert abs(c.p_positive - want) < 1e-5 and abs(pred["p_covid"][3] - want) < 1e-5
+
+
+def test_trusted_code_run_loads_its_model(data, tmp_path):
+    path = _save(_lambda_model(), tmp_path / "m.keras")
+    assert _adopt(path, data, tmp_path / "refused") == 2
+    assert not (tmp_path / "refused" / "config.json").exists()  # refused before the run folder is written
+    out = tmp_path / "run"
+    assert _adopt(path, data, out, "--trust-code") == 0
+    run = runs.open_run(out)
+    assert run.adopted["trust_code"] and run.adopted["found_code"]["lambda"] == ["double (Lambda)"]
+    got = model_lib.probabilities(run.model(), np.full((1, SIZE, SIZE), 100.0, np.float32))
+    assert got.shape == (1, 2)
