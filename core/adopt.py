@@ -160,12 +160,40 @@ def read_trained_on(manifest, root: Path, table: pd.DataFrame) -> pd.DataFrame:
     return m[["path", "split", "label", "source", "patient_id"]]
 
 
+def film_table(root: Path) -> pd.DataFrame:
+    """The data root's table (core.datasets); a folder in no known layout is an unlabelled archive:
+    every image file under it, label ``unknown``, each film its own patient (``attrs["unlabelled"]``)."""
+    try:
+        return datasets.load_table(root)
+    except ValueError:
+        files = predict.expand([root])
+        if not files:
+            raise
+    rel = [f.relative_to(root).as_posix() for f in files]
+    table = pd.DataFrame({"path": rel, "label": "unknown", "source": root.name,
+                          "patient_id": [f"{root.name}:{p}" for p in rel]})
+    table.attrs["unlabelled"] = True
+    return table
+
+
+def _unlabelled_plan(table: pd.DataFrame, trained: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
+    """An unlabelled archive's films, less those listed in --trained-on (no patients to follow)."""
+    listed = table["path"].isin(set(trained["path"])) if trained is not None else np.zeros(len(table), bool)
+    out = table[~listed].reset_index(drop=True)
+    out["group"] = out["patient_id"]
+    return out, ({"listed in --trained-on": int(listed.sum())} if listed.any() else {})
+
+
 def plan(run: Path, root: Path, trained: pd.DataFrame | None, progress: bool) -> tuple[pd.DataFrame, dict, dict]:
     """The films to score (sorted by path, with ``split`` and ``group``), the films left out by
     reason and the near-duplicates; split.csv is written first when the training films are known."""
     if trained is not None:
         runs.write_csv(run / "split.csv", trained)
-    table, excluded = unseen_images(runs.open_run(run), root, progress=progress)
+    whole = film_table(root)
+    if whole.attrs.get("unlabelled"):
+        table, excluded = _unlabelled_plan(whole, trained)
+    else:
+        table, excluded = unseen_images(runs.open_run(run), root, progress=progress)
     table = table.sort_values("path", kind="stable").reset_index(drop=True)
     table["split"] = "test" if trained is not None else "external"
     extra = {"near_duplicates": table.attrs.get("near_duplicates", []), "unchecked": table.attrs.get("unchecked")}
@@ -290,8 +318,7 @@ def setup(run: Path, args, wrapper, info, fmt, found, classes, positive, root: P
         runs.write_csv(run / "history.csv", hist)
     runs.write_json(run / "env.json", runs.environment())
     runs.write_json(run / "config.json", _config(args, info, fmt, found, classes, positive, root, model_path))
-    table = datasets.load_table(root)
-    trained = read_trained_on(args.trained_on, root, table) if args.trained_on else None
+    trained = read_trained_on(args.trained_on, root, film_table(root)) if args.trained_on else None
     todo, excluded, extra = plan(run, root, trained, progress)
     runs.write_json(run / CHUNKS / "excluded.json", {"excluded": excluded, **extra})
     runs.write_csv(run / CHUNKS / "plan.csv", todo)  # written last: its presence means setup is done
@@ -323,7 +350,9 @@ def finish(run: Path, n_boot: int, seed: int) -> dict | None:
         return None
     metrics = evaluate.evaluate_run(run, None, n_boot=n_boot, write=True, seed=seed, progress=False)
     ex = json.loads((run / CHUNKS / "excluded.json").read_text())
-    summary = {"run": str(run), "n_scored": int(metrics.get("n_test", 0)), "excluded": ex["excluded"],
+    n_scored = len(pd.read_csv(run / "predictions.csv", usecols=["path"]))
+    summary = {"run": str(run), "n_scored": n_scored, "n_labelled": int(metrics.get("n_test", 0)),
+               "excluded": ex["excluded"],
                "near_duplicates": len(ex["near_duplicates"]), "unchecked": ex["unchecked"],
                "errors": errors.to_dict("records"), "threshold": metrics["threshold"]["value"],
                "threshold_source": metrics["threshold"].get("source"),
@@ -421,9 +450,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(evaluate.jsonable(summary), allow_nan=False))
     elif summary.get("finished", True):
+        auc = evaluate.metrics.fmt(summary["roc_auc"], digits=3) if summary["roc_auc"] else "none (no labels)"
         print(f"adopted {args.model} into {summary['run']}: {summary['n_scored']} films scored, excluded "
               f"{summary['excluded'] or 'none'}, {len(summary['errors'])} unreadable; AUC "
-              f"{evaluate.metrics.fmt(summary['roc_auc'], digits=3)} at threshold {summary['threshold']:.2f} "
+              f"{auc} at threshold {summary['threshold']:.2f} "
               f"({summary['threshold_source']}); {summary['films_per_s'] or 0:.1f} films/s")
         for w in summary["warnings"]:
             print("WARNING: " + w)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core import config, evaluate, runs
+from core import config, datasets, evaluate, runs
 
 NO_TUNING = ("0.5: an adopted model comes with no development data to choose a threshold on, and one tuned "
              "on the films it is evaluated on would flatter it")
@@ -44,8 +44,15 @@ def evaluate_adopted(run: runs.Run, data=None, n_boot: int = 1000, write: bool =
            "source": "given with --threshold" if given is not None else NO_TUNING}
     thr["ci_low"] = thr["ci_high"] = thr["value"]
     pred = run.predictions()
-    view = adopted_view(pred, run.positive, a.get("positive_labels") or ["covid"])
-    out = evaluate.evaluate_predictions(view, "binary", [run.positive, "other"], n_boot, seed=seed, threshold=thr)
+    labelled = pred[pred["label"].astype(str).isin(datasets.LABELS)]  # an archive's films may carry none
+    if labelled.empty:
+        out = {"threshold": thr, "n_test": 0, "n_unlabelled": len(pred), "task": "binary",
+               "classes": [run.positive, "other"], "warnings": [f"None of the {len(pred)} scored films has a label "
+                                                               "(covid, normal, pneumonia): there is nothing to measure."]}
+    else:
+        view = adopted_view(labelled, run.positive, a.get("positive_labels") or ["covid"])
+        out = evaluate.evaluate_predictions(view, "binary", [run.positive, "other"], n_boot, seed=seed, threshold=thr)
+        out["n_unlabelled"] = len(pred) - len(labelled)
     out.update(run=str(run.path), mode="adopted", positive_labels=a.get("positive_labels"),
                scored_as=sorted(map(str, pred["split"].unique())), training_data_known=run.training_data_known)
     if not run.training_data_known:

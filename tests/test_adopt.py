@@ -328,3 +328,19 @@ def test_trusted_code_run_loads_its_model(data, tmp_path):
     assert run.adopted["trust_code"] and run.adopted["found_code"]["lambda"] == ["double (Lambda)"]
     got = model_lib.probabilities(run.model(), np.full((1, SIZE, SIZE), 100.0, np.float32))
     assert got.shape == (1, 2)
+
+
+def test_an_unlabelled_archive_is_scored_without_metrics(tmp_path, capsys):
+    archive = tmp_path / "archive" / "2024"
+    archive.mkdir(parents=True)
+    for i in range(6):
+        cv2.imwrite(str(archive / f"film{i}.png"), np.full((40, 40), 20 * i, np.uint8))
+    path = _save(_sequential_sigmoid(), tmp_path / "m.keras")
+    out = tmp_path / "run"
+    assert adopt.main([str(path), "--data", str(tmp_path / "archive"), "--out", str(out), "--chunk", "4",
+                       "--batch-size", "2"]) == 0
+    assert "6 films scored" in capsys.readouterr().out
+    run = runs.open_run(out)
+    pred = run.predictions()
+    assert len(pred) == 6 and set(pred["label"]) == {"unknown"} and run.threshold == 0.5
+    assert run.metrics()["n_test"] == 0 and any("nothing to measure" in w for w in run.metrics()["warnings"])
