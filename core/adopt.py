@@ -132,8 +132,8 @@ def read_trained_on(manifest, root: Path, table: pd.DataFrame) -> pd.DataFrame:
     """The films a model was trained on, as a split table (``split`` = train) of paths under ``root``.
 
     MANIFEST is a CSV with ``path`` (absolute, or relative to the data root or to the manifest's
-    folder) and optionally ``patient_id``, ``source``, ``label``; what it lacks is taken from the
-    data root's table for films found there.
+    folder) and optionally ``patient_id``, ``source``, ``label``; for films found in the data root's
+    table its values are used (the patient ids the exclusions compare), the manifest's elsewhere.
     """
     m = pd.read_csv(manifest, dtype=str)
     if "path" not in m.columns:
@@ -155,7 +155,7 @@ def read_trained_on(manifest, root: Path, table: pd.DataFrame) -> pd.DataFrame:
     for col in ("patient_id", "source", "label"):
         given = m[col] if col in m.columns else pd.Series([None] * len(m))
         looked = m["path"].map(known[col]) if col in known.columns else None
-        m[col] = given.where(given.notna(), looked) if looked is not None else given
+        m[col] = looked.where(looked.notna(), given) if looked is not None else given  # the data root names ids
     m["split"] = "train"
     return m[["path", "split", "label", "source", "patient_id"]]
 
