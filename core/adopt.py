@@ -97,6 +97,8 @@ def build_model(source, spec: dict, size=None, classes=None, output=None, output
 def class_names(info: dict, classes, positive_labels) -> tuple[list[str], str]:
     """The wrapper's class names and the positive class (whose P the pages and metrics read)."""
     labels = [p.strip() for p in positive_labels if p.strip()]
+    if classes and len(set(classes)) != len(classes):
+        raise al.AdoptError(f"--classes {','.join(classes)} names a class twice.")
     if info["activation"] == "sigmoid":
         unit = info.get("unit")
         if classes and len(classes) == info["n_units"] and info["n_units"] > 1:
