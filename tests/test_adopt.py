@@ -344,3 +344,27 @@ def test_an_unlabelled_archive_is_scored_without_metrics(tmp_path, capsys):
     pred = run.predictions()
     assert len(pred) == 6 and set(pred["label"]) == {"unknown"} and run.threshold == 0.5
     assert run.metrics()["n_test"] == 0 and any("nothing to measure" in w for w in run.metrics()["warnings"])
+
+
+@pytest.mark.parametrize("page,says", [
+    ("training", ["No history was given", "Training data unknown"]),
+    ("evaluation", ["No leave-one-source-out table for an adopted run, because"]),
+    ("errors", []),
+])
+def test_pages_on_an_adopted_run_say_what_it_lacks(page, says, data, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest  # lazy: only the page tests need Streamlit's test harness
+
+    path = _save(_functional_softmax3(), tmp_path / "m.keras")
+    out = tmp_path / "runs" / "20990101-000000-adopted"
+    assert _adopt(path, data, out, "--preprocess", "torch", "--classes", "normal,covid,pneu") == 0
+    monkeypatch.setenv("CXR_DATA_DIR", str(data))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(out.parent))
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=120)
+    at.session_state["run"] = str(out)
+    at.run()
+    at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = "\n".join(str(e.value) for kind in ("info", "warning", "error", "caption", "markdown")
+                      for e in getattr(at, kind))
+    for text in says:
+        assert text in shown, shown
