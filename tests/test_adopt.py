@@ -208,6 +208,8 @@ def test_adopted_run_opens_everywhere(data, tmp_path, capsys):
     pred = run.predictions()
     assert set(pred["split"]) == {"external"} and len(pred) == 24  # the bad file is reported, not scored
     assert {"path", "label", "source", "patient_id", "group", "p_normal", "p_covid", "p_pneu"} <= set(pred.columns)
+    assert evaluate.main(["--run", str(out), "--n-boot", "30", "--no-write"]) == 0
+    assert "Threshold 0.5000: 0.5: an adopted model" in capsys.readouterr().out
     m = evaluate.evaluate_run(run, n_boot=30, write=False)
     assert m["mode"] == "adopted" and m["n_test"] == 24 and "ci_low" in m["roc_auc"]
     assert "trained on are unknown" in m["warnings"][0]
@@ -227,9 +229,12 @@ def test_trained_on_leaves_out_its_films_and_patients(data, tmp_path):
     path = _save(_sequential_sigmoid(), tmp_path / "m.h5")
     manifest = tmp_path / "trained.csv"
     pd.DataFrame({"path": ["img/f000.png", str(data / "img" / "f005.png")]}).to_csv(manifest, index=False)
+    history = tmp_path / "log.csv"
+    history.write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.5,0.9,0.5,1.0\n1,0.7,0.6,0.6,0.8\n")
     out = tmp_path / "run"
-    assert _adopt(path, data, out, "--trained-on", str(manifest), "--threshold", "0.3") == 0
+    assert _adopt(path, data, out, "--trained-on", str(manifest), "--threshold", "0.3", "--history", str(history)) == 0
     run = runs.open_run(out)
+    assert set(runs.history_curves(run.history())["chart"]) == {"Loss", "Accuracy"}
     assert run.training_data_known and run.threshold == 0.3 and "--threshold" in run.threshold_source
     pred = run.predictions()
     assert set(pred["split"]) == {"test"}
