@@ -216,11 +216,15 @@ def evaluate_predictions(
     target: str = "sensitivity",
     target_value: float = 0.95,
     seed: int = config.SEED,
+    threshold: dict | None = None,
 ) -> dict:
-    """All metrics of a predictions table (val + test [+ external] rows); the body of metrics.json."""
+    """All metrics of a predictions table (val + test [+ external] rows); the body of metrics.json.
+
+    ``threshold``: a fixed threshold (``{"value", "source", ...}``) instead of one chosen on val rows.
+    """
     _check_predictions(pred, "predictions")
     classes = list(classes or config.classes(task))
-    thr, warnings = choose_run_threshold(pred, target, target_value, n_boot, seed)
+    thr, warnings = (dict(threshold), []) if threshold else choose_run_threshold(pred, target, target_value, n_boot, seed)
     t = thr["value"]
     test = pred[pred["split"] == "test"]
     if test.empty:
@@ -319,6 +323,10 @@ def evaluate_run(
     from the internal test) is written to ``external-<data folder name>.json`` instead.
     """
     run = runs.open_run(run)
+    if run.adopted:
+        from core import adopt_eval  # lazy: it builds on this module (evaluate_predictions)
+
+        return adopt_eval.evaluate_adopted(run, data, n_boot, write, seed)
     pred = with_groups(run.predictions(), seen_images(run))
     task = run.config.get("task", "binary")
     internal = evaluate_predictions(pred, task, list(run.classes), n_boot, "sensitivity", target_sensitivity, seed)
@@ -470,8 +478,11 @@ def format_result(r: dict) -> str:
     else:
         lines.append(f"Run {r.get('run', '?')}  task {r['task']}  test: {r['n_test']} images, "
                      f"{r['n_patients']} patients, {r['n_covid']} covid")
-    lines.append(f"Threshold {thr['value']:.4f} chosen on validation for {thr.get('target')} >= "
-                 f"{thr.get('target_value')} (never on test)")
+    if thr.get("source"):
+        lines.append(f"Threshold {thr['value']:.4f}: {thr['source']}")
+    else:
+        lines.append(f"Threshold {thr['value']:.4f} chosen on validation for {thr.get('target')} >= "
+                     f"{thr.get('target_value')} (never on test)")
     lines.append("")
     lines.append(f"{'metric':<12} {'value  [95% CI, patient bootstrap]':<40}" +
                  (" delta vs internal" if r.get("mode") == "external" else ""))

@@ -395,6 +395,8 @@ def _features_fn(model: keras.Model, layer: str | None = None):
         with keras_adapter.capture_output(target, store, "f", what=what):
             ref()(x, training=False)
         f = store["f"]
+        if len(f.shape) == 4:  # a feature map (e.g. an adopted backbone cut before its head): pool it as gap does
+            f = tf.reduce_mean(f, axis=[1, 2])
         return tf.reshape(f, [tf.shape(f)[0], -1])
 
     return tf.function(read, input_signature=spec)

@@ -317,9 +317,16 @@ def load_model(run=None, check_hash: bool = True):
     import keras  # lazy: keras pulls in TensorFlow (+3.3 s); TF-free CLIs (core.data, core.evaluate) import core.runs
 
     run = resolve_run(run)
+    try:  # a run made by core.adopt (a SavedModel, or code the user trusted) loads through core.adopt_load
+        adopted = (read_config(run) if is_run(run) else {}).get("adopted")
+    except (RunError, AttributeError):
+        adopted = None  # a corrupt config.json is reported below, after the model file, as for every run
+    if isinstance(adopted, dict):
+        from core import adopt_load  # lazy: as keras above
+
+        return adopt_load.load_run_model(run, read_config(run), check_hash)
     path = _need(run, "model.keras")
-    cfg_path = Path(run) / "config.json"
-    if check_hash and cfg_path.is_file():
+    if check_hash and is_run(run):
         cfg = read_config(run)
         expected = cfg.get("model_sha256") if isinstance(cfg, dict) else None
         if expected and sha256(path) != expected:
@@ -404,6 +411,9 @@ class Run:
     threshold: float | None
     threshold_source: str
     recorded_data_root: Path | None
+    adopted: dict | None = None  # config "adopted" of a run made by core.adopt; None for our own runs
+    blackbox: bool = False  # an adopted SavedModel: layers out of reach, output-only explanations
+    training_data_known: bool = True  # False: adopted without --trained-on, every film scored as external
 
     @property
     def name(self) -> str:
@@ -546,6 +556,7 @@ def _threshold(run: Path) -> tuple[float | None, str]:
         if thr.get("target") is not None:
             where = (f"metrics.json: chosen on {thr.get('chosen_on', 'val')} rows for "
                      f"{thr['target']} >= {thr.get('target_value')}")
+        where = f"metrics.json: {thr['source']}" if thr.get("source") else where  # adopted: given, or 0.5
         thr = thr.get("value")
     if not _number(thr):
         return None, "none: metrics.json holds no numeric threshold"
@@ -573,9 +584,12 @@ def open_run(arg=None) -> Run:
     if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
         raise _bad(path, "channels", f"is {channels!r}, not a positive whole number")
     thr, source = _threshold(path)
+    adopted = cfg["adopted"] if isinstance(cfg.get("adopted"), dict) else None
     return Run(path=path, config=cfg, classes=classes, positive=_positive(classes, cfg), size=_size(path, cfg),
                channels=channels, lung_crop=_lung_crop(path, cfg), scaling=SCALING, threshold=thr,
-               threshold_source=source, recorded_data_root=_recorded_root(path, cfg))
+               threshold_source=source, recorded_data_root=_recorded_root(path, cfg), adopted=adopted,
+               blackbox=bool(adopted and adopted.get("blackbox")),
+               training_data_known=not adopted or bool(adopted.get("trained_on")))
 
 
 def add_run_argument(parser, positional: bool = False) -> None:

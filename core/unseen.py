@@ -52,7 +52,8 @@ def unseen_images(run, data_root: Path, progress: bool = False) -> tuple[pd.Data
 
     near_pairs, unchecked, within = [], None, None
     if seen is not None and len(seen):
-        if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns:
+        # an adopted run's split lists the films it trained on, not whole sources (core.adopt --trained-on)
+        if own_root is not None and own_root == data_root.resolve() and "source" in seen.columns and not run.adopted:
             drop(table["source"].isin(set(seen["source"])), "source the run trained on (same data root)")
         else:
             src = seen["source"].astype(str) if "source" in seen.columns else pd.Series("", index=seen.index)

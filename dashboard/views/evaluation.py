@@ -34,6 +34,12 @@ st.subheader("On collections it never saw (leave-one-source-out)")
 try:
     cv = state.run_crossval(run)
 except runs.RunError:
+    cv = None
+if cv is None and state.run_handle(run).adopted:
+    st.info("No leave-one-source-out table for an adopted run, because that table retrains the recipe once per "
+            "collection left out, and an adopted model comes without a recipe this tool can retrain. Its "
+            "figures below are on the films it was adopted on, at the threshold it was given (or 0.5).")
+elif cv is None:
     st.info("This run has no leave-one-source-out table (crossval.json). Make one for its recipe with "
             "`python -m core.crossval --data DIR` and copy its crossval.json into the run folder.")
 else:

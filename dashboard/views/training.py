@@ -14,11 +14,16 @@ st.title("Training")
 run = state.require_run()
 st.caption(f"Run: {components.plain(state.run_label(str(run)))}")
 
-try:
-    hist = state.run_history(run)
-except runs.RunError as exc:
-    st.error(components.plain(state.error_sentence(exc)))
-    hist = None
+handle = state.run_handle(run)
+hist = None
+if handle.adopted and not handle.has("history.csv"):
+    st.info("No history was given: this model was adopted (`python -m core.adopt`) without `--history` "
+            "(a Keras CSVLogger file of its training), so there are no training curves to show.")
+else:
+    try:
+        hist = state.run_history(run)
+    except runs.RunError as exc:
+        st.error(components.plain(state.error_sentence(exc)))
 
 if hist is not None:
     curves = runs.history_curves(hist)
@@ -57,11 +62,16 @@ with c1:
         st.error(components.plain(state.error_sentence(exc)))
 with c2:
     st.subheader("Split")
+    if not handle.training_data_known:
+        st.info("Training data unknown: this model was adopted without `--trained-on`, so every film it was "
+                "scored on counts as external, and some may be films it was trained on.")
     try:
         split = state.run_split(run)
     except runs.RunError as exc:
-        st.error(components.plain(state.error_sentence(exc)))
-    else:
+        if handle.training_data_known:
+            st.error(components.plain(state.error_sentence(exc)))
+        split = None
+    if split is not None:
         idx = [c for c in ("source", "label") if c in split.columns]
         if idx:
             counts = pd.crosstab([split[c] for c in idx], split["split"], margins=True, margins_name="total")
