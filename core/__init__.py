@@ -6,11 +6,16 @@ module of the package, and ``__all__`` is read from the package's files so it ca
 By family:
 
 - settings and run folders: ``config`` (data/runs roots, class names), ``runs`` (the ``Run``
-  handle: every reader of a run folder; writing run folders), ``work`` (the bounded line of model
-  calls shared by the dashboard's sessions)
+  handle: every reader of a run folder; writing run folders), ``provenance`` (file hashes, the code
+  and packages behind a run), ``work`` (the bounded line of model calls shared by the dashboard's
+  sessions)
+- adopting any Keras model: ``adopt`` (``python -m core.adopt``: a model file into a run folder),
+  ``adopt_load`` (loading .keras / .h5 / SavedModel, refusing code, wrapping the preprocessing),
+  ``adopt_eval`` (the evaluation of an adopted run)
 - one film: ``case`` (``analyse(run, film) -> Case``: decode, checks, preparation, lung mask,
   probabilities, features, maps on demand)
-- data: ``images`` (the one decoding path), ``inputs`` (what the model is fed), ``datasets``
+- data: ``images`` (the one decoding path), ``safepath`` (paths from run files, only inside the
+  data root), ``inputs`` (what the model is fed), ``datasets``
   (one reader per source layout), ``splits`` (duplicates, patient-level splits), ``data`` (the
   ``python -m core.data`` CLI: audit, split), ``download`` (fetching the public sources)
 - model and training: ``model`` (Functional CNN presets), ``train`` (fit loop, run folder, CLI)

@@ -229,7 +229,7 @@ def score_chunks(run: Path, model, table: pd.DataFrame, root: Path, classes, tod
     size = model_lib.input_size(model)
     bar = tqdm(total=len(paths), desc="adopting", unit="film", disable=not progress, file=sys.stderr)
     t0, done, left = time.perf_counter(), {}, [k for k in todo]
-    for b, (idx, x, _, errs) in enumerate(predict.prepared_batches(paths, size, None, batch_size, workers)):
+    for b, (idx, x, _, _, errs) in enumerate(predict.prepared_batches(paths, size, None, batch_size, workers)):
         if len(idx):
             probs = model_lib.probabilities(model, x, batch_size=batch_size)
             done.update({rows[i]: p for i, p in zip(idx, probs, strict=True)})

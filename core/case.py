@@ -40,7 +40,7 @@ class Case:
     lungs: np.ndarray | None  # lung mask of ``small`` (None without the lung model)
     warnings: list[str]  # core.checks.image_warnings
     probs: np.ndarray  # class probabilities (n_classes,)
-    features: np.ndarray  # penultimate features (1, d)
+    features: np.ndarray | None  # penultimate features (1, d); None when unreachable (a black box)
     positive_index: int  # the column of P(positive) in ``probs``
     maps: dict = field(default_factory=dict)  # MapKey -> {"hmap", "heat", "faith"}
 
@@ -80,7 +80,16 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
                 fell_back=bool(fell_back[0]),
                 shown=(np.clip(explain.display_film(decoded, SHOWN_MAX), 0, 255) + 0.5).astype(np.uint8),
                 small=small, lungs=mask, warnings=warnings, probs=cmodel.probabilities(m, x)[0],
-                features=cmodel.features(m, x), positive_index=run.positive_index)
+                features=_features(run, m, x), positive_index=run.positive_index)
+
+
+def _features(run: runs.Run, m, x: np.ndarray) -> np.ndarray | None:
+    """Penultimate features (core.model.features, at an adopted run's ``penultimate`` layer); None for a
+    model whose layers cannot be reached (a SavedModel signature): the OOD row then says so."""
+    try:
+        return cmodel.features(m, x, layer=(run.adopted or {}).get("penultimate"))
+    except ValueError:
+        return None
 
 
 def heatmap(run, case: Case, method: str, class_index: int | None = None, layer: str | None = None, *,

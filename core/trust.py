@@ -290,7 +290,7 @@ def write_reference(run=None, data=None, progress: bool = True) -> Path:
             raise FileNotFoundError(f"none of the {len(rows)} films of {run.name} could be read under {root}")
         x = np.concatenate([inputs.prepare(films[i : i + 64], size, run.lung_crop)[0]
                             for i in range(0, len(films), 64)])
-        return cmodel.features(model, x)
+        return cmodel.features(model, x, layer=(run.adopted or {}).get("penultimate"))
 
     if (split["split"] == "val").any():  # a run with a validation split: fitted on train, cut-offs from val
         if progress:

@@ -285,6 +285,8 @@ def conv_layers(run: str) -> list[str]:
 @st.cache_data(max_entries=16, show_spinner=False)
 def _conv_layers(run: str, key: tuple) -> list[str]:
     m = model(Path(run))
+    if not explain.conv_layers(m):  # a black box (a SavedModel signature): no layer to offer
+        return []
     default = explain.default_layer(m)
     return [default] + [name for name in explain.conv_layers(m) if name != default]
 
