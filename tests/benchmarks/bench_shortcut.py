@@ -66,7 +66,7 @@ TEST_MARK_SEED = 0
 KINDS = ("planted", "clean")
 CLASSES = ("covid", "other")
 # Findings that name a burned-in marker: heat on the film's border or corner, or a slice cut by the marker.
-MARKER_KINDS = ("border_heat",)
+MARKER_KINDS = ("border_heat", "corner_heat")
 MARKER_WORDS = ("marker",)
 
 
@@ -188,17 +188,18 @@ def small_cnn(seed: int):
     return model
 
 
-def gradcam_border(model, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def gradcam_border(model, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A plain Grad-CAM of P(covid)'s input to the softmax at the last conv layer (a user's own code):
-    per film, the share of its heat in the 10% border band and in the marker's corner box."""
+    per film, the share of its heat in the 10% border band, in the marker's corner box and in the hottest
+    corner square (core.findings.corner_share, what the audit's corner_heat card counts)."""
     import keras  # lazy: see small_cnn
     import tensorflow as tf
 
-    from core import heat
+    from core import findings, heat
 
     conv = [ly for ly in model.layers if isinstance(ly, keras.layers.Conv2D)][-1]
     probe = keras.Model(model.inputs, [conv.output, model.output])
-    border, corner = [], []
+    border, corner, hottest = [], [], []
     y0, x0, y1, x1 = (round(v * SIZE) for v in MARKER_BOX)
     for i in range(0, len(x), batch):
         xb = tf.constant(x[i:i + batch])
@@ -211,7 +212,8 @@ def gradcam_border(model, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, n
             h = cv2.resize(cam, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
             border.append(heat.heat_share(h, np.ones_like(h, bool))["border_share"])
             corner.append(float(h[y0:y1, x0:x1].sum() / h.sum()) if h.sum() > 0 else float("nan"))
-    return np.array(border), np.array(corner)
+            hottest.append(findings.corner_share(h)["corner_share"])
+    return np.array(border), np.array(corner), np.array(hottest)
 
 
 def shortcut_scores(p_covid: np.ndarray, y: np.ndarray, mark: np.ndarray) -> dict:
@@ -234,12 +236,18 @@ def shortcut_scores(p_covid: np.ndarray, y: np.ndarray, mark: np.ndarray) -> dic
 
 def heat_scores(model, x: np.ndarray, mark: np.ndarray) -> dict:
     """Where the plain Grad-CAM's heat lies on marked and unmarked test films."""
-    border, corner = gradcam_border(model, x)
+    from core import findings
+
+    border, corner, hottest = gradcam_border(model, x)
     return {"border_share_marked": round(float(np.nanmean(border[mark])), 3),
             "border_share_unmarked": round(float(np.nanmean(border[~mark])), 3),
             "corner_share_marked": round(float(np.nanmean(corner[mark])), 3),
             "corner_share_unmarked": round(float(np.nanmean(corner[~mark])), 3),
-            "films_border_over_half": round(float(np.mean(border >= 0.5)), 3)}
+            "films_border_over_half": round(float(np.mean(border >= 0.5)), 3),
+            "border_ratio": round(float(np.nanmean(border)) / 0.36, 3),
+            "films_corner_hot": round(float(np.mean(hottest >= findings.CORNER_FILM)), 3),
+            "films_corner_hot_marked": round(float(np.mean(hottest[mark] >= findings.CORNER_FILM)), 3),
+            "films_corner_hot_unmarked": round(float(np.mean(hottest[~mark] >= findings.CORNER_FILM)), 3)}
 
 
 def fit_one(model, x, y, xv, yv, folder: Path, epochs: int, batch: int = 32) -> float:
@@ -259,9 +267,16 @@ def train_small(args, kind: str, seed: int, test: tuple) -> dict:
     """Train, save and score one small CNN of ``kind`` (planted | clean)."""
     x, y, man = load_root(args.out / "data" / f"{kind}_train", SIZE)
     dev = (man["split"] == "val").to_numpy()
-    model = small_cnn(seed)
     folder = args.out / "models" / f"{kind}_s{seed}"
-    wall = fit_one(model, x[~dev], y[~dev], x[dev], y[dev], folder, args.epochs)
+    if (folder / "model.keras").is_file() and not args.retrain:  # trained before: score it again
+        import keras  # lazy: see small_cnn
+
+        model = keras.saving.load_model(folder / "model.keras")
+        old = json.loads((folder / "scores.json").read_text()) if (folder / "scores.json").is_file() else {}
+        wall = old.get("train_s", float("nan"))
+    else:
+        model = small_cnn(seed)
+        wall = fit_one(model, x[~dev], y[~dev], x[dev], y[dev], folder, args.epochs)
     xt, yt, mt = test
     p = model.predict(xt, batch_size=64, verbose=0)[:, 0]
     mark = mt["marker"].to_numpy().astype(bool)
@@ -290,8 +305,13 @@ def densenet_example(args) -> dict:
     wall = fit_one(model, x3[n_val:], y[pick][n_val:], x3[:n_val], y[pick][:n_val], folder, DENSE_EPOCHS, 16)
     t0 = time.time()
     model.save(folder / "model.h5")
-    return {"model": "densenet121", "train_s": round(wall, 1), "n_train": len(x3) - n_val, "epochs": DENSE_EPOCHS,
-            "params": int(model.count_params()), "save_h5_s": round(time.time() - t0, 1)}
+    out = {"model": "densenet121", "train_s": round(wall, 1), "n_train": len(x3) - n_val, "epochs": DENSE_EPOCHS,
+           "params": int(model.count_params()), "save_h5_s": round(time.time() - t0, 1)}
+    xt, yt, mt = load_root(args.out / "data" / "test", DENSE_SIZE)
+    t0 = time.time()
+    p = model.predict(np.repeat(xt, 3, axis=-1), batch_size=32, verbose=0)[:, 0]
+    out["predict_films_per_s"] = round(len(xt) / (time.time() - t0), 1)  # decoded films, model only
+    return {**out, **shortcut_scores(p, yt, mt["marker"].to_numpy().astype(bool))}
 
 
 def stage_train(args) -> dict:
@@ -302,7 +322,14 @@ def stage_train(args) -> dict:
         for kind in KINDS:
             rows.append(train_small(args, kind, seed, (xt, yt, mt)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    dense = densenet_example(args) if not args.skip_densenet else None
+    done = args.out / "models" / "densenet121" / "densenet.json"
+    if args.skip_densenet:
+        dense = None
+    elif done.is_file() and not args.retrain:
+        dense = json.loads(done.read_text())
+    else:
+        dense = densenet_example(args)
+        done.write_text(json.dumps(dense, indent=1))
     out = {"small": rows, "densenet121": dense}
     (args.out / "train.json").write_text(json.dumps(out, indent=1))
     return out
@@ -371,7 +398,7 @@ def trust_panel(run: Path, test_root: Path) -> dict:
     summary = json.loads((run / "audit.json").read_text()) if (run / "audit.json").is_file() else None
     c = case.analyse(run, test_root / pick["path"], name=pick["path"], colour_check=False)
     rows = case.trust_rows(run, c, "gradcam", audit_summary=summary)
-    keep = ("key", "label", "title", "value", "verdict", "status", "text")
+    keep = ("key", "title", "mark", "sentence")
     return {"film": pick["path"], "p_positive": round(float(c.p_positive), 3),
             "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
 
@@ -379,6 +406,10 @@ def trust_panel(run: Path, test_root: Path) -> dict:
 def _model_report(m: dict, args) -> dict:
     run = args.out / "adopted" / m["name"]
     row = {"model": m["name"], "kind": m["kind"]}
+    scores = m["file"].parent / "scores.json"
+    if scores.is_file():  # what the train stage measured: AUCs and the shortcut's signature
+        row["train"] = {k: v for k, v in json.loads(scores.read_text()).items()
+                        if k.startswith(("auc", "gap", "films_corner", "border_ratio"))}
     if not (run / "audit.json").is_file():
         return {**row, "error": "not audited (run the adopt and audit stages)"}
     summary = json.loads((run / "audit.json").read_text())
@@ -416,6 +447,8 @@ def print_report(out: dict) -> None:
         print(f"== {r['model']} ({r['kind']})" + (f": {r['error']}" if "error" in r else ""))
         for f in r.get("findings", []):
             print(f"   [{f['severity']}] {f['kind']}: {f['claim']}")
+        if "train" in r:
+            print(f"   train stage: {r['train']}")
         if "flagged" in r:
             print(f"   high finding naming the marker: {r['high_marker'] or 'none'}; audit {r['audit_s']} s")
     print({k: v for k, v in out.items() if k.endswith("_flagged")})
@@ -432,6 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "cxr")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--retrain", action="store_true", help="train stage: train again models already saved")
     ap.add_argument("--skip-densenet", action="store_true", help="train stage: leave out the DenseNet121 example")
     ap.add_argument("--json", action="store_true", help="print each stage's result as JSON")
     args = ap.parse_args(argv)
