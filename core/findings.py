@@ -45,13 +45,13 @@ RULES = {
     "sanity": "randomisation check failed: medium; else ok",
     "slice": "flagged slice (see the slices rule): high when the gap is >= 0.3, else medium",
     "fell_back": "films on which no lungs were found (lung-crop runs): low",
-    "border_heat": "mean heat in the border band / the band's area >= 1.5: high; >= 1.25: medium; else ok",
+    "border_heat": "mean heat in the border band / the band's area >= 1.4 (half the heat in 36% of the film): high; >= 1.25: medium; else ok",
     "corner_heat": "films with >= 25% of the heat in one corner square (4% of the film): >= 20% of the films: "
                    "high; >= 10%: medium; >= 5%: low; else ok",
 }
 # Where burned-in markers and text sit: the border band (core.heat.heat_share's, 10% of each side) and
 # the four corner squares (CORNER_SIDE of each side). Ratios are against a uniform map's share.
-BORDER_RATIO = {"high": 1.5, "medium": 1.25}  # medium: the trust panel's red line for one film
+BORDER_RATIO = {"high": 1.4, "medium": 1.25}  # high: about half the heat in the band; medium: the trust panel's red line
 CORNER_SIDE = 0.2
 CORNER_FILM = 0.25  # a film "puts its heat in a corner" from this share on (about 6x a uniform map)
 CORNER_FILMS = {"high": 0.2, "medium": 0.1, "low": 0.05}
