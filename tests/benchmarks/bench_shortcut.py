@@ -29,8 +29,10 @@ Stages (each reads what the one before wrote under ``--out``, so they run separa
     ``python -m core.audit --run RUN --data TEST --json`` on every adopted run.
 ``report``
     Per model the audit's findings (severity, kind, claim), whether a HIGH finding names the marker
-    (:data:`MARKER_KINDS`), planted flagged k/n and clean flagged k/n, the trust panel
-    (:func:`core.case.trust_rows`) on one marked non-COVID test film, and the wall times.
+    (:data:`MARKER_KINDS`: core.findings' ``corner_heat`` and ``border_heat`` cards), planted flagged k/n
+    and clean flagged k/n, the trust panel (:func:`core.case.trust_rows`) on one marked non-COVID test
+    film, the DenseNet121 adopt + audit time and the wall times of every stage. ``corner_heat`` needs the
+    audit's per-film table to carry :func:`core.findings.corner_share` (``core.audit_steps.trust_table``).
 
 Everything is written under ``--out`` (git-ignored ``runs/``); no image enters the repository.
 """
