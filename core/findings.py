@@ -6,7 +6,10 @@ cards can be matched), ``kind``, ``severity`` (``high`` > ``medium`` > ``low`` >
 one-sentence ``claim`` with its number and CI, ``paths`` (the test images behind it, relative
 to the data root, at most :data:`MAX_PATHS`, the clearest first), ``n_paths`` (how many there
 are in all), ``paths_note`` (what those images are) and ``method`` (whose heatmaps to show
-beside them). The severity rules are in :data:`RULES`.
+beside them). The severity rules are in :data:`RULES`. Two cards read where the heat lies per film
+(``audit.csv``): ``border_heat`` (the border band's share against its area) and ``corner_heat`` (films
+whose heat piles up in one corner square, :func:`corner_share`, where a burned-in marker sits; needs the
+``corner_share``/``corner``/``corner_area`` columns in the table).
 
 :func:`figures` flattens every figure of a summary into one table (``key``, ``section``,
 ``figure``, ``value``, ``ci_low``, ``ci_high``, ``text``); :func:`compare` joins two such tables
@@ -23,6 +26,7 @@ import math
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pandas as pd
 
 from core import metrics, runs, safepath
@@ -41,7 +45,16 @@ RULES = {
     "sanity": "randomisation check failed: medium; else ok",
     "slice": "flagged slice (see the slices rule): high when the gap is >= 0.3, else medium",
     "fell_back": "films on which no lungs were found (lung-crop runs): low",
+    "border_heat": "mean heat in the border band / the band's area >= 1.4 (half the heat in 36% of the film): high; >= 1.25: medium; else ok",
+    "corner_heat": "films with >= 25% of the heat in one corner square (4% of the film): >= 20% of the films: "
+                   "high; >= 10%: medium; >= 5%: low; else ok",
 }
+# Where burned-in markers and text sit: the border band (core.heat.heat_share's, 10% of each side) and
+# the four corner squares (CORNER_SIDE of each side). Ratios are against a uniform map's share.
+BORDER_RATIO = {"high": 1.4, "medium": 1.25}  # high: about half the heat in the band; medium: the trust panel's red line
+CORNER_SIDE = 0.2
+CORNER_FILM = 0.25  # a film "puts its heat in a corner" from this share on (about 6x a uniform map)
+CORNER_FILMS = {"high": 0.2, "medium": 0.1, "low": 0.05}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -220,6 +233,73 @@ def _sanity_cards(s: dict) -> list[dict]:
     return out
 
 
+def corner_share(heatmap, side: float = CORNER_SIDE) -> dict:
+    """The largest share of a heatmap's (non-negative) energy in one corner square (``side`` x each side):
+    ``corner_share``, which ``corner`` (top-left, top-right, bottom-left, bottom-right) and ``corner_area``
+    (the square's share of the map: what a uniform map puts there). An all-zero map counts as uniform."""
+    h = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0), 0, None)
+    if h.ndim != 2:
+        raise ValueError(f"corner_share() takes one heatmap (H, W); got shape {h.shape}")
+    if not h.sum() > 0:
+        h = np.ones_like(h)
+    r, c = max(1, round(side * h.shape[0])), max(1, round(side * h.shape[1]))
+    boxes = {"top-left": h[:r, :c], "top-right": h[:r, -c:], "bottom-left": h[-r:, :c], "bottom-right": h[-r:, -c:]}
+    shares = {k: float(v.sum() / h.sum()) for k, v in boxes.items()}
+    best = max(shares, key=shares.get)
+    return {"corner_share": shares[best], "corner": best, "corner_area": r * c / h.size}
+
+
+def _band_area(border: float) -> float:
+    return 1.0 - (1.0 - 2.0 * border) ** 2
+
+
+def _border_card(s: dict, rows: pd.DataFrame, name: str, title: str) -> dict:
+    """Heat in the border band (where text, markers and the film's edge sit) against the band's area."""
+    area = _band_area(float((s.get("settings") or {}).get("border", 0.1)))
+    share = rows["border_share"].astype(float)
+    mean, ratio = float(share.mean()), float(share.mean()) / area
+    sev = next((k for k, v in BORDER_RATIO.items() if ratio >= v), "ok")
+    over = share / area > BORDER_RATIO["medium"]
+    claim = (f"{title} puts {mean:.0%} of its heat in the border band (10% of each side, where text and markers "
+             f"sit), which covers {area:.0%} of the film: {ratio:.2f} times a uniform map; on {int(over.sum())} of "
+             f"{len(share)} films more than {BORDER_RATIO['medium']:.2f} times.")
+    paths = rows.assign(_s=share).sort_values("_s", ascending=False)[over.to_numpy()]["path"].tolist()
+    return _card(f"border_heat:{name}", "border_heat", sev, claim, paths,
+                 "films whose map favours the border band most", name, ratio)
+
+
+def _corner_card(rows: pd.DataFrame, name: str, title: str) -> dict:
+    """Films whose heat piles up in one corner square (a burned-in marker's place) against the square's area."""
+    share = rows["corner_share"].astype(float)
+    area = float(rows["corner_area"].astype(float).mean())
+    hot = (share >= CORNER_FILM).to_numpy()
+    frac = float(hot.mean()) if len(hot) else 0.0
+    sev = next((k for k, v in CORNER_FILMS.items() if frac >= v), "ok")
+    corners = rows.loc[hot, "corner"].value_counts() if "corner" in rows else pd.Series(dtype=int)
+    where = f" (the {corners.index[0]} one on {int(corners.iloc[0])})" if len(corners) else ""
+    claim = (f"On {int(hot.sum())} of {len(share)} films ({frac:.0%}), {title} puts at least {CORNER_FILM:.0%} of "
+             f"its heat in one corner square{where} that covers {area:.0%} of the film, where burned-in markers "
+             f"and text sit (mean over all films: {float(share.mean()):.0%} in the hottest corner).")
+    paths = rows.assign(_s=share).sort_values("_s", ascending=False)[lambda d: d["_s"] >= CORNER_FILM]["path"]
+    return _card(f"corner_heat:{name}", "corner_heat", sev, claim, paths.tolist(),
+                 "films whose map puts the most heat in one corner", name, frac)
+
+
+def _place_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
+    """Cards on heat in the border band and in the corners, per method (needs audit.csv's per-image rows)."""
+    if table is None or table.empty or "method" not in table:
+        return []
+    titles = {k: v.get("title", k) for k, v in (s.get("methods") or {}).items()}
+    out = []
+    for name in table["method"].unique():
+        rows = table[table["method"] == name]
+        if "border_share" in rows and rows["border_share"].notna().any():
+            out.append(_border_card(s, rows[rows["border_share"].notna()], name, titles.get(name, name)))
+        if "corner_share" in rows and rows["corner_share"].notna().any():
+            out.append(_corner_card(rows[rows["corner_share"].notna()], name, titles.get(name, name)))
+    return out
+
+
 def _slice_cards(s: dict, method) -> list[dict]:
     """Cards of flagged slices. The simplest slices come first, and among them the one with the most
     errors of the flagged kind (false positives for specificity, false negatives for sensitivity);
@@ -260,7 +340,7 @@ def findings(summary: dict, table: pd.DataFrame | None = None) -> list[dict]:
     rows = _rows(table, method)
     cards = (_probe_cards(summary, rows, method) + _source_cards(summary, rows, method)
              + _road_cards(summary, table) + _pointing_cards(summary, table)
-             + _sanity_cards(summary) + _slice_cards(summary, method))
+             + _sanity_cards(summary) + _slice_cards(summary, method) + _place_cards(summary, table))
     n_fb = summary.get("n_fell_back") or 0
     if n_fb:
         cards.append(_card("fell_back", "fell_back", "low",
