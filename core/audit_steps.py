@@ -35,7 +35,7 @@ from core import (
 )
 from core import model as cxr_model
 from core.audit_checks import deletion_insertion, sanity_check
-from core.heat import heat_share
+from core.heat import corner_share, heat_share
 
 RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline
 
@@ -152,7 +152,8 @@ def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), s
         for i in range(len(test)):
             r = test.iloc[i]
             row = {"path": r["path"], "source": r["source"], "label": r["label"], "class": r["class"],
-                   "patient_id": r["patient_id"], "group": r["group"], "method": method, **heat_share(heat[i], lung[i])}
+                   "patient_id": r["patient_id"], "group": r["group"], "method": method, **heat_share(heat[i], lung[i]),
+                   **corner_share(heat[i])}
             if method in di_methods:
                 row["deletion_auc"], row["insertion_auc"] = deletion_insertion(
                     model, x[i], heat[i], class_index, steps)

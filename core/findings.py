@@ -8,7 +8,7 @@ to the data root, at most :data:`MAX_PATHS`, the clearest first), ``n_paths`` (h
 are in all), ``paths_note`` (what those images are) and ``method`` (whose heatmaps to show
 beside them). The severity rules are in :data:`RULES`. Two cards read where the heat lies per film
 (``audit.csv``): ``border_heat`` (the border band's share against its area) and ``corner_heat`` (films
-whose heat piles up in one corner square, :func:`corner_share`, where a burned-in marker sits; needs the
+whose heat piles up in one corner square, :func:`core.heat.corner_share`, where a burned-in marker sits; needs the
 ``corner_share``/``corner``/``corner_area`` columns in the table).
 
 :func:`figures` flattens every figure of a summary into one table (``key``, ``section``,
@@ -26,10 +26,11 @@ import math
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 
 from core import metrics, runs, safepath
+from core.heat import CORNER_SIDE as CORNER_SIDE
+from core.heat import corner_share as corner_share  # re-exported: the corner card's measure
 
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
@@ -52,7 +53,6 @@ RULES = {
 # Where burned-in markers and text sit: the border band (core.heat.heat_share's, 10% of each side) and
 # the four corner squares (CORNER_SIDE of each side). Ratios are against a uniform map's share.
 BORDER_RATIO = {"high": 1.4, "medium": 1.25}  # high: about half the heat in the band; medium: the trust panel's red line
-CORNER_SIDE = 0.2
 CORNER_FILM = 0.25  # a film "puts its heat in a corner" from this share on (about 6x a uniform map)
 CORNER_FILMS = {"high": 0.2, "medium": 0.1, "low": 0.05}
 
@@ -231,22 +231,6 @@ def _sanity_cards(s: dict) -> list[dict]:
         out.append(_card(f"sanity:{name}", "sanity", "ok" if ok else "medium", claim, sc.get("paths", []),
                          "the films of the randomisation check", name, sc["spearman_mean"]))
     return out
-
-
-def corner_share(heatmap, side: float = CORNER_SIDE) -> dict:
-    """The largest share of a heatmap's (non-negative) energy in one corner square (``side`` x each side):
-    ``corner_share``, which ``corner`` (top-left, top-right, bottom-left, bottom-right) and ``corner_area``
-    (the square's share of the map: what a uniform map puts there). An all-zero map counts as uniform."""
-    h = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0), 0, None)
-    if h.ndim != 2:
-        raise ValueError(f"corner_share() takes one heatmap (H, W); got shape {h.shape}")
-    if not h.sum() > 0:
-        h = np.ones_like(h)
-    r, c = max(1, round(side * h.shape[0])), max(1, round(side * h.shape[1]))
-    boxes = {"top-left": h[:r, :c], "top-right": h[:r, -c:], "bottom-left": h[-r:, :c], "bottom-right": h[-r:, -c:]}
-    shares = {k: float(v.sum() / h.sum()) for k, v in boxes.items()}
-    best = max(shares, key=shares.get)
-    return {"corner_share": shares[best], "corner": best, "corner_area": r * c / h.size}
 
 
 def _band_area(border: float) -> float:

@@ -1,4 +1,4 @@
-"""Where one heatmap's energy lies: in the lungs, in the border band, in the top band.
+"""Where one heatmap's energy lies: in the lungs, in the border band, in the top band, in a corner.
 
 :func:`heat_share` is the per-map measure under both the whole-run audit (:mod:`core.audit`, one
 row of ``audit.csv`` per image and method) and the trust panel of one film (:mod:`core.trust`).
@@ -53,3 +53,23 @@ def heat_share(heatmap: np.ndarray, lung_mask: np.ndarray, border: float = 0.1, 
         "border_share": float(h[band].sum() / total),
         "top_share": float(h[:t].sum() / total) if t else 0.0,
     }
+
+
+# side of the corner squares, as a fraction of each side (a burned-in tag or laterality letter sits in one)
+CORNER_SIDE = 0.2
+
+
+def corner_share(heatmap, side: float = CORNER_SIDE) -> dict:
+    """The largest share of a heatmap's (non-negative) energy in one corner square (``side`` x each side):
+    ``corner_share``, which ``corner`` (top-left, top-right, bottom-left, bottom-right) and ``corner_area``
+    (the square's share of the map: what a uniform map puts there). An all-zero map counts as uniform."""
+    h = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0), 0, None)
+    if h.ndim != 2:
+        raise ValueError(f"corner_share() takes one heatmap (H, W); got shape {h.shape}")
+    if not h.sum() > 0:
+        h = np.ones_like(h)
+    r, c = max(1, round(side * h.shape[0])), max(1, round(side * h.shape[1]))
+    boxes = {"top-left": h[:r, :c], "top-right": h[:r, -c:], "bottom-left": h[-r:, :c], "bottom-right": h[-r:, -c:]}
+    shares = {k: float(v.sum() / h.sum()) for k, v in boxes.items()}
+    best = max(shares, key=shares.get)
+    return {"corner_share": shares[best], "corner": best, "corner_area": r * c / h.size}

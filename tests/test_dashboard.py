@@ -330,6 +330,7 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
     if env["kind"] == "nodata":
         pytest.skip("auditing needs the images; the no-data case is test_page_loads[nodata-shortcuts]")
     from core import audit
+    from dashboard import components
 
     request.getfixturevalue("shipped_lungs")  # the lung net is shipped: missing fails, never skips
     run = tmp_path / "runs" / env["run"].name
@@ -346,7 +347,8 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
     assert not at.exception and not at.error, [e.value for e in at.exception]
     t = texts(at)
     assert "ROC AUC, lungs blanked" in t and "Lung-blanked probes" in t
-    assert "Findings" in t and summary["findings"][0]["claim"] in t
+    # run-file text is shown as plain text: its Markdown characters are escaped (dashboard.components.plain)
+    assert "Findings" in t and components.plain(summary["findings"][0]["claim"]) in t
     assert plotly_charts(at) == 1
     assert at.dataframe, "probe and method tables"
     for title in ("Does the model know where a film came from?", "ROAD: does removing", "Pointing game",

@@ -32,7 +32,7 @@ Stages (each reads what the one before wrote under ``--out``, so they run separa
     (:data:`MARKER_KINDS`: core.findings' ``corner_heat`` and ``border_heat`` cards), planted flagged k/n
     and clean flagged k/n, the trust panel (:func:`core.case.trust_rows`) on one marked non-COVID test
     film, the DenseNet121 adopt + audit time and the wall times of every stage. ``corner_heat`` needs the
-    audit's per-film table to carry :func:`core.findings.corner_share` (``core.audit_steps.trust_table``).
+    audit's per-film table to carry :func:`core.heat.corner_share` (``core.audit_steps.trust_table``).
 
 Everything is written under ``--out`` (git-ignored ``runs/``); no image enters the repository.
 """
