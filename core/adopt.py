@@ -444,6 +444,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run :func:`adopt` from the command line; errors are one sentence on stderr (status 2)."""
     args = parser().parse_args(argv)
+    if args.trust_code:  # the user trusts this file on the command line: so does this process when it reopens the run
+        os.environ[al.TRUST_ENV] = "1"
     try:
         summary = adopt(args, progress=not args.json and sys.stderr.isatty())
     except (al.AdoptError, runs.RunError, ValueError, FileNotFoundError) as exc:

@@ -18,6 +18,7 @@ classification head, so its output is the penultimate features), the head re-mad
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def load_source(path, trust_code: bool = False):
     if not trust_code:
         refuse_code(path, found)
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
+        model = load_keras(path, trusted=trust_code)
     except Exception as exc:  # Keras raises many kinds; one sentence with its first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AdoptError(f"{Path(path).name} could not be loaded: {first[:300]}") from None
@@ -411,6 +412,15 @@ def import_code(path) -> None:
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+TRUST_ENV = "CXR_TRUST_CODE"  # "1": this process may load adopted models that carry code (--trust-code runs)
+
+
+def load_keras(path, trusted: bool):
+    """The one place a Keras file is loaded with safe mode off, and only when ``trusted`` (the user's
+    --trust-code, or CXR_TRUST_CODE=1 for a run adopted that way); safe mode otherwise."""
+    return keras.saving.load_model(path, compile=False, safe_mode=not trusted)
+
+
 def load_run_model(run, cfg: dict, check_hash: bool = True):
     """The model of a run made by :mod:`core.adopt` (what ``core.runs.load_model`` returns for it):
     model.keras in safe mode (or, when adopted with ``--trust-code``, with its code allowed), or a
@@ -430,9 +440,14 @@ def load_run_model(run, cfg: dict, check_hash: bool = True):
             raise runs.RunError(f"{label} has no model.keras.")
         if check_hash and cfg.get("model_sha256") and runs.sha256(path) != cfg["model_sha256"]:
             raise runs.RunError(f"{label} has a model.keras whose sha256 does not match config.json.")
+        if a.get("trust_code") and os.environ.get(TRUST_ENV) != "1":
+            # A run folder is data: its own config.json must never switch safe mode off (anyone can write
+            # one). The person opening it says so for this process instead.
+            raise runs.RunError(f"{label} holds a model with code in it (adopted with --trust-code); it is loaded "
+                                f"only when you trust it: set {TRUST_ENV}=1 for the process that opens it.")
         if a.get("trust_code") and a.get("code"):
             import_code(a["code"])
-        return keras.saving.load_model(path, safe_mode=not a.get("trust_code"), compile=False)
+        return load_keras(path, trusted=bool(a.get("trust_code")))
     except (AdoptError, OSError, ValueError, TypeError) as exc:
         if isinstance(exc, runs.RunError):
             raise

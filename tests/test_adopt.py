@@ -323,7 +323,8 @@ def test_savedmodel_run_is_a_black_box_that_still_predicts(data, tmp_path):
     assert abs(c.p_positive - want) < 1e-5 and abs(pred["p_covid"][3] - want) < 1e-5
 
 
-def test_trusted_code_run_loads_its_model(data, tmp_path):
+def test_trusted_code_run_loads_its_model(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_TRUST_CODE", raising=False)  # adopt --trust-code sets it in-process; undone after
     path = _save(_lambda_model(), tmp_path / "m.keras")
     assert _adopt(path, data, tmp_path / "refused") == 2
     assert not (tmp_path / "refused" / "config.json").exists()  # refused before the run folder is written
@@ -331,6 +332,11 @@ def test_trusted_code_run_loads_its_model(data, tmp_path):
     assert _adopt(path, data, out, "--trust-code") == 0
     run = runs.open_run(out)
     assert run.adopted["trust_code"] and run.adopted["found_code"]["lambda"] == ["double (Lambda)"]
+    # the run folder's own config never switches safe mode off: the person opening it must
+    monkeypatch.delenv("CXR_TRUST_CODE", raising=False)
+    with pytest.raises(runs.RunError, match="CXR_TRUST_CODE=1"):
+        runs.load_model(out)
+    monkeypatch.setenv("CXR_TRUST_CODE", "1")
     got = model_lib.probabilities(run.model(), np.full((1, SIZE, SIZE), 100.0, np.float32))
     assert got.shape == (1, 2)
 

@@ -29,6 +29,7 @@ def test_dashboard_listens_on_localhost_only():
 
 
 # ------------------------------------------------------------------ 8: a full disk while training
+@pytest.mark.slow  # trains a tiny run up to the full disk
 def test_disk_full_during_training_is_one_sentence(cxr_root, tmp_path, monkeypatch, capsys):
     """The second checkpoint's state.json hits ENOSPC: exit 2, one sentence naming the run folder,
     the free and needed space and ``--resume``; no traceback."""

@@ -75,7 +75,7 @@ def adopt_command(model: Path, test_root: Path, run: Path, trained_on: Path | No
                   preprocess: str = "grey01") -> list[str]:
     """The ``python -m core.adopt`` call of one model (the one place its flags live: ADOPT_API.md)."""
     cmd = [sys.executable, "-m", "core.adopt", str(model), "--data", str(test_root), "--out", str(run),
-           "--preprocess", preprocess]
+           "--preprocess", preprocess, "--classes", "covid,other"]  # the models' softmax columns, in order
     if trained_on is not None:
         cmd += ["--trained-on", str(trained_on)]
     if history is not None and history.is_file():
