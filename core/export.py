@@ -89,8 +89,10 @@ def crop(film, box):
     return film[y0:y1, x0:x1]
 
 
-def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | None = None):
-    """The signature's function: films (n, h, w, 1) -> dict of p_covid, probs, box, fell_back."""
+def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | None = None,
+               positive_index: int = config.COVID_INDEX):
+    """The signature's function: films (n, h, w, 1) -> dict of p_covid, probs, box, fell_back;
+    ``p_covid`` is column ``positive_index`` of ``probs`` (an adopted run's classes have any order)."""
     size = model_lib.input_size(model)
 
     def prepare(films):
@@ -110,7 +112,7 @@ def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | N
     def serve(image):
         x, box, fell_back = prepare(tf.cast(image, tf.float32))
         probs = model(x, training=False)
-        return {"p_covid": probs[:, config.COVID_INDEX], "probs": probs, "box": box, "fell_back": fell_back}
+        return {"p_covid": probs[:, positive_index], "probs": probs, "box": box, "fell_back": fell_back}
 
     return serve
 
@@ -122,6 +124,10 @@ def export(run, out) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise runs.RunError(f"{out} is not empty; export into a new folder (TF Serving: <model>/<version>)")
+    if run.blackbox:
+        raise runs.RunError(f"{run.label} is an adopted SavedModel, which is already a SavedModel but takes the "
+                            "model's own preprocessed input, so there is no model.keras to wrap with the film "
+                            "preparation: serve its model_savedmodel folder and prepare films as core.adopt does")
     model = run.model()
     crop_cfg = run.lung_crop
     lung_model = net = None
@@ -130,7 +136,7 @@ def export(run, out) -> dict:
     if crop_cfg is not None:
         lung_model, net = lungs.lung_model(), lungs.net_size()
         archive.track(lung_model)
-    fn = serving_fn(model, crop_cfg, lung_model, net)
+    fn = serving_fn(model, crop_cfg, lung_model, net, run.positive_index)
     archive.add_endpoint(SIGNATURE, fn, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     archive.write_out(str(out), verbose=False)
     classes = list(run.classes)

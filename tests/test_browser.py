@@ -66,16 +66,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(data: Path, runs_root: Path | None = None, port: int | None = None, log: Path | None = None):
-    """Start ``streamlit run dashboard/app.py -- --data DATA`` headless on 127.0.0.1; yield (url, t_start)."""
+def streamlit_server(data: Path, runs_root: Path | None = None, port: int | None = None, log: Path | None = None,
+                     runs_flag: bool = False):
+    """Start ``streamlit run dashboard/app.py -- --data DATA`` headless on 127.0.0.1; yield (url, t_start).
+
+    ``runs_root`` is passed as ``$CXR_RUNS_DIR``, or with ``runs_flag`` as ``--runs`` after ``--``."""
     port = port or free_port()
     env = {**os.environ, "CXR_DATA_DIR": str(data), "TF_CPP_MIN_LOG_LEVEL": "2",
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    if runs_root is not None:
+    if runs_root is not None and not runs_flag:
         env["CXR_RUNS_DIR"] = str(runs_root)
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
            "--browser.gatherUsageStats", "false", "--", "--data", str(data)]
+    if runs_root is not None and runs_flag:
+        cmd += ["--runs", str(runs_root)]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=config.REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -235,13 +240,18 @@ def wait_redrawn(page, previous: str | None) -> str:
     return overlay_src(page)
 
 
-@pytest.mark.slow
-def test_upload_in_a_real_browser(tmp_path, request, shipped_run):
+def need_browser() -> None:
+    """Skip with the reason when no browser is here, but FAIL under CI (never green without one)."""
     why = browser_missing()
     if why and under_ci():
         pytest.fail(f"CI must run the browser test, but {why}", pytrace=False)
     if why:
         pytest.skip(why)
+
+
+@pytest.mark.slow
+def test_upload_in_a_real_browser(tmp_path, request, shipped_run):
+    need_browser()
     try:
         data_root = request.getfixturevalue("cxr_root")
     except pytest.skip.Exception:
@@ -310,3 +320,28 @@ def test_upload_in_a_real_browser(tmp_path, request, shipped_run):
     assert where > 0.5 and where > moved + 0.15, (where, moved)
     print(f"upload -> overlay and trust panel {seconds:.2f} s (cold); film r={aligned:.3f} (shifted {shifted:.3f}); "
           f"heat r={where:.3f} (moved by a quarter {moved:.3f}); screenshot {shot}")
+
+
+@pytest.mark.slow  # adopts a small model, then drives a browser
+def test_upload_on_an_adopted_run_in_a_real_browser(tmp_path, monkeypatch):
+    """``--runs`` holds an adopted run: pick it in the sidebar, upload a film, see the overlay and trust panel."""
+    need_browser()
+    from test_adopted_pages import RUN_NAME, adopted_run
+
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    run, data = adopted_run(tmp_path)
+    from test_dashboard import chest_like_png
+
+    with streamlit_server(data, run.parent, log=tmp_path / "streamlit.log", runs_flag=True) as (url, _), \
+            browser_page() as page:
+        open_app(page, url)
+        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+        page.get_by_role("option", name=RUN_NAME).first.click()
+        wait_idle(page)
+        page.locator('input[type="file"]').first.wait_for(state="attached")  # the Explain page, same session
+        upload_and_wait(page, "chest.png", chest_like_png(), until_idle=True)
+        page.get_by_text("P(covid)").first.wait_for()
+        sidebar = page.inner_text('[data-testid="stSidebar"]')
+        body = page.inner_text("body")
+    assert RUN_NAME in sidebar, sidebar
+    assert "Traceback" not in body and TRUST_TITLE in body
