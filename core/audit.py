@@ -123,6 +123,9 @@ def open_run(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = N
     # ``group``: the bootstrap's and the folds' unit, patients the split kept together (as core.evaluate)
     preds = _with_class(evaluate.with_groups(handle.predictions(), split), handle)
     test = preds[preds["split"] == "test"]
+    if test.empty and not handle.training_data_known:
+        # adopted without --trained-on: every film was scored as external, and those are the films to audit
+        test, preds = preds[preds["split"] == "external"], preds[preds["split"] != "external"]
     if test.empty:
         raise runs.RunError(f"run {handle.name}: predictions.csv has no test rows to audit")
     test = _pick(test, limit, seed)
