@@ -364,35 +364,31 @@ def _done(path: Path) -> dict:
     return {k: v for k, v in got.items() if v.get("rc") == 0}
 
 
-def stage_adopt(args) -> dict:
-    """``python -m core.adopt`` on every model into ``--out``/adopted/<name> (kept when done before)."""
+def _each_model(args, stage: str, finished: str, command) -> dict:
+    """Run ``command(model, run, test_root)`` for every model (``stage``: adopt or audit), keeping a run whose
+    ``finished`` file exists from before (unless ``--redo``); the results go to ``--out``/<stage>.json."""
     test_root = args.out / "data" / "test"
-    done = _done(args.out / "adopt.json")
+    done = _done(args.out / f"{stage}.json")
     out = {}
     for m in models(args.out):
         run = args.out / "adopted" / m["name"]
-        if (run / "predictions.csv").is_file() and not args.redo and m["name"] in done:
+        if (run / finished).is_file() and not args.redo and m["name"] in done:
             out[m["name"]] = done[m["name"]]
-            continue
-        out[m["name"]] = _call(adopt_command(m["file"], test_root, run, m["trained_on"], m["history"]),
-                               args.out / "logs" / f"adopt_{m['name']}.txt")
-    (args.out / "adopt.json").write_text(json.dumps(out, indent=1))
+        elif stage == "adopt" or (run / "config.json").is_file():
+            out[m["name"]] = _call(command(m, run, test_root), args.out / "logs" / f"{stage}_{m['name']}.txt")
+    (args.out / f"{stage}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def stage_adopt(args) -> dict:
+    """``python -m core.adopt`` on every model into ``--out``/adopted/<name> (kept when done before)."""
+    return _each_model(args, "adopt", "predictions.csv",
+                       lambda m, run, root: adopt_command(m["file"], root, run, m["trained_on"], m["history"]))
 
 
 def stage_audit(args) -> dict:
     """``python -m core.audit`` on every adopted run (kept when done before)."""
-    test_root = args.out / "data" / "test"
-    done = _done(args.out / "audit.json")
-    out = {}
-    for m in models(args.out):
-        run = args.out / "adopted" / m["name"]
-        if (run / "audit.json").is_file() and not args.redo and m["name"] in done:
-            out[m["name"]] = done[m["name"]]
-        elif (run / "config.json").is_file():
-            out[m["name"]] = _call(audit_command(run, test_root), args.out / "logs" / f"audit_{m['name']}.txt")
-    (args.out / "audit.json").write_text(json.dumps(out, indent=1))
-    return out
+    return _each_model(args, "audit", "audit.json", lambda m, run, root: audit_command(run, root))
 
 
 # --------------------------------------------------------------------------- stage: report
