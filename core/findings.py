@@ -281,7 +281,23 @@ def _place_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
             out.append(_border_card(s, rows[rows["border_share"].notna()], name, titles.get(name, name)))
         if "corner_share" in rows and rows["corner_share"].notna().any():
             out.append(_corner_card(rows[rows["corner_share"].notna()], name, titles.get(name, name)))
-    return out
+    return _agreed(out, titles)
+
+
+def _agreed(cards: list[dict], titles: dict) -> list[dict]:
+    """A place card stays high only when another method agrees: where two or more methods were audited and
+    one alone puts its heat on the border or a corner, that is as likely how the method draws (Grad-CAM++
+    favours bright edges, such as a marker the model ignores) as what the model reads, so it is medium."""
+    for kind in ("border_heat", "corner_heat"):
+        of_kind = [c for c in cards if c["kind"] == kind]
+        high = [c for c in of_kind if c["severity"] == "high"]
+        if len(of_kind) >= 2 and len(high) == 1:
+            lone = high[0]
+            lone["severity"] = "medium"
+            others = ", ".join(titles.get(c["method"], c["method"]) for c in of_kind if c is not lone)
+            lone["claim"] += (f" The other methods audited ({others}) do not, so it may be how this method draws "
+                              f"rather than what the model reads.")
+    return cards
 
 
 def _slice_cards(s: dict, method) -> list[dict]:

@@ -93,3 +93,18 @@ def test_cards_need_the_per_film_columns():
     t = _marked_table().drop(columns=["corner_share", "corner", "corner_area"])
     kinds = [c["kind"] for c in findings.findings(s, t)]
     assert kinds == ["border_heat"]  # no corner card without corner_share, border band from its default 10%
+
+
+def test_corner_heat_of_one_method_alone_is_not_high():
+    """Grad-CAM++ alone on the corner (it favours bright edges, e.g. a marker the model ignores) is medium,
+    with the reason; two methods agreeing stay high (the planted-marker benchmark's case)."""
+    s = {"methods": {"gradcam": {"title": "Grad-CAM", "groups": {}, "sanity": None},
+                     "gradcam_pp": {"title": "Grad-CAM++", "groups": {}, "sanity": None}},
+         "settings": {"border": 0.1}}
+    lone = pd.concat([_marked_table(marked=0.5).assign(method="gradcam_pp"), _marked_table(marked=0.0)])
+    cards = {c["id"]: c for c in findings.findings(s, lone)}
+    assert cards["corner_heat:gradcam_pp"]["severity"] == "medium"
+    assert "The other methods audited (Grad-CAM) do not" in cards["corner_heat:gradcam_pp"]["claim"]
+    both = pd.concat([_marked_table(marked=0.5).assign(method="gradcam_pp"), _marked_table(marked=0.5)])
+    cards = {c["id"]: c for c in findings.findings(s, both)}
+    assert cards["corner_heat:gradcam_pp"]["severity"] == "high" and cards["corner_heat:gradcam"]["severity"] == "high"
