@@ -52,9 +52,6 @@ import pandas as pd
 from core import config, evaluate, explain, findings, lungs, pointing, road, runs
 from core import model as cxr_model
 from core.audit_checks import SANITY_THRESHOLD, probes, randomised_copy
-
-# MIN_MEAN_N: read as core.audit.MIN_MEAN_N by the dashboard's Shortcuts page
-from core.audit_maps import MIN_MEAN_N as MIN_MEAN_N
 from core.audit_maps import mean_maps, mean_maps_png, save_maps
 from core.audit_steps import (
     explain_all,

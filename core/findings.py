@@ -29,8 +29,6 @@ import cv2
 import pandas as pd
 
 from core import metrics, runs, safepath
-from core.heat import CORNER_SIDE as CORNER_SIDE
-from core.heat import corner_share as corner_share  # re-exported: the corner card's measure
 
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
@@ -51,7 +49,7 @@ RULES = {
                    "high; >= 10%: medium; >= 5%: low; else ok",
 }
 # Where burned-in markers and text sit: the border band (core.heat.heat_share's, 10% of each side) and
-# the four corner squares (CORNER_SIDE of each side). Ratios are against a uniform map's share.
+# the four corner squares (core.heat.CORNER_SIDE of each side). Ratios are against a uniform map's share.
 BORDER_RATIO = {"high": 1.4, "medium": 1.25}  # high: about half the heat in the band; medium: the trust panel's red line
 CORNER_FILM = 0.25  # a film "puts its heat in a corner" from this share on (about 6x a uniform map)
 CORNER_FILMS = {"high": 0.2, "medium": 0.1, "low": 0.05}

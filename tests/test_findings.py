@@ -57,16 +57,16 @@ def _marked_table(n: int = 40, marked: float = 0.5, seed: int = 0) -> pd.DataFra
             h[:3, :3] += 60.0
         share = heat.heat_share(h, np.zeros((32, 32), bool))
         rows.append({"path": f"f{i}.png", "method": "gradcam", "border_share": share["border_share"],
-                     **findings.corner_share(h)})
+                     **heat.corner_share(h)})
     return pd.DataFrame(rows)
 
 
 def test_corner_share_names_the_corner_and_its_area():
     h = np.zeros((40, 40))
     h[32:, 36:] = 1.0  # all the heat in the bottom-right square (8 x 8 = 4% of the map)
-    got = findings.corner_share(h)
+    got = heat.corner_share(h)
     assert got["corner"] == "bottom-right" and got["corner_share"] == 1.0 and got["corner_area"] == 0.04
-    flat = findings.corner_share(np.zeros((40, 40)))  # a blank map counts as uniform
+    flat = heat.corner_share(np.zeros((40, 40)))  # a blank map counts as uniform
     assert flat["corner_share"] == 0.04
 
 

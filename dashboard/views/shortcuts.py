@@ -7,8 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import audit as core_audit
-from core import findings, report, runs
+from core import audit_maps, findings, report, runs
 from core.metrics import fmt
 from dashboard import components, state
 
@@ -202,7 +201,7 @@ if counts:
     with st.expander("Mean heatmaps per class and source"):
         shown_any = False
         for name in methods:
-            keys = sorted(k for k in counts if k.startswith(f"heat__{name}__") and counts[k] >= core_audit.MIN_MEAN_N)
+            keys = sorted(k for k in counts if k.startswith(f"heat__{name}__") and counts[k] >= audit_maps.MIN_MEAN_N)
             if not keys:
                 continue
             st.markdown(f"**{methods[name].get('title', name)}**")
@@ -215,7 +214,7 @@ if counts:
                     shown_any = True
         if not shown_any:
             st.info("No class or source has enough audited images for a mean heatmap: audit more test images.")
-        st.caption(f"Groups of fewer than {core_audit.MIN_MEAN_N} images are left out (their mean is close to one image).")
+        st.caption(f"Groups of fewer than {audit_maps.MIN_MEAN_N} images are left out (their mean is close to one image).")
 
 # ------------------------------------------------------------------ distributions and worst cases
 if table is not None and not table.empty:

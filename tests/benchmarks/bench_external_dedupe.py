@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -66,7 +67,9 @@ def copy_film(src: Path, dst: Path, scale: float, quality: int, crop: float) -> 
 
 def measure(mod, run: Path, cfg: dict, root: Path) -> dict:
     t0 = time.perf_counter()
-    table, excluded = mod.unseen_images(run, cfg, root)
+    # unseen_images(run, cfg, root) before core.unseen, unseen_images(run, root) since: measure either checkout
+    old = "cfg" in inspect.signature(mod.unseen_images).parameters
+    table, excluded = mod.unseen_images(run, cfg, root) if old else mod.unseen_images(run, root)
     out = {"unseen": int(len(table)), "unseen_by_source": {str(k): int(v) for k, v in
                                                           table["source"].value_counts().sort_index().items()},
            "excluded": excluded, "excluded_total": int(sum(excluded.values())),
