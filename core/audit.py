@@ -53,6 +53,7 @@ from core import config, evaluate, explain, findings, lungs, pointing, road, run
 from core import model as cxr_model
 from core.audit_checks import SANITY_THRESHOLD, probes, randomised_copy
 from core.audit_maps import mean_maps, mean_maps_png, save_maps
+from core.audit_outcome import outcome_step
 from core.audit_steps import (
     explain_all,
     load_images,
@@ -192,6 +193,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     table = _per_image_columns(table, test, p_by, road_cols, point_cols, p_true)
     summary = _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods)
     summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
+    summary["by_outcome"] = outcome_step(ctx, table, n_boot)  # trust measures per TP/FP/TN/FN (core.audit_outcome)
     summary["verdict"] = verdict(summary)
     summary["findings"] = findings.findings(summary, table)
     timing["total_s"] = time.time() - t_start

@@ -145,6 +145,18 @@ if pg:
     st.caption("Expert lung boxes: ieee8023's COCO annotations, mapped into the network's view."
                + (f" The boxes cover {area:.0%} of the view on average." if area else ""))
 
+# ------------------------------------------------------------------ trust by outcome (core.audit_outcome)
+bo = summary.get("by_outcome") or {}
+if bo.get("methods"):
+    st.subheader("Do wrong calls come with worse maps?")
+    st.dataframe(pd.DataFrame([{
+        "map": titles.get(m, m), "outcome": o, "n": r["n"],
+        "heat in lungs": findings.pct(r.get("in_lung_share")), "ROAD combined": fmt(r.get("road_combined")),
+        "peak in lung mask": findings.pct(r.get("lungs_hit"))}
+        for m, per in bo["methods"].items() for o, r in per.items()]), hide_index=True, key="sc_by_outcome")
+    st.caption(components.plain(bo.get("sentence", "")) + f" Outcomes at the run's threshold {bo.get('threshold', 0.5):.2f} "
+               f"on {bo.get('score', 'P(COVID-19)')}: TP/FP/TN/FN, right = TP + TN, wrong = FP + FN.")
+
 # ------------------------------------------------------------------ slices
 sl = summary.get("slices") or {}
 if sl.get("slices"):
