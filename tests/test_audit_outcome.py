@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
+from test_audit import blob_model, tiny_audit_run  # noqa: F401  (fixtures: a small real model and run)
 
 from core import audit_outcome, config, runs
 
@@ -85,3 +86,17 @@ def test_shortcut_page_shows_trust_by_outcome(shipped_run, monkeypatch, tmp_path
     text = " ".join(str(m.value) for kind in ("subheader", "caption") for m in getattr(at, kind))
     assert "Do wrong calls come with worse maps?" in text and "wrong calls" in text
     assert at.dataframe, "the by-outcome table among the page's tables"
+
+
+def test_run_audit_stores_by_outcome(tiny_audit_run):  # noqa: F811  (the fixture imported above)
+    """core.audit runs the step: by_outcome in audit.json, one film per row of audit.csv, at threshold 0.5."""
+    from core import audit, lungs
+
+    run, root = tiny_audit_run
+    s = audit.run_audit(run, root, methods=["gradcam"], limit=10, sanity_n=0, n_boot=20, progress=False,
+                        lung_model=lungs.build_unet(base=4))
+    stored = json.loads((run / "audit.json").read_text())["by_outcome"]
+    assert stored["threshold"] == 0.5 and sum(stored["counts"].values()) == s["n_images"] == 10
+    per = stored["methods"]["gradcam"]
+    assert sum(per[o]["n"] for o in audit_outcome.OUTCOMES if o in per) == 10
+    assert {"in_lung_share", "road_combined", "lungs_hit"} <= set(per[next(iter(per))])
