@@ -38,7 +38,7 @@ MEANING = {
                  "false alarms, more misses"),
     "site": "fitted on a hospital's own labelled films (python -m core.calibrate), for the target it names",
 }
-TITLES = {"run": "the run's own", "rule-out": "rule-out", "balanced": "balanced", "site": "site profile"}
+TITLES = {"run": "run's own", "rule-out": "rule-out", "balanced": "balanced", "site": "site profile"}
 
 
 class SiteError(ValueError):
@@ -224,7 +224,7 @@ def choose(run, choice: str | None = None, data: bytes | None = None) -> Point:
         return Point("run", float(run.threshold), MEANING["run"], run.threshold_source)
     points = operating_points(run)
     if key not in points:
-        raise SiteError(f"{run.label} has no {TITLES[key]} operating point "
+        raise SiteError(f"{run.label} has no {key!r} operating point "
                         "(it needs a metrics.json, or val rows of both classes in predictions.csv).")
     return points[key]
 

@@ -127,7 +127,8 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     decided = operating.decide(p_covid, point)
     colour = "red" if decided.call == "covid" else "green"
     with st.container(border=True):
-        st.markdown(f"Decision at the **{plain(point.title)}** operating point: **:{colour}[{decided.call}]**")
+        named = "run's" if point.name == "run" else f"**{plain(point.title)}**"
+        st.markdown(f"Decision at the {named} operating point: **:{colour}[{decided.call}]**")
         st.caption(plain(decided.sentence) + ". " + plain(point.meaning[0].upper() + point.meaning[1:]) + ".")
         if why:
             st.warning(plain(why))

@@ -108,7 +108,7 @@ def test_sidebar_choice_changes_the_explain_decision(shipped_run, cxr_root, tmp_
         assert not at.exception, [e.value for e in at.exception]
         return next(m.value for m in at.markdown if m.value.startswith("Decision at the"))
 
-    assert "**rule-out**" not in decision() and "[covid]" in decision()  # default: the run's own
+    assert "Decision at the run's operating point" in decision() and "[covid]" in decision()  # the default
     at.selectbox(key="operating_point").set_value("rule-out").run()
     assert "**rule-out**" in decision() and "[covid]" in decision()
     at.selectbox(key="operating_point").set_value("balanced").run()
@@ -118,6 +118,6 @@ def test_sidebar_choice_changes_the_explain_decision(shipped_run, cxr_root, tmp_
     assert "**site profile test-site**" in decision() and "[covid]" in decision()
     other = site_profile(run, 0.01, tmp_path / "o.json", run={"model_sha256": "f" * 64})
     at.text_input(key="site_profile_path").set_value(str(other)).run()
-    assert "**the run's own**" in decision()
+    assert "Decision at the run's operating point" in decision()
     assert any("made for another model" in w.value for w in at.warning)
 

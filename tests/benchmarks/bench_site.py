@@ -110,12 +110,20 @@ def summarise(source: str, k: int, setup: dict, got: list[dict], n_draws: int) -
     return row
 
 
+def fold_runs(folder: Path) -> dict[str, Path]:
+    """Held-out source -> its fold run: from crossval.json, else the finished folds under folds/."""
+    if (folder / "crossval.json").is_file():
+        cv = json.loads((folder / "crossval.json").read_text())
+        return {source: folder / fold["run"] for source, fold in cv["folds"].items()}
+    done = sorted(p for p in (folder / "folds").glob("*-holdout-*") if (p / "metrics.json").is_file())
+    return {p.name.split("-holdout-", 1)[1]: p for p in done}
+
+
 def bench(folder: Path, ks: list[int], n_draws: int, n_boot: int, seed: int) -> dict:
     """The whole table over every fold of a crossval folder."""
-    cv = json.loads((folder / "crossval.json").read_text())
     rows, rng = [], np.random.default_rng(seed)
-    for source, fold in cv["folds"].items():
-        run = runs.open_run(folder / fold["run"])
+    for source, path in fold_runs(folder).items():
+        run = runs.open_run(path)
         setup = fold_setup(run)
         for k in tqdm([k for k in ks if k <= len(setup["ext"]) - 20], desc=source, file=sys.stderr):
             got = [one_draw(setup, k, rng, run.threshold, n_boot) for _ in range(n_draws)]
