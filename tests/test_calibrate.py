@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from streamlit.testing.v1 import AppTest
 
-from core import calibrate, evaluate, metrics, operating, predict, runs
+from core import calibrate, config, evaluate, metrics, operating, predict, runs
 
 
 def scores(n_pos: int, n_neg: int, shift: float = 2.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,3 +96,27 @@ def test_cli_refuses_too_few_films(cxr_root, tmp_path, capsys):
     assert calibrate.main(["--data", str(site), "--target-sensitivity", "0.9", "--out", str(tmp_path / "s.json")]) == 2
     assert "has 4 COVID-19 film(s); a sensitivity target needs at least 10" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_site_table_in_plain_words():
+    doc = {"draws": 5, "rows": [
+        {"source": "nih", "k": 40, "target": "specificity >= 0.65", "draws": 5, "refused": 1,
+         "site_sensitivity_mean": 0.8, "site_sensitivity_sd": 0.05, "site_specificity_mean": 0.66,
+         "site_specificity_sd": 0.04, "run_sensitivity_mean": 0.97, "run_sensitivity_sd": 0.0,
+         "run_specificity_mean": 0.11, "run_specificity_sd": 0.02, "half_width_mean": 0.14, "half_width_sd": 0.01},
+        {"source": "kermany", "k": 10, "target": "specificity >= 0.65", "draws": 5, "refused": 5}]}
+    t = calibrate.site_table(doc)
+    assert t.loc[0, "specificity, site point"] == "0.66 ± 0.04" and t.loc[0, "refused draws"] == "1 of 5"
+    assert t.loc[1, "sensitivity, site point"] == "-"
+
+
+def test_shipped_site_table_on_the_evaluation_page(shipped_run, tmp_path, monkeypatch):
+    doc = json.loads((shipped_run / "site_calibration.json").read_text())  # shipped: a missing file fails
+    assert {r["k"] for r in doc["rows"]} >= {10, 20, 40, 80} and doc["draws"] >= 50
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(config.REPO_ROOT / "dashboard" / "app.py"), default_timeout=120).run()
+    at.switch_page("views/evaluation.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [d for d in at.dataframe if d.proto.id and "eval_site_calibration" in d.proto.id]
+    assert shown and len(shown[0].value) == len(doc["rows"])
