@@ -192,6 +192,8 @@ def read_site(source, name: str | None = None) -> dict:
     thr = prof.get("threshold")
     if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not math.isfinite(thr):
         raise SiteError(f"site profile {label} has no numeric threshold.")
+    if not isinstance(prof.get("run"), dict) or not isinstance(prof.get("target", {}), dict):
+        raise SiteError(f"site profile {label} lacks the run it was made for or its target.")
     rec = prof.get("recalibration")
     if rec is not None and not (isinstance(rec, dict) and all(isinstance(rec.get(k), (int, float)) for k in "ab")):
         raise SiteError(f"site profile {label} has a recalibration without numeric a and b.")
@@ -207,7 +209,7 @@ def site_point(run, source, name: str | None = None) -> Point:
     if got != want:
         raise SiteError(f"site profile {label} was made for another model (sha256 {str(got)[:12]}, this run's "
                         f"is {want[:12]}); calibrate this run on the site's films instead.")
-    where = (f"fitted on {prof.get('n', '?')} films of {prof.get('data', 'the site')} on {prof.get('date', '?')} for "
+    where = (f"fitted on {prof.get('n', '?')} films of the site on {prof.get('date', '?')} for "
              f"{prof.get('target', {}).get('metric', '?')} >= {prof.get('target', {}).get('value', '?')}")
     return Point("site", float(prof["threshold"]), MEANING["site"], where, prof.get("recalibration"), prof)
 

@@ -81,6 +81,9 @@ def test_a_profile_for_another_run_is_refused(shipped_run, tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(operating.SiteError, match="cannot be read"):
         operating.choose(shipped_run, str(tmp_path / "junk.json"))
+    bad = json.dumps({"format": operating.SITE_FORMAT, "threshold": 0.5, "run": 5}).encode()
+    with pytest.raises(operating.SiteError, match="lacks the run"):
+        operating.choose(shipped_run, "bad.json", bad)
     with pytest.raises(operating.SiteError, match="not a site profile"):
         operating.choose(shipped_run, "x.json", b'{"threshold": 0.5}')
 
