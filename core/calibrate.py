@@ -9,8 +9,9 @@ COVID-19). This tool scores the site's labelled films (``LOCAL``: any data folde
 :func:`core.datasets.load_table` reads, e.g. a ``manifest.csv``) with the run's model and fits:
 
 - where both classes are present (at least :data:`MIN_RECALIBRATION` films of each), a Platt
-  recalibration of P(covid) on its logit (``sigmoid(a * logit(p) + b)``; a monotone map, so the
-  ranking and AUC stay as they are; refused when the slope is not positive);
+  recalibration of P(covid) on its logit (``sigmoid(a * logit(p) + b)``, with Platt's soft targets
+  so a small, perfectly separated site keeps a finite slope; a monotone map, so the ranking and
+  AUC stay as they are; refused when the slope is not positive);
 - the threshold on that probability that reaches the target on the site's films
   (:func:`core.metrics.choose_threshold`);
 - patient-bootstrap 95% CIs of the sensitivity and specificity it gives on those films
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
 
 from core import config, datasets, metrics, operating, runs
 from core.evaluate import jsonable
@@ -59,6 +61,17 @@ def _half_width(d: dict) -> float:
     return (hi - lo) / 2
 
 
+def platt(d: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) of ``sigmoid(a * d + b)`` by Platt's own recipe: soft targets (N+ + 1) / (N+ + 2) and
+    1 / (N- + 2) instead of 1 and 0, so that a small site whose films the model separates perfectly
+    gets a finite slope (plain logistic regression would send it to infinity)."""
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = np.r_[d, d][:, None]
+    lr = LogisticRegression(C=1e4).fit(x, np.r_[np.ones(len(d)), np.zeros(len(d))], sample_weight=np.r_[t, 1 - t])
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
 def fit_recalibration(y: np.ndarray, p: np.ndarray) -> tuple[dict | None, str | None]:
     """Platt on the logit of P(covid) when both classes have :data:`MIN_RECALIBRATION` films; else
     (None, why). A slope that is not positive (the model ranks the site's films backwards) is refused."""
@@ -66,9 +79,7 @@ def fit_recalibration(y: np.ndarray, p: np.ndarray) -> tuple[dict | None, str | 
     if min(n_pos, n_neg) < MIN_RECALIBRATION:
         return None, (f"P(covid) is not recalibrated: it needs at least {MIN_RECALIBRATION} films of each class "
                       f"(the site has {n_pos} COVID-19 and {n_neg} other films)")
-    from core import calibration  # lazy: it imports keras (+3 s); the dashboard's table readers need none
-
-    a, b = calibration.fit_platt(operating.logit(p), y)
+    a, b = platt(operating.logit(p), y)
     if a <= 0:
         return None, (f"P(covid) is not recalibrated: on the site's films it ranks COVID-19 below the others "
                       f"(Platt slope {a:.2f})")
