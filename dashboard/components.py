@@ -347,12 +347,17 @@ def downloads(case: dict, key: str) -> None:
 def site_calibration_table(run: Path) -> None:
     """The measured table of a site's own operating point on held-out collections (core.calibrate),
     beside the leave-one-source-out table; nothing when the run has none."""
-    doc = state.site_calibration(run)
-    if not doc:
+    try:
+        doc = state.site_calibration(run)
+        table = calibrate.site_table(doc) if doc else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a corrupt file spoils only this table
+        st.warning(f"This run's {state.SITE_TABLE} cannot be read ({plain(type(exc).__name__)}: {plain(exc)}).")
+        return
+    if table is None:
         return
     st.markdown("**With a site's own operating point** (`python -m core.calibrate` on k of the held-out "
                 "collection's films, scored on the rest)")
-    st.dataframe(calibrate.site_table(doc), hide_index=True, key="eval_site_calibration")
+    st.dataframe(table, hide_index=True, key="eval_site_calibration")
     st.caption(plain(f"{doc.get('draws')} random patient-grouped draws per row; {doc.get('models')}. A source "
                      "without COVID-19 films can only set a specificity target (its sensitivity is on the fold "
                      "run's internal COVID-19 test films); a COVID-19-only source only a sensitivity target."))

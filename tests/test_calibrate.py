@@ -5,6 +5,7 @@ the warning for too few films, and the CLI on a small site of real films, applie
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,18 @@ def test_shipped_site_table_on_the_evaluation_page(shipped_run, tmp_path, monkey
     shown = [d.value for d in at.dataframe if "site films k" in d.value.columns]
     assert shown and len(shown[0]) == len(doc["rows"])
     assert any("With a site's own operating point" in m.value for m in at.markdown)
+
+
+def test_a_corrupt_site_table_spoils_only_that_table(shipped_run, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "copy"
+    shutil.copytree(shipped_run, run, ignore=shutil.ignore_patterns("audit_maps", "*.png"))
+    (run / "site_calibration.json").write_text('{"rows": [{"source": 1}]}')
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(config.REPO_ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.session_state["run"] = str(run)
+    at.run()
+    at.switch_page("views/evaluation.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert any("site_calibration.json cannot be read" in w.value for w in at.warning)
+    assert any(m.value.startswith("**Does it detect") or "Does it detect" in m.value for m in at.subheader)
