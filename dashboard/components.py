@@ -18,7 +18,7 @@ from core import calibrate, checks, explain, images, inputs, operating, report, 
 from core import case as ccase
 from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
-from dashboard import state
+from dashboard import points, state
 
 MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
 TRUST_TITLE = "How far to trust this map"
@@ -107,7 +107,7 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     text of the decision for the report.
     """
     classes = state.run_classes(run)
-    point, why = state.operating_point(run)  # the sidebar's choice (core.operating)
+    point, why = points.operating_point(run)  # the sidebar's choice (core.operating)
     thr = point.threshold if point is not None else None
     p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
@@ -146,15 +146,15 @@ def operating_meanings() -> None:
 def operating_sidebar(run: Path | None) -> None:
     """The sidebar's operating point: the run's own, rule-out, balanced, or a site profile (a path
     to a SITE.json written by core.calibrate, or an upload); a refused profile is named there."""
-    st.selectbox("Operating point", [*operating.NAMED, "site"], key=state.OPERATING_KEY,
+    st.selectbox("Operating point", [*operating.NAMED, "site"], key=points.OPERATING_KEY,
                  format_func=lambda k: operating.TITLES[k].capitalize(),
                  help="Which threshold turns P(covid) into a call on the Explain page and in the case report.")
-    if st.session_state.get(state.OPERATING_KEY) == "site":
-        st.text_input("Site profile (path to SITE.json)", key=state.SITE_PATH_KEY,
+    if st.session_state.get(points.OPERATING_KEY) == "site":
+        st.text_input("Site profile (path to SITE.json)", key=points.SITE_PATH_KEY,
                       help="Written by `python -m core.calibrate` on the site's own labelled films.")
-        st.file_uploader("or upload SITE.json", type=["json"], key=state.SITE_UPLOAD_KEY)
+        st.file_uploader("or upload SITE.json", type=["json"], key=points.SITE_UPLOAD_KEY)
     if run is not None:
-        point, why = state.operating_point(run)
+        point, why = points.operating_point(run)
         if why:
             st.caption(plain(why))
         elif point is not None:
@@ -274,7 +274,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
             "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
             "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
-            "operating_point": state.operating_point(run)[0],
+            "operating_point": points.operating_point(run)[0],
             "run_label": state.run_label(str(run))}
     _views(case, key)
     downloads(case, key)
@@ -348,10 +348,10 @@ def site_calibration_table(run: Path) -> None:
     """The measured table of a site's own operating point on held-out collections (core.calibrate),
     beside the leave-one-source-out table; nothing when the run has none."""
     try:
-        doc = state.site_calibration(run)
+        doc = points.site_calibration(run)
         table = calibrate.site_table(doc) if doc else None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a corrupt file spoils only this table
-        st.warning(f"This run's {state.SITE_TABLE} cannot be read ({plain(type(exc).__name__)}: {plain(exc)}).")
+        st.warning(f"This run's {points.SITE_TABLE} cannot be read ({plain(type(exc).__name__)}: {plain(exc)}).")
         return
     if table is None:
         return
