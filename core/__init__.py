@@ -23,6 +23,8 @@ By family:
   ``ensemble``; ``crossval`` (leave-one-source-out), ``distribute`` (multi-GPU / multi-worker),
   ``lungs`` (lung segmentation), ``keras_adapter`` (the only user of private Keras internals)
 - evaluation: ``metrics``, ``evaluate``, ``unseen`` (which films a run never saw), ``predict``,
+  ``operating`` (operating points: the run's own, rule-out, balanced, a site profile), ``calibrate``
+  (a site's own operating point from its labelled films),
   ``export``, ``slices``
 - explanation and trust: ``explain`` (a package: method registry, engines, drawing, CLI),
   ``heat`` (where a map's heat lies), ``pointing``, ``road``, ``trust``, ``checks``,

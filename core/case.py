@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import checks, explain, images, inputs, lungs, runs, trust
+from core import checks, explain, images, inputs, lungs, operating, runs, trust
 from core import model as cmodel
 from core.severity import LUNG_SIDE
 
@@ -126,3 +126,15 @@ def trust_rows(run, case: Case, method: str, class_index: int | None = None, lay
                        audit_summary=audit_summary, model_sha256=run.config.get("model_sha256"),
                        warnings=case.warnings, reference=reference, features=case.features,
                        class_name=run.classes[ci])
+
+
+def decide(run, case: Case, point=None):
+    """The call on the case at an operating point (:func:`core.operating.decide`; default: the run's
+    own); None when a plausibility check withheld the answer or the run has no operating point."""
+    if checks.verdict(case.warnings).withheld:
+        return None
+    try:
+        point = point if point is not None else operating.choose(run)
+    except operating.SiteError:
+        return None
+    return operating.decide(case.p_positive, point)

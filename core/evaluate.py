@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import config, metrics, runs
+from core import config, metrics, operating, runs
 from core.unseen import seen_images, unseen_images
 
 HEADLINE = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ece", "brier")
@@ -312,6 +312,7 @@ def evaluate_run(
     write: bool = True,
     seed: int = config.SEED,
     progress: bool = True,
+    site: str | None = None,
 ) -> dict:
     """Evaluate a run folder (default: the shipped model) and write ``metrics.json`` into it.
 
@@ -320,9 +321,12 @@ def evaluate_run(
     ``sensitivity >= target_sensitivity``, metrics on its test rows (see
     :func:`evaluate_predictions`). With ``data`` holding unseen images this is an external
     validation: the model predicts them and the result (``mode: "external"``, with ``delta``
-    from the internal test) is written to ``external-<data folder name>.json`` instead.
+    from the internal test) is written to ``external-<data folder name>.json`` instead. ``site``: a
+    SITE.json (core.calibrate) or a named point (core.operating); the result then also holds
+    ``operating_point``, the test (or external) rows scored at it.
     """
     run = runs.open_run(run)
+    point = operating.choose(run, site) if site else None
     if run.adopted:
         from core import adopt_eval  # lazy: it builds on this module (evaluate_predictions)
 
@@ -338,6 +342,8 @@ def evaluate_run(
         if len(table):
             result = _external_validation(run, root, table, excluded, internal, n_boot, seed, progress)
             ext_pred = result.pop("_predictions")
+            if point is not None:
+                result["operating_point"] = operating.scored(ext_pred, point, n_boot, seed)
             if write:
                 runs.write_json(run.file(f"external-{_slug(root)}.json"), jsonable(result))
                 runs.write_csv(run.file(f"external-{_slug(root)}-predictions.csv"), ext_pred)
@@ -346,6 +352,8 @@ def evaluate_run(
             f"--data {root} holds no image this run has not seen ({sum(excluded.values())} excluded: "
             + ", ".join(f"{k} {v}" for k, v in excluded.items())
             + "); reported the internal test instead of an external validation.")
+    if point is not None:  # never written into metrics.json: the run's own threshold stays the run's
+        return {**internal, "operating_point": operating.scored(pred[pred["split"] == "test"], point, n_boot, seed)}
     if write:
         runs.write_json(run.file("metrics.json"), jsonable(internal))
     return internal
@@ -538,11 +546,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--seed", type=int, default=config.SEED, help="bootstrap seed")
     ap.add_argument("--no-write", action="store_true", help="do not write metrics.json / external-*.json")
+    ap.add_argument("--site", metavar="SITE.json", help="also score the test (or --data) films at a site's operating "
+                    "point (python -m core.calibrate), or at rule-out / balanced; metrics.json is then not rewritten")
     args = ap.parse_args(argv)
     run_args = args.run or [None]
     try:
         results = [evaluate_run(r, args.data, args.n_boot, args.target_sensitivity, not args.no_write, args.seed,
-                                progress=not args.json) for r in run_args]
+                                progress=not args.json, site=args.site) for r in run_args]
     except (runs.RunError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -555,6 +565,8 @@ def main(argv=None) -> int:
     else:
         for r in results:
             print(format_result(r))
+            if "operating_point" in r:
+                print(operating.format_scored(r["operating_point"]))
             print()
         if len(results) > 1:
             print("Spread over runs (mean +- sd):")

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core import checks, config, datasets, images, inputs, lungs, runs
+from core import checks, config, datasets, images, inputs, lungs, operating, runs
 from core import model as model_lib
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -196,6 +196,16 @@ def predict_table(run, table: pd.DataFrame, root, progress: bool = True):
     return pred, errors
 
 
+def _operating_point(run: runs.Run, site: str | None):
+    """The point that turns P(covid) into a call (core.operating): the site profile's, else the run's
+    own; None without either; False after printing why a site profile cannot be used."""
+    try:
+        return operating.choose(run, site) if site or run.threshold is not None else None
+    except operating.SiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m core.predict",
@@ -211,6 +221,8 @@ def main(argv=None) -> int:
                    "(1 <= I <= N; for cluster array jobs: with one --batch-size for all parts, their CSVs "
                    "concatenate to the whole archive's)")
     p.add_argument("--workers", type=int, help="threads that decode and prepare films (default: CPU count)")
+    p.add_argument("--site", metavar="SITE.json", help="decide at a site's operating point (python -m core.calibrate; "
+                   "its threshold and recalibration) instead of the run's own")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = p.parse_args(argv)
     try:
@@ -218,7 +230,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     run = runs.open_for_cli(a.run, with_model=True)
-    if run is None:
+    point = _operating_point(run, a.site) if run is not None else None
+    if run is None or point is False:
         return 2
     paths = expand(a.inputs)
     if part:
@@ -226,11 +239,9 @@ def main(argv=None) -> int:
     crop = run.lung_crop
     df, errors = predict_paths(run.model(), paths, run.size, run.classes, a.batch_size, crop, a.workers,
                                progress=sys.stderr.isatty())
-    thr = run.threshold
-    if thr is not None and len(df):
-        df["threshold"] = thr
+    if point is not None and len(df):
         # no call for a film that failed a plausibility check (pandas' nullable boolean: <NA>)
-        df["covid_positive"] = (df[f"p_{run.positive}"] >= thr).astype("boolean").mask(df["withheld"])
+        df = operating.apply(df, point, f"p_{run.positive}")
     for err in errors:
         print(f"skipped {err.name}: {err.reason}", file=sys.stderr)
     if len(df) and df["withheld"].any():
@@ -243,7 +254,7 @@ def main(argv=None) -> int:
     if a.json:
         out = {
             "run": str(run.path),
-            "threshold": thr,
+            "threshold": point and point.threshold, "operating_point": point and point.title,
             "n": len(df),
             "n_withheld": int(df["withheld"].sum()) if len(df) else 0,
             "shard": a.shard,

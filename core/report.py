@@ -21,7 +21,7 @@ import pandas as pd
 from fpdf import FPDF
 from PIL import Image
 
-from core import checks, config
+from core import checks, config, operating
 
 DISCLAIMER = "Research use only, not for diagnosis."
 
@@ -129,12 +129,17 @@ _CAVEAT = ("The heatmap shows which pixels moved the model's output, not where d
 
 
 def _facts(probs: Mapping[str, float], threshold: float | None, warnings: Sequence[str], when: _dt.datetime | None,
-           run_id: str, case_id: str, method: str) -> list[tuple[str, str]]:
+           run_id: str, case_id: str, method: str, point: operating.Point | None = None) -> list[tuple[str, str]]:
     """The header lines both reports start with: case, model run, date (UTC), decision, method."""
     when = when or _dt.datetime.now(_dt.UTC)
-    return [("case", case_id), ("model run", run_id), ("date (UTC)", when.strftime("%Y-%m-%d %H:%M")),
-            ("decision at the operating point", _call(_p_covid(probs), threshold, warnings)),
-            ("explanation method", method)]
+    call = _call(_p_covid(probs), threshold, warnings)
+    if point is not None and not checks.verdict(warnings).withheld:  # the chosen point decided (core.operating)
+        call = operating.decide(_p_covid(probs), point).sentence
+    facts = [("case", case_id), ("model run", run_id), ("date (UTC)", when.strftime("%Y-%m-%d %H:%M")),
+             ("decision at the operating point", call), ("explanation method", method)]
+    if point is not None:
+        facts.insert(4, ("operating point", f"{point.title}: {point.meaning}"))
+    return facts
 
 
 _HTML_HEAD = """<!DOCTYPE html>
@@ -154,7 +159,8 @@ table { border-collapse: collapse; } td { border: 1px solid #ccc; padding: .2em 
 def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
                      *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                      case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-                     severity: Mapping | None = None, severity_note: str = "") -> str:
+                     severity: Mapping | None = None, severity_note: str = "",
+                     operating_point: operating.Point | None = None) -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -163,11 +169,12 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
     ``run_id`` names the model, ``in_lung_share`` the share of heat inside the lung mask,
     ``warnings`` come from :func:`core.checks.image_warnings`, ``trust`` are the rows of
     :func:`core.trust.panel` and ``severity`` the estimate of :func:`core.severity.estimate`
-    (with ``severity_note`` saying what it was trained on, or why there is none). ``case_id`` is
+    (with ``severity_note`` saying what it was trained on, or why there is none);
+    ``operating_point`` (:mod:`core.operating`) decides instead of ``threshold`` when given, and is named. ``case_id`` is
     a label chosen by the caller; never pass a file name or anything read from a DICOM header.
     """
     e = html.escape
-    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method, operating_point)
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"))
     head = "\n".join(f"<tr><td>{e(k)}</td><td>{f'<b>{e(v)}</b>' if k.startswith('decision') else e(v)}</td></tr>"
@@ -217,7 +224,8 @@ def _latin1(text: str) -> str:
 def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
                     *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-                    severity: Mapping | None = None, severity_note: str = "") -> bytes:
+                    severity: Mapping | None = None, severity_note: str = "",
+                    operating_point: operating.Point | None = None) -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
@@ -228,7 +236,7 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
     para("Chest X-ray case report", 16, "B")
     para(DISCLAIMER, 10, "B", (176, 0, 0))
     pdf.ln(1)
-    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    facts = _facts(probs, threshold, warnings, when, run_id, case_id, method, operating_point)
     facts.append(("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items())))
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} %"))

@@ -66,6 +66,8 @@ with st.sidebar:
                                         + " ".join(broken.values())))
     else:
         st.warning(state.NO_RUN)
+    if choices and st.session_state.get("run") not in broken:
+        components.operating_sidebar(st.session_state.get("run"))
     root = state.data_root()
     st.caption(f"Data: {components.plain(root)}" + ("" if state.has_data(root) else " (no images found)"))
     st.caption("Research use only, not for diagnosis.")

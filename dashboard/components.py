@@ -14,11 +14,11 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import calibrate, checks, explain, images, inputs, operating, report, severity, trust, work
 from core import case as ccase
-from core import checks, explain, images, inputs, report, severity, trust, work
 from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
-from dashboard import state
+from dashboard import points, state
 
 MARK_COLOUR = {"green": "green", "amber": "orange", "red": "red"}
 TRUST_TITLE = "How far to trust this map"
@@ -107,7 +107,8 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     text of the decision for the report.
     """
     classes = state.run_classes(run)
-    thr = state.threshold(run)
+    point, why = points.operating_point(run)  # the sidebar's choice (core.operating)
+    thr = point.threshold if point is not None else None
     p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
         st.warning(w)
@@ -123,12 +124,41 @@ def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str
     if thr is None:
         st.info("This run has no metrics.json, so it has no operating point: run `python -m core.evaluate --run RUN`.")
         return "no operating point"
-    call = report.decision(p_covid, thr)
-    colour = "red" if call == "covid" else "green"
+    decided = operating.decide(p_covid, point)
+    colour = "red" if decided.call == "covid" else "green"
     with st.container(border=True):
-        st.markdown(f"Decision at the run's operating point (P(covid) ≥ {thr:.3f}, chosen on held-out development data): "
-                    f"**:{colour}[{call}]**")
-    return call
+        named = "run's" if point.name == "run" else f"**{plain(point.title)}**"
+        st.markdown(f"Decision at the {named} operating point: **:{colour}[{decided.call}]**")
+        st.caption(plain(decided.sentence) + ". " + plain(point.meaning[0].upper() + point.meaning[1:]) + ".")
+        if why:
+            st.warning(plain(why))
+    operating_meanings()
+    return decided.call
+
+
+def operating_meanings() -> None:
+    """One sentence on what each operating point means (the sidebar chooses one)."""
+    with st.expander("What the operating points mean"):
+        for name in (*operating.NAMED, "site"):
+            st.markdown(f"**{operating.TITLES[name].capitalize()}**: {operating.MEANING[name]}.")
+
+
+def operating_sidebar(run: Path | None) -> None:
+    """The sidebar's operating point: the run's own, rule-out, balanced, or a site profile (a path
+    to a SITE.json written by core.calibrate, or an upload); a refused profile is named there."""
+    st.selectbox("Operating point", [*operating.NAMED, "site"], key=points.OPERATING_KEY,
+                 format_func=lambda k: operating.TITLES[k].capitalize(),
+                 help="Which threshold turns P(covid) into a call on the Explain page and in the case report.")
+    if st.session_state.get(points.OPERATING_KEY) == "site":
+        st.text_input("Site profile (path to SITE.json)", key=points.SITE_PATH_KEY,
+                      help="Written by `python -m core.calibrate` on the site's own labelled films.")
+        st.file_uploader("or upload SITE.json", type=["json"], key=points.SITE_UPLOAD_KEY)
+    if run is not None:
+        point, why = points.operating_point(run)
+        if why:
+            st.caption(plain(why))
+        elif point is not None:
+            st.caption(f"Threshold {point.threshold:.3f} on P(covid)" + (" (recalibrated)" if point.recalibration else ""))
 
 
 def severity_for(run: Path, entry: ccase.Case, call: str) -> tuple[dict | None, str]:
@@ -244,6 +274,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
             "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
             "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
+            "operating_point": points.operating_point(run)[0],
             "run_label": state.run_label(str(run))}
     _views(case, key)
     downloads(case, key)
@@ -290,7 +321,7 @@ def downloads(case: dict, key: str) -> None:
     def report_args(m):
         return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
                     trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
-                    warnings=case["warnings"], case_id=case["case_id"])
+                    warnings=case["warnings"], case_id=case["case_id"], operating_point=case.get("operating_point"))
 
     def png():
         return report.png_bytes(first_overlay()[1])
@@ -311,3 +342,22 @@ def downloads(case: dict, key: str) -> None:
                        key=f"{key}_dl_html", on_click="ignore")
     d3.download_button("Download case report (PDF)", pdf, file_name="case-report.pdf", mime="application/pdf",
                        key=f"{key}_dl_pdf", on_click="ignore")
+
+
+def site_calibration_table(run: Path) -> None:
+    """The measured table of a site's own operating point on held-out collections (core.calibrate),
+    beside the leave-one-source-out table; nothing when the run has none."""
+    try:
+        doc = points.site_calibration(run)
+        table = calibrate.site_table(doc) if doc else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a corrupt file spoils only this table
+        st.warning(f"This run's {points.SITE_TABLE} cannot be read ({plain(type(exc).__name__)}: {plain(exc)}).")
+        return
+    if table is None:
+        return
+    st.markdown("**With a site's own operating point** (`python -m core.calibrate` on k of the held-out "
+                "collection's films, scored on the rest)")
+    st.dataframe(table, hide_index=True, key="eval_site_calibration")
+    st.caption(plain(f"{doc.get('draws')} random patient-grouped draws per row; {doc.get('models')}. A source "
+                     "without COVID-19 films can only set a specificity target (its sensitivity is on the fold "
+                     "run's internal COVID-19 test films); a COVID-19-only source only a sensitivity target."))

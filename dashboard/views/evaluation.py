@@ -51,6 +51,7 @@ else:
             f"judged at the threshold its run chose on its own out-of-fold predictions. Mean AUC "
             f"{cv.get('mean_roc_auc', float('nan')):.2f}, worst {worst:.2f} ({cv.get('worst_source')}). "
             "This, not the internal test below, is what to expect on a new hospital's films.")
+components.site_calibration_table(run)
 
 # ------------------------------------------------------------------ the checks that matter
 st.subheader("Does it detect COVID-19, or the collection an image came from?")
