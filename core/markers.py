@@ -129,10 +129,12 @@ def detect(film: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def on_grid(mask: np.ndarray, box, size: int) -> np.ndarray:
-    """The part of a film-sized marker mask that the network sees (``core.inputs.from_film``), bool (size, size).
+    """The part of a film-sized marker mask that the network sees (as ``core.inputs.from_film``), bool (size, size).
 
     Any overlap counts: a letter a few pixels wide must not vanish on a coarse grid."""
-    return inputs.from_film(np.asarray(mask, np.float32), box, size) > 0
+    region = inputs.crop(np.asarray(mask, np.float32), box)
+    # area averaging, not inputs.from_film's linear sampling, which skips most pixels of a big film
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA) > 0
 
 
 def main(argv=None) -> int:
