@@ -7,6 +7,8 @@ audit measures that, per image and per explanation method, with checks a shortcu
 - :func:`core.heat.heat_share`: where a heatmap's energy lies: inside the lung fields (against
   the lungs' share of the image), in the border band and in the top band (where text and
   markers sit).
+- :mod:`core.audit_markers`: the share of each map's heat on burned-in text and markers
+  (:func:`core.markers.detect`) against their area, per collection (``markers`` in ``audit.json``).
 - :mod:`core.audit_checks`: deletion/insertion AUCs (RISE, kept for comparison:
   ``--di-methods``), the model randomisation check (Adebayo et al., NeurIPS 2018; a method
   **passes** if the mean Spearman correlation of its maps of the trained and the re-initialised
