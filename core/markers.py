@@ -137,12 +137,12 @@ def on_grid(mask: np.ndarray, box, size: int) -> np.ndarray:
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA) > 0
 
 
+CLI_HELP = ("Find burned-in text, laterality letters and other overlays on films: prints, per film, the boxes "
+            "(normalised x0 y0 x1 y1) and the time taken.")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m core.markers",
-        description="Find burned-in text, laterality letters and other overlays on films: prints, per film, "
-                    "the boxes (normalised x0 y0 x1 y1) and the time taken.",
-    )
+    p = argparse.ArgumentParser(prog="python -m core.markers", description=CLI_HELP)
     p.add_argument("films", nargs="+", help="image files (PNG, JPEG, DICOM, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per film on stdout")
     args = p.parse_args(argv)
