@@ -57,7 +57,9 @@ def _group(paths: np.ndarray, share: np.ndarray, area: np.ndarray, marked: np.nd
 
 def markers_step(test: pd.DataFrame, root: Path, boxes: np.ndarray, maps: dict, progress: bool = True) -> dict:
     """The ``markers`` block of audit.json (module docstring); ``maps``: method -> (n, size, size) heatmaps."""
-    size = next(iter(maps.values())).shape[-1] if maps else 0
+    if not maps:  # nothing explained: no heat to place
+        return {"detector": "core.markers", "n_films": int(len(test)), "methods": {}}
+    size = next(iter(maps.values())).shape[-1]
     mask = marker_masks(test["path"].astype(str), root, np.asarray(boxes), size, progress)
     marked = mask.reshape(len(mask), -1).any(axis=1)
     src = test["source"].astype(str).to_numpy()
