@@ -7,6 +7,8 @@ audit measures that, per image and per explanation method, with checks a shortcu
 - :func:`core.heat.heat_share`: where a heatmap's energy lies: inside the lung fields (against
   the lungs' share of the image), in the border band and in the top band (where text and
   markers sit).
+- :mod:`core.audit_markers`: the share of each map's heat on burned-in text and markers
+  (:func:`core.markers.detect`) against their area, per collection (``markers`` in ``audit.json``).
 - :mod:`core.audit_checks`: deletion/insertion AUCs (RISE, kept for comparison:
   ``--di-methods``), the model randomisation check (Adebayo et al., NeurIPS 2018; a method
   **passes** if the mean Spearman correlation of its maps of the trained and the re-initialised
@@ -53,6 +55,7 @@ from core import config, evaluate, explain, findings, lungs, pointing, road, run
 from core import model as cxr_model
 from core.audit_checks import SANITY_THRESHOLD, probes, randomised_copy
 from core.audit_maps import mean_maps, mean_maps_png, save_maps
+from core.audit_markers import markers_step
 from core.audit_outcome import outcome_step
 from core.audit_steps import (
     explain_all,
@@ -189,11 +192,14 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
         source_res, p_true = source_probe_step(clf, rand, x, test, ext, n_boot, seed, ctx["penultimate"])
     with _timed(timing, "slices_s"):
         slices_res = slices_step(ctx, test, p_by["original"], n_boot, seed)
+    with _timed(timing, "markers_s"):
+        markers_res = markers_step(test, ctx["root"], loaded["boxes"], maps, progress)
 
     table = _per_image_columns(table, test, p_by, road_cols, point_cols, p_true)
     summary = _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods)
     summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
     summary["by_outcome"] = outcome_step(ctx, table, n_boot)  # trust measures per TP/FP/TN/FN (core.audit_outcome)
+    summary["markers"] = markers_res
     summary["verdict"] = verdict(summary)
     summary["findings"] = findings.findings(summary, table)
     timing["total_s"] = time.time() - t_start

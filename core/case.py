@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import checks, explain, images, inputs, lungs, operating, runs, trust
+from core import checks, explain, images, inputs, lungs, markers, operating, runs, trust
 from core import model as cmodel
 from core.severity import LUNG_SIDE
 
@@ -125,7 +125,7 @@ def trust_rows(run, case: Case, method: str, class_index: int | None = None, lay
     return trust.panel(got["hmap"], lung_mask_on_grid(case), got["faith"], method=method,
                        audit_summary=audit_summary, model_sha256=run.config.get("model_sha256"),
                        warnings=case.warnings, reference=reference, features=case.features,
-                       class_name=run.classes[ci])
+                       class_name=run.classes[ci]) + [trust.marker_row(got["hmap"], marker_mask_on_grid(case))]
 
 
 def decide(run, case: Case, point=None):
@@ -138,3 +138,8 @@ def decide(run, case: Case, point=None):
     except operating.SiteError:
         return None
     return operating.decide(case.p_positive, point)
+
+
+def marker_mask_on_grid(case: Case) -> np.ndarray:
+    """Burned-in text and markers (core.markers.detect on the shown film) where the network looks, bool."""
+    return markers.on_grid(markers.detect(case.shown)[0], case.box, case.x.shape[0])

@@ -29,6 +29,7 @@ import cv2
 import pandas as pd
 
 from core import metrics, runs, safepath
+from core.audit_markers import CARD_RULE, marker_cards
 
 SEVERITIES = ("high", "medium", "low", "ok")
 MAX_PATHS = 48
@@ -53,6 +54,7 @@ RULES = {
 BORDER_RATIO = {"high": 1.4, "medium": 1.25}  # high: about half the heat in the band; medium: the trust panel's red line
 CORNER_FILM = 0.25  # a film "puts its heat in a corner" from this share on (about 6x a uniform map)
 CORNER_FILMS = {"high": 0.2, "medium": 0.1, "low": 0.05}
+RULES["marker_heat"] = CARD_RULE  # heat on burned-in text and markers per collection (core.audit_markers)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -286,7 +288,7 @@ def _agreed(cards: list[dict], titles: dict) -> list[dict]:
     """A place card stays high only when another method agrees: where two or more methods were audited and
     one alone puts its heat on the border or a corner, that is as likely how the method draws (Grad-CAM++
     favours bright edges, such as a marker the model ignores) as what the model reads, so it is medium."""
-    for kind in ("border_heat", "corner_heat"):
+    for kind in ("border_heat", "corner_heat", "marker_heat"):
         of_kind = [c for c in cards if c["kind"] == kind]
         high = [c for c in of_kind if c["severity"] == "high"]
         if len(of_kind) >= 2 and len(high) == 1:
@@ -339,6 +341,7 @@ def findings(summary: dict, table: pd.DataFrame | None = None) -> list[dict]:
     cards = (_probe_cards(summary, rows, method) + _source_cards(summary, rows, method)
              + _road_cards(summary, table) + _pointing_cards(summary, table)
              + _sanity_cards(summary) + _slice_cards(summary, method) + _place_cards(summary, table))
+    cards += _agreed(marker_cards(summary), {k: v.get("title", k) for k, v in (summary.get("methods") or {}).items()})
     n_fb = summary.get("n_fell_back") or 0
     if n_fb:
         cards.append(_card("fell_back", "fell_back", "low",

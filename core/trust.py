@@ -370,6 +370,39 @@ def overall(rows: list[dict]) -> str:
     return "red" if "red" in marks else ("amber" if "amber" in marks else "green")
 
 
+# --------------------------------------------------------------------------- burned-in text and markers
+# heat share on the markers (core.markers) / their share of the network's view (1.0 = a uniform map)
+MARKER_THRESHOLDS = {
+    "ratio_red": 3.0,  # at or above (with share_red): the map piles up on text or markers
+    "share_red": 0.10,
+    "ratio_amber": 1.5,  # at or above (with share_amber): more on them than a uniform map
+    "share_amber": 0.05,
+}
+
+
+def marker_row(heatmap: np.ndarray, marker_mask: np.ndarray | None) -> dict:
+    """The ``markers`` row: heat on burned-in text and markers (:func:`core.markers.detect`) against their area."""
+    title = "Heat on text and markers"
+    if marker_mask is None or not np.asarray(marker_mask).any():
+        return _row("markers", title, "green", "No burned-in text or markers were found where the network looks.",
+                    {"marker_share": 0.0, "marker_area": 0.0, "marker_ratio": None})
+    t = heat_share(heatmap, marker_mask, border=THRESHOLDS["border_band"])
+    share, area = t["in_lung_share"], t["lung_area_share"]
+    ratio = share / area if area > 0 else float("nan")
+    value = {"marker_share": share, "marker_area": area, "marker_ratio": ratio}
+    text = (f"{100 * share:.0f} % of the heat lies on burned-in text and markers, which cover {100 * area:.1f} % of "
+            f"the image ({ratio:.1f} times what a uniform map would put there)")
+    if not np.asarray(heatmap).max() > 0:
+        return _row("markers", title, "amber", "The map is blank, so it shows nothing on the markers either.", value)
+    th = MARKER_THRESHOLDS
+    if ratio >= th["ratio_red"] and share >= th["share_red"]:
+        return _row("markers", title, "red", f"The map piles up on text or markers: {text}. The model may read the "
+                    "film's labels rather than the lungs.", value)
+    if ratio >= th["ratio_amber"] and share >= th["share_amber"]:
+        return _row("markers", title, "amber", f"More heat on text and markers than a uniform map: {text}.", value)
+    return _row("markers", title, "green", f"Little heat on text and markers: {text}.", value)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m core.trust",
