@@ -19,6 +19,7 @@ import numpy as np
 
 from core import checks, explain, images, inputs, lungs, runs, trust
 from core import model as cmodel
+from core import neighbours as cneighbours
 from core.severity import LUNG_SIDE
 
 SHOWN_MAX = 1024  # longer side (px) of the film kept for display (and sent to the browser)
@@ -126,3 +127,12 @@ def trust_rows(run, case: Case, method: str, class_index: int | None = None, lay
                        audit_summary=audit_summary, model_sha256=run.config.get("model_sha256"),
                        warnings=case.warnings, reference=reference, features=case.features,
                        class_name=run.classes[ci])
+
+
+def neighbours(run, case: Case, k: int = cneighbours.K, *, call: str | None = None, exclude=()):
+    """The ``k`` development films nearest to the case in the model's feature space
+    (:func:`core.neighbours.nearest`: path, label, source, distance; ``attrs["sentence"]``); None for
+    a model whose features cannot be reached. RunError when the run has no neighbour index."""
+    if case.features is None:
+        return None
+    return cneighbours.nearest(run, case.features, k, call=call, exclude=exclude)
