@@ -20,7 +20,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -150,16 +149,13 @@ def load(run) -> pd.DataFrame | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m core.feature_map",
-        description=f"Map of the model's features: every scored film of a run in 2-D ({MAP_FILE}), and the "
-                    f"neighbour index ({neighbours.INDEX_FILE}) from the same features; the summary goes under "
-                    "'feature_map' in the run's audit.json when it has one. The step of core.audit, alone.",
+    p = neighbours.cli_parser(
+        "python -m core.feature_map",
+        f"Map of the model's features: every scored film of a run in 2-D ({MAP_FILE}), and the "
+        f"neighbour index ({neighbours.INDEX_FILE}) from the same features; the summary goes under "
+        "'feature_map' in the run's audit.json when it has one. The step of core.audit, alone.",
     )
-    p.add_argument("--run", default=None, help="run folder or name (default: the shipped model, assets/model)")
-    p.add_argument("--data", default=None, help="data root (default: $CXR_DATA_DIR or data/)")
     p.add_argument("--method", default=METHOD, choices=METHODS, help="2-D embedding (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = p.parse_args(argv)
     try:
         run = runs.open_run(args.run)

@@ -211,18 +211,24 @@ def describe(neighbours: pd.DataFrame, call: str | None = None, positive: str = 
 
 
 # --------------------------------------------------------------------------- CLI
+def cli_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A command line with the ``--run``, ``--data`` and ``--json`` options (this module's and core.feature_map's)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    runs.add_run_argument(p)
+    p.add_argument("--data", default=None, help="data root (default: $CXR_DATA_DIR or data/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m core.neighbours",
-        description="Nearest development films in the model's penultimate-feature space. 'build' writes the "
-                    f"run's {INDEX_FILE} (features, paths, labels and collections of its development films; "
-                    "an adopted run's scored films); FILM prints the k films it most resembles.",
+    p = cli_parser(
+        "python -m core.neighbours",
+        "Nearest development films in the model's penultimate-feature space. 'build' writes the "
+        f"run's {INDEX_FILE} (features, paths, labels and collections of its development films; "
+        "an adopted run's scored films); FILM prints the k films it most resembles.",
     )
     p.add_argument("what", metavar="build|FILM", help="'build', or a film (PNG, JPEG, DICOM) to look up")
-    p.add_argument("--run", default=None, help="run folder or name (default: the shipped model, assets/model)")
-    p.add_argument("--data", default=None, help="data root (default: $CXR_DATA_DIR or data/)")
     p.add_argument("--k", type=int, default=K, help="neighbours to print (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = p.parse_args(argv)
     try:
         if args.what == "build":
