@@ -46,10 +46,12 @@ def embed(unit: np.ndarray, method: str = METHOD, seed: int = config.SEED, max_i
     """2-D coordinates (n, 2) of unit-length features (n, d) by ``method`` (tsne or pca; ``max_iter``:
     t-SNE's iterations)."""
     x = np.asarray(unit, np.float32)
+    if method not in METHODS:
+        raise ValueError(f"unknown map method {method!r}; choose from {METHODS}")
+    if len(x) < 5:  # too few films for t-SNE (an audit under --limit): a row of points
+        return np.c_[np.arange(len(x), dtype=np.float32), np.zeros(len(x), np.float32)]
     if method == "pca":
         return PCA(2, random_state=seed).fit_transform(x)
-    if method != "tsne":
-        raise ValueError(f"unknown map method {method!r}; choose from {METHODS}")
     if x.shape[1] > PCA_FIRST and len(x) > PCA_FIRST:
         x = PCA(PCA_FIRST, random_state=seed).fit_transform(x)
     perplexity = min(PERPLEXITY, max(2.0, (len(x) - 1) / 3.0))  # t-SNE needs perplexity < n
