@@ -7,7 +7,8 @@ Prints one JSON object:
 
 - ``features_s``: the penultimate features of every scored film of the run (decode, lung crop,
   network; one pass, shared by the map and the neighbour index);
-- ``maps``: per embedding (t-SNE, PCA; UMAP with ``--umap`` when umap-learn is importable) its time
+- ``maps``: per embedding (t-SNE at core.feature_map.TSNE_ITER iterations and at sklearn's default
+  1000, PCA; UMAP with ``--umap`` when umap-learn is importable, its numba compile included) its time
   in seconds on those features and its trustworthiness at k = 10 (sklearn.manifold.trustworthiness:
   1 = every film's nearest neighbours in the map are its neighbours in feature space);
   target: the map computed in <= 60 s for 1,112 films;
@@ -53,7 +54,7 @@ def features(run: runs.Run, data, out: Path) -> tuple[np.ndarray, float]:
 def maps(unit: np.ndarray, with_umap: bool) -> dict:
     """Time and trustworthiness of each embedding of the unit features."""
     res = {}
-    for method, iters in [(m, feature_map.TSNE_ITER) for m in feature_map.METHODS] + [("tsne", 500)]:
+    for method, iters in [(m, feature_map.TSNE_ITER) for m in feature_map.METHODS] + [("tsne", 1000)]:
         t0 = time.perf_counter()
         xy = feature_map.embed(unit, method, max_iter=iters)
         res[method if iters == feature_map.TSNE_ITER else f"{method}_{iters}_iter"] = {"seconds": round(time.perf_counter() - t0, 2),
