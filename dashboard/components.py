@@ -375,7 +375,7 @@ def show_feature_map(run: Path, info: dict | None) -> None:
     fig.update_traces(marker={"size": 6, "opacity": 0.75})
     fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, legend_title_text=by,
                       margin={"l": 0, "r": 0, "t": 10, "b": 0})
-    event = st.plotly_chart(fig, key="sc_map", on_select="rerun", selection_mode="points")
+    event = st.plotly_chart(fig, key="sc_map", on_select="rerun", selection_mode=("points", "box"))
     points = (event or {}).get("selection", {}).get("points") or []
     picked = next((p.get("customdata") for p in points if p.get("customdata")), None)
     if picked:  # the Explain page reads this key first and opens the film (views/explain.py)
@@ -385,4 +385,4 @@ def show_feature_map(run: Path, info: dict | None) -> None:
                      f"trustworthiness {info.get('trustworthiness', float('nan')):.2f} at k={info.get('trust_k', 10)} "
                      "(1 = each film's nearest films in the map are its nearest to the model). p is P(COVID-19). "
                      "Islands of one collection mean the features encode where a film came from. Click a point "
-                     "(or box-select) to open the film on the Explain page."))
+                     "(or box-select: the first film selected) to open it on the Explain page."))
