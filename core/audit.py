@@ -71,6 +71,7 @@ from core.audit_steps import (
     usable_methods,
 )
 from core.explain.registry import AUDIT_DEFAULT
+from core.feature_map import audit_step as feature_map_step
 
 # LayerCAM is left out by default: at a last convolution followed by global pooling its maps equal
 # Grad-CAM++'s; full Score-CAM (scorecam_fast's slow original) and SmoothGrad (20 passes per map) would
@@ -200,6 +201,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
     summary["by_outcome"] = outcome_step(ctx, table, n_boot)  # trust measures per TP/FP/TN/FN (core.audit_outcome)
     summary["markers"] = markers_res
+    summary["feature_map"] = feature_map_step(ctx, progress, write)  # and the neighbour index (core.neighbours)
     summary["verdict"] = verdict(summary)
     summary["findings"] = findings.findings(summary, table)
     timing["total_s"] = time.time() - t_start

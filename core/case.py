@@ -19,6 +19,7 @@ import numpy as np
 
 from core import checks, explain, images, inputs, lungs, markers, operating, runs, trust
 from core import model as cmodel
+from core import neighbours as cneighbours
 from core.severity import LUNG_SIDE
 
 SHOWN_MAX = 1024  # longer side (px) of the film kept for display (and sent to the browser)
@@ -143,3 +144,12 @@ def decide(run, case: Case, point=None):
 def marker_mask_on_grid(case: Case) -> np.ndarray:
     """Burned-in text and markers (core.markers.detect on the shown film) where the network looks, bool."""
     return markers.on_grid(markers.detect(case.shown)[0], case.box, case.x.shape[0])
+
+
+def neighbours(run, case: Case, k: int = cneighbours.K, *, call: str | None = None, exclude=()):
+    """The ``k`` development films nearest to the case in the model's feature space
+    (:func:`core.neighbours.nearest`: path, label, source, distance; ``attrs["sentence"]``); None for
+    a model whose features cannot be reached. RunError when the run has no neighbour index."""
+    if case.features is None:
+        return None
+    return cneighbours.nearest(run, case.features, k, call=call, exclude=exclude)

@@ -160,7 +160,8 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
                      *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                      case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
                      severity: Mapping | None = None, severity_note: str = "",
-                     operating_point: operating.Point | None = None) -> str:
+                     operating_point: operating.Point | None = None,
+                     neighbours: pd.DataFrame | None = None) -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -192,6 +193,7 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
 {f"<h2>How severe it looks</h2><ul>{sev}</ul>" if sev else ""}
 <div>{_html_figures(image, overlay, method)}</div>
 {f"<h2>How far to trust this map</h2><table>{_html_trust(trust)}</table>" if trust else ""}
+{_html_neighbours(neighbours)}
 <p><small>The heatmap shows which pixels moved the model's output, not where disease is. Models
 trained on public COVID-19 collections often learn the image source rather than the disease;
 see the model card. {e(DISCLAIMER)}</small></p>
@@ -225,7 +227,8 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
                     *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
                     severity: Mapping | None = None, severity_note: str = "",
-                    operating_point: operating.Point | None = None) -> bytes:
+                    operating_point: operating.Point | None = None,
+                    neighbours: pd.DataFrame | None = None) -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
@@ -257,6 +260,7 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
         para("How far to trust this map", 11, "B")
         for r in trust:
             para(f"[{r['mark']}] {r['title']}: {r['sentence']}", 8, "", MARK_RGB.get(r["mark"], (0, 0, 0)))
+    _pdf_neighbours(pdf, neighbours)
     pdf.ln(1)
     para(_CAVEAT + DISCLAIMER, 7)
     return bytes(pdf.output())
@@ -285,3 +289,33 @@ def _pdf_figures(pdf: FPDF, image: np.ndarray, overlay: np.ndarray, method: str)
     pdf.set_font("Helvetica", "", 7)
     pdf.multi_cell(small + 20, 3.5, "input (as the model saw it)")
     pdf.set_y(top + ih + 6)
+
+
+# --------------------------------------------------------------------------- nearest films (core.neighbours)
+def _neighbour_lines(neighbours: pd.DataFrame | None) -> list[str]:
+    """One line per nearest development film (core.neighbours.nearest), then its sentence; no file names
+    (the report names no file)."""
+    if neighbours is None or not len(neighbours):
+        return []
+    lines = [f"{i}. {r.label}, {r.source}, distance {float(r.distance):.3f}"
+             for i, r in enumerate(neighbours.itertuples(), 1)]
+    return lines + ([neighbours.attrs["sentence"]] if neighbours.attrs.get("sentence") else [])
+
+
+def _html_neighbours(neighbours: pd.DataFrame | None) -> str:
+    if neighbours is None or not len(neighbours):
+        return ""
+    e = html.escape
+    rows = "".join(f"<tr><td>{i}</td><td>{e(str(r.label))}</td><td>{e(str(r.source))}</td>"
+                   f"<td>{float(r.distance):.3f}</td></tr>" for i, r in enumerate(neighbours.itertuples(), 1))
+    note = neighbours.attrs.get("sentence")
+    return ("<h2>The development films it most resembles, to the model</h2><table><tr><th>#</th><th>label</th>"
+            f"<th>collection</th><th>distance</th></tr>{rows}</table>" + (f"<p>{e(note)}</p>" if note else ""))
+
+
+def _pdf_neighbours(pdf: FPDF, neighbours: pd.DataFrame | None) -> None:
+    lines = _neighbour_lines(neighbours)
+    if lines:
+        _para(pdf, "The development films it most resembles, to the model", 11, "B")
+        for line in lines:
+            _para(pdf, line, 8)

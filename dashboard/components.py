@@ -11,10 +11,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import calibrate, checks, explain, images, inputs, operating, report, severity, trust, work
+from core import calibrate, checks, explain, images, inputs, operating, report, runs, severity, trust, work
 from core import case as ccase
 from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
@@ -277,6 +278,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
             "operating_point": points.operating_point(run)[0],
             "run_label": state.run_label(str(run))}
     _views(case, key)
+    case["neighbours"] = show_neighbours(run, entry, call, name)
     downloads(case, key)
     with st.expander("What the network sees"):
         st.image(entry.x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
@@ -321,7 +323,8 @@ def downloads(case: dict, key: str) -> None:
     def report_args(m):
         return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
                     trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
-                    warnings=case["warnings"], case_id=case["case_id"], operating_point=case.get("operating_point"))
+                    warnings=case["warnings"], case_id=case["case_id"], operating_point=case.get("operating_point"),
+                    neighbours=case.get("neighbours"))
 
     def png():
         return report.png_bytes(first_overlay()[1])
@@ -361,3 +364,76 @@ def site_calibration_table(run: Path) -> None:
     st.caption(plain(f"{doc.get('draws')} random patient-grouped draws per row; {doc.get('models')}. A source "
                      "without COVID-19 films can only set a specificity target (its sensitivity is on the fold "
                      "run's internal COVID-19 test films); a COVID-19-only source only a sensitivity target."))
+
+
+NEIGHBOUR_THUMB = 160  # px of a nearest film's thumbnail
+
+
+def show_neighbours(run: Path, entry: ccase.Case, call: str, name: str):
+    """The development films the case most resembles, to the model (core.neighbours), with their
+    thumbnails (through the one image path), label, collection and distance; returns the table for
+    the case report, None when the run has no neighbour index or its model no reachable features."""
+    try:
+        table = ccase.neighbours(state.run_handle(run), entry, call=call, exclude=(name,))
+    except runs.RunError as exc:
+        st.caption(plain(state.error_sentence(exc)))
+        return None
+    if table is None or table.empty:
+        return None
+    st.subheader("The development films it most resembles, to the model")
+    if table.attrs.get("sentence"):
+        st.warning(plain(table.attrs["sentence"]))
+    root = state.data_root()
+    for col, r in zip(st.columns(len(table)), table.itertuples(), strict=True):
+        text = plain(f"{r.label} · {r.source} · distance {r.distance:.3f}")
+        try:
+            thumb = state.dataset_image(str(root), r.path, NEIGHBOUR_THUMB) if state.has_data(root) else None
+        except images.ImageError:
+            thumb = None
+        if thumb is not None:
+            col.image(thumb.astype(np.uint8), caption=text)
+        else:
+            col.caption(plain(r.path) + " · " + text)
+    st.caption("Nearest in the model's penultimate features (cosine distance of standardised features: 0 = the "
+               "same direction). Films alike to the model are not alike in disease; similar films from one "
+               "collection suggest the model keys on how a collection's films look.")
+    return table
+
+
+MAP_COLOURS = {"collection": "source", "label": "label", "outcome": "outcome", "split": "split"}
+
+
+def show_feature_map(run: Path, info: dict | None) -> None:
+    """The map of the model's features (core.feature_map, computed by core.audit): one point per film,
+    coloured by collection, label or outcome; hovering shows its path and P(COVID-19), selecting one
+    opens it on the Explain page."""
+    if not info or info.get("reason"):
+        st.info(plain((info or {}).get("reason") or "This run's audit has no map of the model's features: run "
+                                                  "`python -m core.feature_map --run RUN --data DIR`."))
+        return
+    try:
+        table = state.feature_map_table(run)
+    except runs.RunError as exc:
+        st.error(plain(state.error_sentence(exc)))
+        return
+    if table is None or table.empty:
+        st.info(f"The run has no {info.get('file', 'feature_map.csv')}: run `python -m core.feature_map --run RUN`.")
+        return
+    by = st.radio("Colour by", list(MAP_COLOURS), horizontal=True, key="sc_map_by")
+    fig = px.scatter(table.fillna({"outcome": ""}), x="x", y="y", color=table[MAP_COLOURS[by]].astype(str),
+                     custom_data=["path"], hover_name="path", height=560,
+                     hover_data={"p": ":.3f", "label": True, "source": True, "split": True, "x": False, "y": False})
+    fig.update_traces(marker={"size": 6, "opacity": 0.75})
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, legend_title_text=by,
+                      margin={"l": 0, "r": 0, "t": 10, "b": 0})
+    event = st.plotly_chart(fig, key="sc_map", on_select="rerun", selection_mode=("points", "box"))
+    points = (event or {}).get("selection", {}).get("points") or []
+    picked = next((p.get("customdata") for p in points if p.get("customdata")), None)
+    if picked:  # the Explain page reads this key first and opens the film (views/explain.py)
+        st.session_state["explain_open"] = picked[0] if isinstance(picked, list) else picked
+        st.switch_page("views/explain.py")
+    st.caption(plain(f"{len(table)} films, {info.get('method', 'tsne')} of the model's penultimate features; "
+                     f"trustworthiness {info.get('trustworthiness', float('nan')):.2f} at k={info.get('trust_k', 10)} "
+                     "(1 = each film's nearest films in the map are its nearest to the model). p is P(COVID-19). "
+                     "Islands of one collection mean the features encode where a film came from. Click a point "
+                     "(or box-select: the first film selected) to open it on the Explain page."))

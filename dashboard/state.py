@@ -39,6 +39,7 @@ from core import (
     datasets,
     evaluate,
     explain,
+    feature_map,
     findings,
     images,
     keras_adapter,
@@ -535,3 +536,13 @@ def compare_runs(a: str, b: str):
     """(figures, cards) of two audited runs side by side (core.findings.compare_runs)."""
     stamps = tuple(_stamp(r, name) for r in (a, b) for name in ("audit.json", "metrics.json"))
     return _compare_runs(a, b, stamps)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _feature_map(run: str, file_stamp: tuple | None) -> pd.DataFrame | None:
+    return feature_map.load(run_handle(run))
+
+
+def feature_map_table(run: Path) -> pd.DataFrame | None:
+    """The run's map of its model's features (feature_map.csv, core.feature_map); None when absent."""
+    return _feature_map(str(run), _stamp(run, feature_map.MAP_FILE))

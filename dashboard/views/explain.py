@@ -22,6 +22,11 @@ def model_size() -> int:
         st.stop()
 
 
+opened = st.session_state.pop("explain_open", None)  # a film picked on another page (the audit's map)
+if opened:
+    st.session_state["explain_source"] = "Pick from the test split"
+    st.session_state["explain_pick"] = opened
+
 source = st.radio("Image", ["Upload a file", "Pick from the test split"], horizontal=True, key="explain_source")
 
 if source == "Upload a file":
@@ -45,6 +50,8 @@ else:
         st.error(components.plain(state.error_sentence(exc)))
         st.stop()
     test = pred[pred["split"] == "test"]
+    if st.session_state.get("explain_pick") in set(pred["path"]) - set(test["path"]):  # a film opened from the map
+        test = pred[(pred["split"] == "test") | (pred["path"] == st.session_state["explain_pick"])]
     if test.empty:
         st.info("This run's predictions.csv has no test rows to pick from.")
         st.stop()

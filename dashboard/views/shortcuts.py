@@ -112,6 +112,10 @@ if sp.get("model"):
 elif sp.get("reason"):
     st.info(f"Source probe: {components.plain(sp['reason'])}")
 
+# ------------------------------------------------------------------ map of the model's features
+st.subheader("A map of the model's features")
+components.show_feature_map(run, summary.get("feature_map"))
+
 # ------------------------------------------------------------------ ROAD and pointing game
 rd = (summary.get("road") or {}).get("maps") or {}
 titles = {k: v.get("title", k) for k, v in (summary.get("methods") or {}).items()}
