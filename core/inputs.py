@@ -32,6 +32,13 @@ LUNG_CROP = {
     "trim": 0.005,  # share of the lung pixels' mass left outside the box at each end of each axis
 }
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+# Decoding at the needed size (core.images.decode_sized): a film is read at 1/2, 1/4 or 1/8 scale
+# when its shorter side stays >= needed_side(). BOX_SHARE: the crop box's side, as a share of the
+# film, below which the network's input would be upsampled from the reduced film (lung boxes span
+# 0.6-0.9 of a film; 0.5 leaves a safety factor). MIN_NEED keeps every reduced film over the
+# checks' small-film threshold (core.checks.MIN_SIDE_WARN) and their 256-px range sample.
+BOX_SHARE = 0.5
+MIN_NEED = 256
 FALLBACK_WARNING = (
     "No lungs were found on this film, so the model looked at the whole film instead of the lung "
     "region it was trained on; treat the result with extra caution."
@@ -44,6 +51,14 @@ def settings(cfg: dict | None) -> dict | None:
     if crop is None or crop is False:  # ``{}`` (or ``true``) means: crop with the default settings
         return None
     return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {})}
+
+
+def needed_side(size: int, lung_crop: dict | None = None) -> int:
+    """Shorter side (px) a film must keep for a network of side ``size`` (and, with a lung crop, the
+    lung U-Net): what :func:`core.images.decode_sized` may reduce a larger film to."""
+    if lung_crop is None:
+        return max(MIN_NEED, int(size))
+    return max(MIN_NEED, lungs.net_size(), int(np.ceil(size / BOX_SHARE)))
 
 
 def lung_box(prob: np.ndarray, crop: dict | None = None) -> tuple[float, float, float, float] | None:
@@ -89,9 +104,13 @@ def crop(film: np.ndarray, box) -> np.ndarray:
 
 
 def prepare(
-    films: Sequence[np.ndarray], size: int, lung_crop: dict | None = None, lung_model=None
+    films: Sequence[np.ndarray], size: int, lung_crop: dict | None = None, lung_model=None,
+    lung_side: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prepare decoded grey films (each (H, W), any size, [0, 255]) for a network of side ``size``.
+
+    The lung U-Net runs on the whole batch at once, at ``lung_side`` (default
+    :func:`core.lungs.infer_size`, the smallest side that keeps its Dice).
 
     Returns ``(x, boxes, fell_back)``: ``x`` (n, size, size) float32 raw pixels, ``boxes`` (n, 4)
     the region of each film the network sees (fractions; the whole film without a crop), and
@@ -102,7 +121,7 @@ def prepare(
     boxes = np.tile(np.asarray(FULL_BOX, np.float64), (n, 1))
     fell_back = np.zeros(n, bool)
     if lung_crop is not None and n:
-        net = lungs.net_size()
+        net = lung_side or lungs.infer_size()
         small = np.stack([images.resize(f, net) for f in films])
         probs = lungs.probabilities(small, model=lung_model, size=net)
         for i, p in enumerate(probs):
@@ -120,10 +139,11 @@ def prepare(
 def load(src, size: int, lung_crop: dict | None = None, name: str | None = None, lung_model=None):
     """Decode ``src`` (path or bytes) and prepare it: ``(x (size, size), box, fell_back, film)``.
 
-    ``film`` is the decoded original (H, W) at its own resolution, for overlays. Raises
+    ``film`` is the decoded film (H, W), read at the needed size (:func:`needed_side`: a large film
+    comes back reduced by 2, 4 or 8; a box in fractions fits either). Raises
     :class:`core.images.ImageError` for anything that is not a usable image.
     """
-    film = images.decode(src, name)
+    film = images.decode(src, name, need=needed_side(size, lung_crop))
     x, boxes, fb = prepare([film], size, lung_crop, lung_model)
     return x[0], tuple(float(v) for v in boxes[0]), bool(fb[0]), film
 
@@ -138,7 +158,7 @@ def load_many(srcs, size: int, lung_crop: dict | None = None, lung_model=None):
     films, kept, errors = [], [], []
     for i, src in enumerate(srcs):
         try:
-            films.append(images.decode(src))
+            films.append(images.decode(src, need=needed_side(size, lung_crop)))
             kept.append(i)
         except images.ImageError as err:
             errors.append(err)
