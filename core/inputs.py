@@ -33,11 +33,8 @@ LUNG_CROP = {
 }
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 # Decoding at the needed size (core.images.decode_sized): a film is read at 1/2, 1/4 or 1/8 scale
-# when its shorter side stays >= needed_side(). BOX_SHARE: the crop box's side, as a share of the
-# film, below which the network's input would be upsampled from the reduced film (lung boxes span
-# 0.6-0.9 of a film; 0.5 leaves a safety factor). MIN_NEED keeps every reduced film over the
-# checks' small-film threshold (core.checks.MIN_SIDE_WARN) and their 256-px range sample.
-BOX_SHARE = 0.5
+# when its shorter side stays >= needed_side(). MIN_NEED keeps every reduced film over the checks'
+# small-film threshold (core.checks.MIN_SIDE_WARN) and their 256-px range sample.
 MIN_NEED = 256
 FALLBACK_WARNING = (
     "No lungs were found on this film, so the model looked at the whole film instead of the lung "
@@ -55,10 +52,19 @@ def settings(cfg: dict | None) -> dict | None:
 
 def needed_side(size: int, lung_crop: dict | None = None) -> int:
     """Shorter side (px) a film must keep for a network of side ``size`` (and, with a lung crop, the
-    lung U-Net): what :func:`core.images.decode_sized` may reduce a larger film to."""
+    lung U-Net): what :func:`core.images.decode_sized` may reduce a larger film to.
+
+    A lung box spans at least ``min_side`` of the film (smaller ones are not boxes), so with
+    ``size / min_side`` pixels the network's input is never upsampled from the reduced film. On
+    all 1163 films of ../shared/cxr the shipped run's P(COVID-19) then moves by at most 0.032 (mean
+    0.001; 2 decisions flip at its threshold), well inside what a one-pixel shift of the film does
+    (0.14, 7 flips); half that side moved it as much as the shift (0.23, 8 flips): too much.
+    (tests/benchmarks/bench_decode.py)
+    """
     if lung_crop is None:
         return max(MIN_NEED, int(size))
-    return max(MIN_NEED, lungs.net_size(), int(np.ceil(size / BOX_SHARE)))
+    share = float({**LUNG_CROP, **lung_crop}["min_side"])
+    return max(MIN_NEED, lungs.net_size(), int(np.ceil(size / max(share, 0.05))))
 
 
 def lung_box(prob: np.ndarray, crop: dict | None = None) -> tuple[float, float, float, float] | None:

@@ -17,7 +17,7 @@ from core import model as cmodel
 # |dP(COVID-19)| between the full-size path (full decode, lung net at 128) and the needed-size path
 # (reduced decode, lung net at lungs.infer_size()). tests/benchmarks/bench_decode.py measures it on
 # all of ../shared/cxr for the shipped run (see the model card); this pins it on a few films.
-TOLERANCE = 0.06
+TOLERANCE = 0.04  # all 1163 films: max 0.032, mean 0.001 (a one-pixel shift of the film: max 0.14)
 
 
 def _jpeg(arr: np.ndarray, exif_orientation: int | None = None) -> bytes:
@@ -54,8 +54,8 @@ def test_reduction_keeps_the_shorter_side_at_least_need():
 def test_needed_side_covers_the_lung_net_the_crop_and_the_checks():
     crop = dict(inputs.LUNG_CROP)
     assert inputs.MIN_NEED >= checks.MIN_SIDE_WARN  # a reduced film never trips the small-film check
-    assert inputs.needed_side(128, crop) == 256
-    assert inputs.needed_side(224, crop) == 448  # an adopted 224-px network keeps twice its side
+    assert inputs.needed_side(128, crop) == 512  # the smallest lung box (min_side 0.25) keeps 128 px
+    assert inputs.needed_side(224, {**crop, "min_side": 0.5}) == 448
     assert inputs.needed_side(128, None) == 256
     assert inputs.needed_side(128, crop) >= lungs.net_size()
 
@@ -96,12 +96,12 @@ def test_plain_grey_png_fast_path_gives_pils_pixels():
     assert np.array_equal(images.decode(_png(arr), "p"), arr.astype(np.float32))
 
 
-def _real_films(cxr_root: Path) -> list[tuple[str, bytes]]:
-    """A few large real films of each stored format, and one of them as a 16-bit DICOM."""
+def _real_films(cxr_root: Path, need: int) -> list[tuple[str, bytes]]:
+    """A few real films of each stored format large enough to be reduced, and one as a 16-bit DICOM."""
     pick = []
-    for pattern in ("nih/No_findings/*.png", "ieee8023/images/*.jp*g", "kermany/PNEUMONIA/*.jp*g",
-                    "hannover/png/*.png"):
-        pick += sorted(cxr_root.glob(pattern))[:3]
+    for pattern in ("nih/No_findings/*.png", "nih/Pneumonia/*.png", "ieee8023/images/*.jp*g",
+                    "ieee8023/images/*.png"):
+        pick += [p for p in sorted(cxr_root.glob(pattern)) if min(Image.open(p).size) >= 2 * need][:3]
     films = [(str(p), p.read_bytes()) for p in pick]
     grey = images.decode(pick[0]).astype(np.uint16) * 64
     films.append(("nih-as.dcm", dicom_bytes(grey)))
@@ -112,11 +112,11 @@ def _real_films(cxr_root: Path) -> list[tuple[str, bytes]]:
 def test_needed_size_path_keeps_p_covid_within_tolerance(cxr_root):
     run = runs.open_run(None)
     model, crop = run.model(), run.lung_crop
-    films = _real_films(cxr_root)
     need = inputs.needed_side(run.size, crop)
+    films = _real_films(cxr_root, need)
     full = [images.decode(d, n) for n, d in films]
     reduced = [images.decode(d, n, need=need) for n, d in films]
-    assert sum(r.shape != f.shape for r, f in zip(reduced, full, strict=True)) >= len(films) // 2
+    assert len(films) == 13 and all(r.shape != f.shape for r, f in zip(reduced, full, strict=True))
     x_old, _, fb_old = inputs.prepare(full, run.size, crop, lung_side=lungs.net_size())
     x_new, _, fb_new = inputs.prepare(reduced, run.size, crop)
     p_old = cmodel.probabilities(model, x_old)[:, run.positive_index]

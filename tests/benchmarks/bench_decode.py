@@ -8,7 +8,9 @@ at 1/2, 1/4 or 1/8 scale by libjpeg, other formats reduced once by area averagin
 :func:`core.inputs.prepare` (the run's lung crop; the new path's lung U-Net at
 :func:`core.lungs.infer_size`) and scored by the run's model. Reports the
 largest and the 99th percentile of |dP(positive class)|, the decisions that flip at the run's
-threshold, how often the lung crop's fallback changes, the largest change of a crop box (fraction
+threshold, how often the lung crop's fallback changes, the same for the full-size path on the films
+shifted by one native pixel (``floor_one_pixel_shift``: how much the model moves on a change nobody
+would call a different film), the largest change of a crop box (fraction
 of the film), and the decode time per film both ways, per format. One JSON object on stdout.
 """
 
@@ -43,9 +45,9 @@ def film_files(root: Path, limit: int | None = None) -> list[Path]:
 
 
 def _decode_both(files: list[Path], need: int):
-    """Full and reduced films, the seconds each decode took, and the files' formats."""
+    """Full and reduced films of ``files``, the seconds each decode took, and the files' formats."""
     full, small, t_full, t_small, kinds, kept = [], [], [], [], [], []
-    for f in tqdm(files, desc="decoding", unit="film", file=sys.stderr, mininterval=5):
+    for f in files:
         data = f.read_bytes()
         try:
             t = time.perf_counter()
@@ -60,45 +62,63 @@ def _decode_both(files: list[Path], need: int):
         small.append(b)
         kinds.append("dicom" if images.is_dicom(data, f.name) else f.suffix.lower().lstrip(".").replace("jpg", "jpeg"))
         kept.append(f)
-    return full, small, np.array(t_full), np.array(t_small), kinds, kept
+    return full, small, t_full, t_small, kinds, kept
 
 
-def _score(run, films, lung_side=None, batch: int = 64):
-    """(probabilities, boxes, fell_back) of decoded films through the run's preparation."""
-    model = run.model()
-    probs, boxes, fell = [], [], []
-    for i in range(0, len(films), batch):
-        x, b, fb = inputs.prepare(films[i:i + batch], run.size, run.lung_crop, lung_side=lung_side)
-        probs.append(model_lib.probabilities(model, x, batch_size=batch))
-        boxes.append(b)
-        fell.append(fb)
-    return np.concatenate(probs), np.concatenate(boxes), np.concatenate(fell)
+def _score(run, films, lung_side=None):
+    """(probabilities of the positive class, boxes, fell_back) of decoded films through the run's preparation."""
+    x, boxes, fell_back = inputs.prepare(films, run.size, run.lung_crop, lung_side=lung_side)
+    return model_lib.probabilities(run.model(), x, batch_size=len(films))[:, run.positive_index], boxes, fell_back
+
+
+def measure(run, files: list[Path], need: int, chunk: int = 64) -> dict[str, np.ndarray | list]:
+    """Per film: P both ways and on the one-pixel shift, boxes, fallbacks, decode seconds, formats
+    (``chunk`` films in memory at a time: full-size films are 4 MB each as float32)."""
+    cols: dict[str, list] = {k: [] for k in ("p_full", "p_small", "p_shift", "box_full", "box_small", "fb_full",
+                                             "fb_small", "t_full", "t_small", "kinds", "kept")}
+    for i in tqdm(range(0, len(files), chunk), desc="films", unit="chunk", file=sys.stderr):
+        full, small, t_full, t_small, kinds, kept = _decode_both(files[i:i + chunk], need)
+        if not kept:
+            continue
+        p_full, box_full, fb_full = _score(run, full, lungs.net_size())  # the old path: lung net at 128
+        p_small, box_small, fb_small = _score(run, small)
+        # noise floor: the full-size path on the same films less their first row and column (a shift
+        # of one native pixel, as a re-scan or a viewer's crop would give)
+        p_shift, _, _ = _score(run, [f[1:, 1:] for f in full], lungs.net_size())
+        for k, v in dict(p_full=p_full, p_small=p_small, p_shift=p_shift, box_full=box_full, box_small=box_small,
+                         fb_full=fb_full, fb_small=fb_small, t_full=t_full, t_small=t_small, kinds=kinds,
+                         kept=kept).items():
+            cols[k].extend(list(v))
+    return {k: (v if k in ("kinds", "kept") else np.asarray(v)) for k, v in cols.items()}
+
+
+def _dp(a: np.ndarray, b: np.ndarray, thr: float) -> dict:
+    d = np.abs(a - b)
+    return {"max_abs_dp": round(float(d.max()), 5), "p99_abs_dp": round(float(np.percentile(d, 99)), 5),
+            "mean_abs_dp": round(float(d.mean()), 5), "flipped": int(((a >= thr) != (b >= thr)).sum())}
 
 
 def compare(run, files: list[Path], need: int | None = None) -> dict:
     """The figures of the module docstring for ``files`` (``need``: instead of the run's needed side)."""
     need = need or inputs.needed_side(run.size, run.lung_crop)
-    full, small, t_full, t_small, kinds, kept = _decode_both(files, need)
-    p_full, box_full, fb_full = _score(run, full, lungs.net_size())  # the old path: lung net at 128
-    p_small, box_small, fb_small = _score(run, small)
-    pos = run.positive_index
-    dp = np.abs(p_full[:, pos] - p_small[:, pos])
+    m = measure(run, files, need)
     thr = run.threshold if run.threshold is not None else 0.5
-    flips = (p_full[:, pos] >= thr) != (p_small[:, pos] >= thr)
-    both = ~fb_full & ~fb_small
-    out = {"run": str(run.path), "need": need, "n": len(kept), "threshold": thr,
-           "max_abs_dp": round(float(dp.max()), 5), "p99_abs_dp": round(float(np.percentile(dp, 99)), 5),
-           "mean_abs_dp": round(float(dp.mean()), 5), "flipped": int(flips.sum()),
-           "flipped_files": [str(kept[i]) for i in np.flatnonzero(flips)],
-           "fallback_changed": int((fb_full != fb_small).sum()),
-           "box_max_abs_change": round(float(np.abs(box_full - box_small)[both].max()), 4) if both.any() else None,
-           "worst_file": str(kept[int(dp.argmax())]), "formats": {}}
-    for kind in sorted(set(kinds)):
-        sel = np.array([k == kind for k in kinds])
-        out["formats"][kind] = {"n": int(sel.sum()), "max_abs_dp": round(float(dp[sel].max()), 5),
-                                "flipped": int(flips[sel].sum()),
-                                "decode_ms_full": round(1000 * float(t_full[sel].mean()), 2),
-                                "decode_ms_needed": round(1000 * float(t_small[sel].mean()), 2)}
+    flips = (m["p_full"] >= thr) != (m["p_small"] >= thr)
+    both = ~m["fb_full"] & ~m["fb_small"]
+    dp = np.abs(m["p_full"] - m["p_small"])
+    out = {"run": str(run.path), "need": need, "lung_side": lungs.infer_size(), "n": len(m["kept"]),
+           "threshold": thr, **_dp(m["p_full"], m["p_small"], thr),
+           "flipped_files": [str(m["kept"][i]) for i in np.flatnonzero(flips)],
+           "fallback_changed": int((m["fb_full"] != m["fb_small"]).sum()),
+           "box_max_abs_change": round(float(np.abs(m["box_full"] - m["box_small"])[both].max()), 4)
+           if both.any() else None,
+           "worst_file": str(m["kept"][int(dp.argmax())]),
+           "floor_one_pixel_shift": _dp(m["p_full"], m["p_shift"], thr), "formats": {}}
+    for kind in sorted(set(m["kinds"])):
+        sel = np.array([k == kind for k in m["kinds"]])
+        out["formats"][kind] = {"n": int(sel.sum()), **_dp(m["p_full"][sel], m["p_small"][sel], thr),
+                                "decode_ms_full": round(1000 * float(m["t_full"][sel].mean()), 2),
+                                "decode_ms_needed": round(1000 * float(m["t_small"][sel].mean()), 2)}
     return out
 
 
