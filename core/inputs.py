@@ -59,10 +59,11 @@ def needed_side(size: int, lung_crop: dict | None = None) -> int:
     all 1163 films of ../shared/cxr the shipped run's P(COVID-19) then moves by at most 0.032 (mean
     0.001; 2 decisions flip at its threshold), well inside what a one-pixel shift of the film does
     (0.14, 7 flips); half that side moved it as much as the shift (0.23, 8 flips): too much.
-    (tests/benchmarks/bench_decode.py)
+    (tests/benchmarks/bench_decode.py). The whole film (no crop) keeps twice the network's side,
+    the same margin over what it is resized to.
     """
     if lung_crop is None:
-        return max(MIN_NEED, int(size))
+        return max(MIN_NEED, 2 * int(size))
     share = float({**LUNG_CROP, **lung_crop}["min_side"])
     return max(MIN_NEED, lungs.net_size(), int(np.ceil(size / max(share, 0.05))))
 

@@ -56,7 +56,7 @@ def test_needed_side_covers_the_lung_net_the_crop_and_the_checks():
     assert inputs.MIN_NEED >= checks.MIN_SIDE_WARN  # a reduced film never trips the small-film check
     assert inputs.needed_side(128, crop) == 512  # the smallest lung box (min_side 0.25) keeps 128 px
     assert inputs.needed_side(224, {**crop, "min_side": 0.5}) == 448
-    assert inputs.needed_side(128, None) == 256
+    assert inputs.needed_side(128, None) == 256 and inputs.needed_side(224, None) == 448
     assert inputs.needed_side(128, crop) >= lungs.net_size()
 
 
