@@ -75,7 +75,8 @@ def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | 
         films, idx = [], []
         for i in range(start, min(start + 16, len(paths))):
             try:
-                films.append(images.decode(safepath.read_film(root, paths[i]), paths[i]))
+                films.append(images.decode(safepath.read_film(root, paths[i]), paths[i],
+                                           need=inputs.needed_side(size, crop)))  # as core.predict reads it
                 idx.append(i)
             except images.ImageError as exc:
                 out["errors"].append({"path": paths[i], "reason": exc.reason})

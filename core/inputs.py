@@ -32,6 +32,10 @@ LUNG_CROP = {
     "trim": 0.005,  # share of the lung pixels' mass left outside the box at each end of each axis
 }
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+# Decoding at the needed size (core.images.decode_sized): a film is read at 1/2, 1/4 or 1/8 scale
+# when its shorter side stays >= needed_side(). MIN_NEED keeps every reduced film over the checks'
+# small-film threshold (core.checks.MIN_SIDE_WARN) and their 256-px range sample.
+MIN_NEED = 256
 FALLBACK_WARNING = (
     "No lungs were found on this film, so the model looked at the whole film instead of the lung "
     "region it was trained on; treat the result with extra caution."
@@ -44,6 +48,24 @@ def settings(cfg: dict | None) -> dict | None:
     if crop is None or crop is False:  # ``{}`` (or ``true``) means: crop with the default settings
         return None
     return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {})}
+
+
+def needed_side(size: int, lung_crop: dict | None = None) -> int:
+    """Shorter side (px) a film must keep for a network of side ``size`` (and, with a lung crop, the
+    lung U-Net): what :func:`core.images.decode_sized` may reduce a larger film to.
+
+    A lung box spans at least ``min_side`` of the film (smaller ones are not boxes), so with
+    ``size / min_side`` pixels the network's input is never upsampled from the reduced film. On
+    all 1163 films of ../shared/cxr the shipped run's P(COVID-19) then moves by at most 0.032 (mean
+    0.001; 2 decisions flip at its threshold), well inside what a one-pixel shift of the film does
+    (0.14, 7 flips); half that side moved it as much as the shift (0.23, 8 flips): too much.
+    (tests/benchmarks/bench_decode.py). The whole film (no crop) keeps twice the network's side,
+    the same margin over what it is resized to.
+    """
+    if lung_crop is None:
+        return max(MIN_NEED, 2 * int(size))
+    share = float({**LUNG_CROP, **lung_crop}["min_side"])
+    return max(MIN_NEED, lungs.net_size(), int(np.ceil(size / max(share, 0.05))))
 
 
 def lung_box(prob: np.ndarray, crop: dict | None = None) -> tuple[float, float, float, float] | None:
@@ -89,9 +111,13 @@ def crop(film: np.ndarray, box) -> np.ndarray:
 
 
 def prepare(
-    films: Sequence[np.ndarray], size: int, lung_crop: dict | None = None, lung_model=None
+    films: Sequence[np.ndarray], size: int, lung_crop: dict | None = None, lung_model=None,
+    lung_side: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prepare decoded grey films (each (H, W), any size, [0, 255]) for a network of side ``size``.
+
+    The lung U-Net runs on the whole batch at once, at ``lung_side`` (default
+    :func:`core.lungs.infer_size`, the smallest side that keeps its Dice).
 
     Returns ``(x, boxes, fell_back)``: ``x`` (n, size, size) float32 raw pixels, ``boxes`` (n, 4)
     the region of each film the network sees (fractions; the whole film without a crop), and
@@ -102,7 +128,7 @@ def prepare(
     boxes = np.tile(np.asarray(FULL_BOX, np.float64), (n, 1))
     fell_back = np.zeros(n, bool)
     if lung_crop is not None and n:
-        net = lungs.net_size()
+        net = lung_side or lungs.infer_size()
         small = np.stack([images.resize(f, net) for f in films])
         probs = lungs.probabilities(small, model=lung_model, size=net)
         for i, p in enumerate(probs):
@@ -120,10 +146,11 @@ def prepare(
 def load(src, size: int, lung_crop: dict | None = None, name: str | None = None, lung_model=None):
     """Decode ``src`` (path or bytes) and prepare it: ``(x (size, size), box, fell_back, film)``.
 
-    ``film`` is the decoded original (H, W) at its own resolution, for overlays. Raises
+    ``film`` is the decoded film (H, W), read at the needed size (:func:`needed_side`: a large film
+    comes back reduced by 2, 4 or 8; a box in fractions fits either). Raises
     :class:`core.images.ImageError` for anything that is not a usable image.
     """
-    film = images.decode(src, name)
+    film = images.decode(src, name, need=needed_side(size, lung_crop))
     x, boxes, fb = prepare([film], size, lung_crop, lung_model)
     return x[0], tuple(float(v) for v in boxes[0]), bool(fb[0]), film
 
@@ -138,7 +165,7 @@ def load_many(srcs, size: int, lung_crop: dict | None = None, lung_model=None):
     films, kept, errors = [], [], []
     for i, src in enumerate(srcs):
         try:
-            films.append(images.decode(src))
+            films.append(images.decode(src, need=needed_side(size, lung_crop)))
             kept.append(i)
         except images.ImageError as err:
             errors.append(err)

@@ -1,8 +1,8 @@
 """Batch prediction: ``python -m core.predict IMAGE_OR_DIR... [--run R] [--csv OUT] [--shard I/N] [--json]``.
 
-Films are decoded and prepared for the network by :func:`core.inputs.load` (the run's lung crop
-when it has one), several at a time in a thread pool while the network scores the previous
-batch; bad files are reported (on stderr, and under ``errors`` in the JSON) and skipped.
+Films are decoded at the size the network needs (:func:`core.inputs.needed_side`), several at a
+time in a thread pool, and prepared a batch at a time by :func:`core.inputs.prepare` (the run's lung
+crop when it has one, the lung U-Net batched) while the network scores the previous batch; bad files are reported (on stderr, and under ``errors`` in the JSON) and skipped.
 ``--shard I/N`` keeps the I-th of N contiguous parts of the sorted file list (1 <= I <= N), cut
 between batches, so that the N tasks of a cluster array job split a large archive and their CSVs,
 concatenated in order I = 1..N (one header), are the CSV of the whole archive, bit for bit, when
@@ -69,35 +69,52 @@ def shard(paths: list, i: int, n: int, batch_size: int = 1) -> list:
     return paths[(i - 1) * batches // n * batch_size : i * batches // n * batch_size]
 
 
-def _prepare_one(path: str, size: int, lung_crop: dict | None, lung_model, check: bool = False):
-    """``(x, fell_back, verdict)`` of one film (``verdict``: core.checks.check_film, or None
-    without ``check``), or its ImageError."""
+def _decode_one(path: str, need: int, check: bool):
+    """``(film, bytes or None)`` of one file, decoded at the needed size, or its ImageError."""
     try:
         data, name = images.read_bytes(path, name=path)
-        x, box, fell_back, film = inputs.load(data, size, lung_crop, name=name, lung_model=lung_model)
-        box = None if lung_crop is None or fell_back else box  # the lungs' box when there is one
-        return x, fell_back, checks.check_film(film, data, box=box) if check else None
+        return images.decode(data, name, need=need), (data if check else None)
     except images.ImageError as err:
         return err
 
 
+def _prepare_chunk(futures, size: int, lung_crop, lung_model, check: bool, pool):
+    """One batch: its decoded films prepared together (:func:`core.inputs.prepare`: one batched call
+    of the lung U-Net), then checked in the pool. ``(ok, x, fell_back, verdicts, errors)``."""
+    done = [f.result() for f in futures]
+    ok = [k for k, r in enumerate(done) if not isinstance(r, images.ImageError)]
+    errors = [r for r in done if isinstance(r, images.ImageError)]
+    films = [done[k][0] for k in ok]
+    x, boxes, fell_back = inputs.prepare(films, size, lung_crop, lung_model)
+    if not ok:
+        x = np.zeros((0, size, size), np.float32)
+    verdicts = [None] * len(ok)
+    if check:
+        # the layout checks read the lungs' box when there is one, else the whole film
+        lung_boxes = [None if lung_crop is None or fb else tuple(b) for b, fb in zip(boxes, fell_back, strict=True)]
+        verdicts = list(pool.map(checks.check_film, films, [done[k][1] for k in ok], [None] * len(ok), lung_boxes))
+    return ok, x, fell_back, verdicts, errors
+
+
 def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: int = 32, workers: int | None = None,
                      check: bool = False):
-    """Yield ``(indices, x, fell_back, verdicts, errors)`` per batch of ``paths``: films prepared by
-    :func:`core.inputs.load` in a pool of ``workers`` threads (default: the CPU count), one batch
+    """Yield ``(indices, x, fell_back, verdicts, errors)`` per batch of ``paths``: films decoded at the
+    needed size (:func:`core.inputs.needed_side`) in a pool of ``workers`` threads (default: the CPU
+    count), then prepared a batch at a time (the lung U-Net batched) in a stage thread, one batch
     ahead of the caller, so that decoding overlaps the network and memory stays bounded.
     ``verdicts``: :func:`core.checks.check_film` per film with ``check``, else None each."""
     lung_model = None
     if lung_crop is not None:
         lung_model = lungs.lung_model()  # loaded once here, shared by the threads
+    need = inputs.needed_side(size, lung_crop)
     workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as stage:
         ahead: collections.deque = collections.deque()
 
         def submit(start):
             chunk = range(start, min(start + batch_size, len(paths)))
-            ahead.append((chunk, [pool.submit(_prepare_one, paths[k], size, lung_crop, lung_model, check)
-                                  for k in chunk]))
+            futures = [pool.submit(_decode_one, paths[k], need, check) for k in chunk]
+            ahead.append((chunk, stage.submit(_prepare_chunk, futures, size, lung_crop, lung_model, check, pool)))
 
         starts = iter(range(0, len(paths), batch_size))
         for start in starts:
@@ -105,15 +122,12 @@ def prepared_batches(paths: list[str], size: int, lung_crop=None, batch_size: in
             if len(ahead) == 2:
                 break
         while ahead:
-            chunk, futures = ahead.popleft()
+            chunk, future = ahead.popleft()
             nxt = next(starts, None)
             if nxt is not None:
                 submit(nxt)
-            done = [f.result() for f in futures]
-            ok = [(k, r) for k, r in zip(chunk, done, strict=True) if not isinstance(r, images.ImageError)]
-            errors = [r for r in done if isinstance(r, images.ImageError)]
-            x = np.stack([r[0] for _, r in ok]) if ok else np.zeros((0, size, size), np.float32)
-            yield [k for k, _ in ok], x, np.array([r[1] for _, r in ok], bool), [r[2] for _, r in ok], errors
+            ok, x, fell_back, verdicts, errors = future.result()
+            yield [chunk[k] for k in ok], x, np.asarray(fell_back, bool), verdicts, errors
 
 
 def predict_films(model, paths, size: int | None = None, batch_size: int = 32, lung_crop: dict | None = None,

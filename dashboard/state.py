@@ -23,8 +23,11 @@ import argparse
 import collections
 import gc
 import hashlib
+import json
+import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -356,7 +359,9 @@ def case(run: Path, data: bytes, name: str, *, colour_check: bool = True, maps: 
         _keep(store, key, entry)
         return entry, None
     handle, m = run_handle(run), model(run)
+    t0, fresh = time.perf_counter(), entry is None
     with work.slot(on_wait) as ticket:
+        t1 = time.perf_counter()
         try:
             if entry is None:
                 entry = ccase.analyse(handle, data, name=name, colour_check=colour_check, model=m)
@@ -365,8 +370,21 @@ def case(run: Path, data: bytes, name: str, *, colour_check: bool = True, maps: 
             raise
         for method, ci, layer in todo:
             ccase.heatmap(handle, entry, method, ci, layer, model=m)
+    _log_times(name, wait_s=t1 - t0, work_s=time.perf_counter() - t1, analysed=fresh, maps=len(todo))
     _keep(store, key, entry)
     return entry, (ticket.wait_s if ticket.waited else None)
+
+
+TIMES_ENV = "CXR_SERVER_TIMES"  # a file path: one JSON line per analysis (tests/benchmarks/bench_load.py)
+
+
+def _log_times(name: str, **fields) -> None:
+    """With $CXR_SERVER_TIMES set, append the server's own seconds for one film (model-slot wait, work
+    in the slot) to that file, so a load benchmark can tell them from the browsers' share of the CPU."""
+    path = os.environ.get(TIMES_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"name": str(name), "t": time.time(), **fields}) + "\n")
 
 
 def severity(run: Path, entry: ccase.Case) -> dict:

@@ -38,9 +38,9 @@ def test_predict_paths_skips_bad_files(tiny_run, cxr_root, tmp_path):
     assert sorted(e.name for e in errors) == sorted([str(bad), str(tmp_path / "missing.jpg")])
     np.testing.assert_allclose(df["p_covid"] + df["p_other"], 1.0, atol=1e-5)
     # p_covid is column COVID_INDEX of the model's softmax
-    from core import images
+    from core import inputs
 
-    x = images.load(covid[0], model_lib.input_size(model))
+    x = inputs.load(covid[0], model_lib.input_size(model))[0][None]  # the one path (decoded at the needed size)
     assert df["p_covid"].iloc[0] == pytest.approx(float(model_lib.probabilities(model, x)[0, config.COVID_INDEX]), abs=1e-5)
 
 

@@ -17,7 +17,12 @@ Prints one JSON object:
 - ``single``: p50/p95/max seconds for one session (after a warm-up upload), and ``widget_single``:
   the same for ``--widget-changes`` slider steps in that idle session;
 - ``concurrent``: ``--sessions`` sessions uploading at the same time (pooled), with the wall time
-  of the burst, the number of wrong P(covid) values shown and the server's peak memory;
+  of the burst, the number of wrong P(covid) values shown and the server's peak memory; beside
+  these end-to-end figures, ``server``: the server's own seconds per upload (``server_s`` = waiting
+  for the model slot + the work in it: decode, lung crop, network, Grad-CAM; logged by
+  ``dashboard.state`` under $CXR_SERVER_TIMES), and the CPU seconds the server and the browsers
+  took during the burst (``*_cpu_s``; ``*_cores`` = per wall second), since the browsers share the
+  machine's cores with the server;
 - ``widget_concurrent``: right after, every one of those sessions moves its slider
   ``--widget-changes`` times at the same time (pooled latencies); an upload without an answer
   within ``--timeout`` seconds is counted (``timeouts``, with what its page showed) and skipped;
@@ -58,6 +63,8 @@ from core import checks, config, images, runs  # noqa: E402
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 PHASES = ("single", "concurrent", "widget", "many", "rss")
 LOST_AFTER_MS = 300_000  # a session without an answer for 5 minutes is lost
+# The server appends its own seconds per analysis here (dashboard.state, $CXR_SERVER_TIMES).
+TIMES_LOG = Path(tempfile.mkdtemp(prefix="bench-load-times-")) / "server_times.jsonl"
 
 
 def server_rss_mib() -> float:
@@ -76,6 +83,47 @@ def server_rss_mib() -> float:
         except (OSError, ValueError, IndexError):
             continue
     return float("nan")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this benchmark's children: the streamlit server and the
+    browsers (chromium and its helpers), from /proc; exited processes are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu, kind = {}, {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        pid = int(d.name)
+        parent[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        kind[pid] = "server" if b"streamlit" in cmd else "browsers" if b"chrom" in cmd else None
+    out = {"server": 0.0, "browsers": 0.0}
+    for pid, k in kind.items():
+        up = pid
+        while up in parent and up != os.getpid():
+            up = parent[up]
+        if k and up == os.getpid():
+            out[k] += cpu[pid]
+    return out
+
+
+def server_times(path: Path, since: float) -> dict:
+    """The server's own seconds per analysed upload after ``since`` (dashboard.state logs them under
+    $CXR_SERVER_TIMES): the wait for the model slot, the work in it, and their sum."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r["t"] >= since and r.get("analysed")]
+    return {"uploads": len(rows), "server_s": stats([r["wait_s"] + r["work_s"] for r in rows]),
+            "slot_wait_s": stats([r["wait_s"] for r in rows]), "slot_work_s": stats([r["work_s"] for r in rows])}
+
+
+def cpu_share(before: dict, after: dict, wall: float) -> dict:
+    """CPU seconds the server and the browsers took during a phase, and in cores (seconds per wall second)."""
+    used = {k: round(after[k] - before[k], 1) for k in before}
+    return {**{f"{k}_cpu_s": v for k, v in used.items()}, **{f"{k}_cores": round(v / wall, 2) for k, v in used.items()}}
 
 
 @contextlib.asynccontextmanager
@@ -253,10 +301,11 @@ async def phase_concurrent(browser, url, files, k, expected, a) -> tuple[dict, d
     k += a.sessions * a.per_session
     timeouts: list[str] = []
     async with peak_rss() as mem:
-        t0 = time.perf_counter()
+        t0, since, cpu0 = time.perf_counter(), time.time(), cpu_seconds()
         res = await asyncio.gather(*(session_run(pg, ch, expected, timeouts) for pg, ch in zip(pages, chunks, strict=True)))
         wall = time.perf_counter() - t0
     conc = {"sessions": a.sessions, **stats([x for lat, _ in res for x in lat]), "wall_s": round(wall, 2),
+            "server": server_times(TIMES_LOG, since), **cpu_share(cpu0, cpu_seconds(), wall),
             "wrong_p_covid": sum(w for _, w in res), "wrong_shown": WRONG[:5], "timeouts": len(timeouts),
             "timeout_pages": timeouts[:5],
             "server_peak_mib": mem["peak_mib"]}
@@ -318,9 +367,10 @@ async def bench(url: str, files: list[Path], expected: dict[str, float], a) -> d
             await upload(page, files[0], None)  # warm-up: model load, tracing
             k = 1
             if "single" in a.phases:
+                since = time.time()
                 lat, wrong = await session_run(page, files[k : k + a.per_session], expected)
                 k += a.per_session
-                out["single"] = {**stats(lat), "wrong_p_covid": wrong}
+                out["single"] = {**stats(lat), "wrong_p_covid": wrong, "server": server_times(TIMES_LOG, since)}
             if "widget" in a.phases:
                 out["widget_single"] = stats(await widget_run(page, a.widget_changes))
             if "concurrent" in a.phases:
@@ -413,6 +463,7 @@ def main(argv=None) -> int:
     out = {"model": note, "cpu_count": os.cpu_count(), "load_avg_before": os.getloadavg(),
            "films_with_answer": len(files), "films_pairwise_distinct": n_distinct}
     log = Path(tempfile.mkdtemp(prefix="bench-load-log-")) / "streamlit.log"
+    os.environ["CXR_SERVER_TIMES"] = str(TIMES_LOG)  # the server inherits it (streamlit_server)
     with streamlit_server(data, runs_root, log=log) as (url, _):
         out.update(asyncio.run(bench(url, files, expected, a)))
     out["load_avg_after"] = os.getloadavg()

@@ -6,9 +6,10 @@
 Reads ``--n`` real X-rays of every source (PNG and JPEG, as stored, mostly ~1000 px), then times
 :func:`core.predict.predict_paths` on them for each ``--workers`` value (threads that decode and
 prepare films through ``core.inputs`` while the network scores the previous batch), after one
-warm-up batch. Also times the two halves alone: decoding + preparing every film in one thread,
-and the network on the prepared batch. Prints one JSON object: films/s (wall), the CPU time per
-film of the whole process (all threads) and what it allows when every core works for this job
+warm-up batch. Also times the two halves alone: decoding (at the needed size,
+``core.inputs.needed_side``) + preparing every film in one thread (the lung U-Net a batch at a
+time, as core.predict does), decoding alone, and the network on the prepared batch. Prints one
+JSON object: films/s (wall), the CPU time per film of the whole process (all threads) and what it allows when every core works for this job
 (``cpu_bound_films_per_s`` = cores / CPU seconds per film: an upper bound, robust to other jobs
 on a shared machine), and the load average before and after.
 """
@@ -28,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from core import config, inputs, predict, runs  # noqa: E402
+from core import config, images, inputs, predict, runs  # noqa: E402
 from core import model as model_lib  # noqa: E402
 
 
@@ -57,8 +58,13 @@ def main(argv=None) -> int:
     predict.predict_paths(model, files[: a.batch_size], size, batch_size=a.batch_size, lung_crop=crop)  # warm-up
 
     t = time.perf_counter()
-    x = np.stack([inputs.load(f, size, crop)[0] for f in files])
+    need = inputs.needed_side(size, crop)
+    films = [images.decode(f, need=need) for f in files]
+    decode_only_s = time.perf_counter() - t
+    x = np.concatenate([inputs.prepare(films[i:i + a.batch_size], size, crop)[0]
+                        for i in range(0, len(films), a.batch_size)])
     decode_s = time.perf_counter() - t
+    out["decode_only_one_thread_films_per_s"] = round(len(files) / decode_only_s, 1)
     t = time.perf_counter()
     model_lib.probabilities(model, x, batch_size=a.batch_size)
     model_s = time.perf_counter() - t
