@@ -147,11 +147,16 @@ def sanity_check(model, images, method: str, layer=None, class_index: int = 0, r
     threshold, passes}``.
     """
     rand = random_model if random_model is not None else randomised_copy(model)
-    rs = []
-    for img in np.asarray(images, dtype=np.float32):
-        a = explain.explain(model, img, method, class_index=class_index, layer=layer, **kw)
-        b = explain.explain(rand, img, method, class_index=class_index, layer=layer, **kw)
-        rs.append(spearman(a, b))
+    pairs = [(explain.explain(model, img, method, class_index=class_index, layer=layer, **kw),
+              explain.explain(rand, img, method, class_index=class_index, layer=layer, **kw))
+             for img in np.asarray(images, dtype=np.float32)]
+    return sanity_result(method, [a for a, _ in pairs], [b for _, b in pairs], threshold)
+
+
+def sanity_result(method: str, trained, randomised, threshold: float = SANITY_THRESHOLD) -> dict:
+    """The randomisation check's verdict from the maps of the trained and of the randomised model
+    (same images, same order), as :func:`sanity_check` returns it."""
+    rs = [spearman(a, b) for a, b in zip(trained, randomised, strict=True)]
     mean = float(np.mean(rs)) if rs else float("nan")
     return {
         "method": method,
