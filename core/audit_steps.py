@@ -223,7 +223,8 @@ def road_n_auto(model, n_maps: int, fractions=road.FRACTIONS) -> int | None:
 
 def road_films(test: pd.DataFrame, n: int | None, seed: int = config.SEED) -> np.ndarray:
     """Row indices (sorted) of the films ROAD scores: all, or ``n`` of them drawn seeded and
-    round-robin over classes (each class keeps its share, both classes kept)."""
+    round-robin over classes (as ``core.audit``'s ``--limit``: every class kept, equal numbers
+    while a class has films left)."""
     if not n or n >= len(test):
         return np.arange(len(test))
     order = np.random.default_rng(seed).permutation(len(test))
