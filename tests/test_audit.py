@@ -374,3 +374,6 @@ def test_road_on_a_film_sample_says_how_many(blob_model):
     assert set(cols) == {"gradcam", "random", "lungs"}
     sample = audit_steps.road_films(test, 4).tolist()  # road_step's sample (its default seed)
     assert all(np.flatnonzero(np.isfinite(v)).tolist() == sample for v in cols.values())
+    # the ROAD finding cards say the figure comes from a sample
+    assert "sample of 4 of the 10 films" in findings._road_sample({"road": summary})
+    assert findings._road_sample({"road": {**summary, "n": 10}}) == ""
