@@ -59,7 +59,6 @@ from core.audit_steps import (
     load_images,
     mean_ci,
     pointing_step,
-    road_n_auto,
     road_step,
     sanity_checks,
     slices_step,
@@ -154,12 +153,8 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
     ``trust_table`` and :func:`core.audit_maps.mean_maps`, ``sanity_checks``, :func:`probes`,
     ``road_step``, ``pointing_step``, ``source_probe_step``, ``slices_step``, then the findings (:func:`core.findings.findings`). Heatmaps explain class 0 (COVID-19) for
     every image; ``di_methods`` also get RISE deletion/insertion AUCs (off by default: ROAD
-    replaces them); ``lung_model`` replaces the shipped lung net (tests); ``road_n``: ROAD on a
-    class-stratified sample of that many films (None or 0: all; default -1: as many as
-    :func:`core.audit_steps.road_n_auto` budgets for this model, so a large network's ROAD does
-    not dominate; audit.json's ``road.n`` says how many were scored). ``timing`` holds each step's
-    seconds and the process's peak memory after it (``<step>_peak_mb``). Writes ``audit.csv``,
-    ``audit.json``, ``audit_maps/*.npy`` into the run (``write=True``) and returns the summary.
+    replaces them); ``lung_model`` replaces the shipped lung net (tests); ``road_n``: see ``road_step``
+    (-1: by the model's cost). Writes ``audit.csv``, ``audit.json``, ``audit_maps/*.npy`` (``write``).
     """
     t_start = time.time()
     timing: dict = {}
@@ -188,10 +183,7 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
                     class_index=ci, n_boot=n_boot)
         p_by = pr.pop("_p")
     with _timed(timing, "road_s"):
-        if road_n == -1:  # the default: as many films as the ROAD budget pays for at this model's cost
-            road_n = road_n_auto(clf, len(maps) + 2, road_fractions)
-        road_res, road_cols = road_step(clf, test, x, lung, maps, classes, road_fractions, n_boot, seed, progress, ci,
-                                        road_n)
+        road_res, road_cols = road_step(clf, test, x, lung, maps, classes, road_fractions, n_boot, seed, progress, ci, road_n)
     with _timed(timing, "pointing_s"):
         point_res, point_cols = pointing_step(test, lung, loaded["expert"], maps, n_boot, seed)
         point_res["boxes"]["counts"] = box_counts

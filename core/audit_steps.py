@@ -240,10 +240,12 @@ def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions
     The ``lungs`` map ranks pixels by how deep inside the lung mask they lie: its ROAD says
     whether removing the lungs (with imputation) moves the score more than removing the rest.
     ROAD costs 2 x fractions x maps forward passes per film (60 by default): with ``n_films`` it
-    scores a class-stratified seeded sample of that many films (:func:`road_films`), and the
-    summary says so (``n``, ``n_of``). Returns the summary and per-image columns
+    scores a class-stratified seeded sample of that many films (:func:`road_films`; -1: as many as
+    :func:`road_n_auto` budgets), and the summary says so (``n``, ``n_of``). Returns the summary and per-image columns
     ``{name: combined (n,)}`` (NaN on films outside the sample).
     """
+    if n_films == -1:  # the audit's default: as many films as the ROAD budget pays for at this model's cost
+        n_films = road_n_auto(model, len(maps) + 2, fractions)
     pick = road_films(test, n_films, seed)
     sub, xs, ls = test.iloc[pick].reset_index(drop=True), x[pick], lung[pick]
     all_maps = {**{k: v[pick] for k, v in maps.items()}, "random": road.random_maps(len(xs), x.shape[1:], seed),

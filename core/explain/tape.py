@@ -84,23 +84,6 @@ def _build_input_grad_fn(lin):
     return fn
 
 
-def _build_scorecam_fn(lin):
-    """fn(x, acts (h, w, c), mh (H, h), mw (W, w), class_index) -> (c,) probabilities of the
-    class for the image masked by each upsampled, [0, 1]-scaled channel (one batch)."""
-
-    @tf.function(reduce_retracing=True)
-    def fn(x, acts, mh, mw, class_index):
-        up = tf.einsum("Hh,hwc,Ww->cHW", mh, acts, mw)
-        lo = tf.reduce_min(up, axis=(1, 2), keepdims=True)
-        hi = tf.reduce_max(up, axis=(1, 2), keepdims=True)
-        masks = (up - lo) / (hi - lo + 1e-7)
-        masked = (x[:, :, :, 0] * masks)[..., None]
-        probs = tf.nn.softmax(lin(masked, training=False), axis=-1)
-        return tf.gather(probs, class_index, axis=-1)
-
-    return fn
-
-
 def _acts_grads(model, x, class_index, layer):
     target, nested = graph.target(model, layer)
     fn = _cam_fn(model, target, nested)
@@ -224,20 +207,21 @@ def scorecam(model, x, class_index, layer, max_n=None):
         keep = np.argsort(-acts.std(axis=(0, 1)), kind="stable")[:max_n]
         acts = acts[..., keep]
     h, w = x.shape[1:3]
-    fn = graph.compiled(model, "scorecam", _build_scorecam_fn)
+    fn = graph.compiled(model, "scorecam_many", _build_scorecam_many_fn)  # one image: a batch of one
     mh = tf.constant(interp_matrix(acts.shape[0], h), tf.float32)
     mw = tf.constant(interp_matrix(acts.shape[1], w), tf.float32)
     xt, ct = tf.constant(x), tf.constant(class_index, tf.int32)
     weights = np.concatenate([
-        fn(xt, tf.constant(acts[..., s : s + BATCH]), mh, mw, ct).numpy()
+        fn(xt, tf.constant(acts[None, ..., s : s + BATCH]), mh, mw, ct).numpy()[0]
         for s in range(0, acts.shape[-1], BATCH)
     ]).astype(np.float64)
     return upsample(_relu((acts * weights).sum(-1)), (h, w))[None]
 
 
 def _build_scorecam_many_fn(lin):
-    """fn(x (n, H, W, 1), acts (n, h, w, c), mh, mw, class_index) -> (n, c): :func:`_build_scorecam_fn`
-    for several images in one forward pass of their n x c masked copies."""
+    """fn(x (n, H, W, 1), acts (n, h, w, c), mh (H, h), mw (W, w), class_index) -> (n, c): the class
+    probability of each image masked by each of its upsampled, [0, 1]-scaled channels, all n x c
+    masked copies in one forward pass."""
 
     @tf.function(reduce_retracing=True)
     def fn(x, acts, mh, mw, class_index):
