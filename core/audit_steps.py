@@ -34,7 +34,7 @@ from core import (
     source_probe,
 )
 from core import model as cxr_model
-from core.audit_checks import deletion_insertion, sanity_check
+from core.audit_checks import deletion_insertion, sanity_result
 from core.heat import corner_share, heat_share
 
 RANDOM_PER_IMAGE = 8  # random maps per image for the pointing game's baseline
@@ -135,12 +135,11 @@ def usable_methods(model, methods) -> tuple[list[str], dict[str, str]]:
 def explain_all(model, x: np.ndarray, methods, progress: bool = True,
                 class_index: int = config.COVID_INDEX) -> dict[str, np.ndarray]:
     """Step 3: every method's maps of the explained (positive) class for every image, (n, size, size)."""
-    out = {}
-    for method in methods:
-        t0 = time.time()
-        out[method] = explain.explain_many(model, x, method, class_index=class_index)
-        if progress:
-            print(f"audit: {method} maps for {len(x)} images in {time.time() - t0:.1f} s", file=sys.stderr)
+    t0 = time.time()
+    # one call: the gradient CAMs share one forward and backward pass, Score-CAM batches its masked copies
+    out = explain.explain_shared(model, x, list(methods), class_index=class_index)
+    if progress:
+        print(f"audit: {', '.join(methods)} maps for {len(x)} images in {time.time() - t0:.1f} s", file=sys.stderr)
     return out
 
 
@@ -162,12 +161,23 @@ def trust_table(model, test: pd.DataFrame, x, lung, maps: dict, di_methods=(), s
     return pd.DataFrame(rows)
 
 
-def sanity_checks(model, x, methods, n: int, random_model, seed: int = config.SEED) -> dict:
-    """Step 5: the randomisation check (:func:`core.audit_checks.sanity_check`) of each method on ``n`` images."""
+def sanity_checks(model, x, methods, n: int, random_model, seed: int = config.SEED, maps: dict | None = None,
+                  class_index: int = config.COVID_INDEX) -> dict:
+    """Step 5: the randomisation check (:func:`core.audit_checks.sanity_check`) of each method on ``n`` images.
+
+    ``maps`` (explain_all's maps of the trained model) are reused for the picked images; the
+    randomised model's maps of all methods are computed batched (:func:`core.explain.explain_shared`).
+    """
     if not n:
         return {}
     pick = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
-    return {m: {**sanity_check(model, x[pick], m, random_model=random_model), "_pick": pick} for m in methods}
+    have = maps or {}
+    trained = {m: have[m][pick] for m in methods if m in have}
+    missing = [m for m in methods if m not in trained]
+    if missing:
+        trained.update(explain.explain_shared(model, x[pick], missing, class_index))
+    rand = explain.explain_shared(random_model, x[pick], list(methods), class_index)
+    return {m: {**sanity_result(m, trained[m], rand[m]), "_pick": pick} for m in methods}
 
 
 def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -> dict:
@@ -181,29 +191,84 @@ def _group_means(values: np.ndarray, test: pd.DataFrame, classes, n_boot: int) -
     return out
 
 
+ROAD_BUDGET_GMAC = 6000.0  # ROAD's forward passes, in multiply-adds: all 221 test films of the shipped net (~0.2 GMAC)
+ROAD_MIN_FILMS = 32  # ... and never fewer films than this (a DenseNet121 at 224 px, 2.8 GMAC, gets 35)
+
+
+def forward_gmacs(model) -> float:
+    """Multiply-adds (billions) of one forward pass of one image through the convolution and dense
+    layers (nested models included); 0.0 when they cannot be reached (a SavedModel signature)."""
+    total = 0
+    for layer, _ in cxr_model.walk(model):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None or len(kernel.shape) not in (2, 4):
+            continue
+        try:
+            out = layer.output.shape
+        except (AttributeError, ValueError):  # a layer called more than once has no single output
+            continue
+        k = [int(v) for v in kernel.shape]
+        total += int(np.prod(k)) * (int(out[1]) * int(out[2]) if len(k) == 4 and len(out) == 4 else 1)
+    return total / 1e9
+
+
+def road_n_auto(model, n_maps: int, fractions=road.FRACTIONS) -> int | None:
+    """How many films ROAD scores by default: as many as :data:`ROAD_BUDGET_GMAC` pays for (at
+    2 x fractions x maps passes per film), at least :data:`ROAD_MIN_FILMS`; None (all) when the
+    model's cost is unknown. Deterministic: it depends on the model, not on the machine's speed."""
+    gmacs = forward_gmacs(model)
+    if gmacs <= 0:
+        return None
+    return max(ROAD_MIN_FILMS, int(ROAD_BUDGET_GMAC / (2 * len(fractions) * n_maps * gmacs)))
+
+
+def road_films(test: pd.DataFrame, n: int | None, seed: int = config.SEED) -> np.ndarray:
+    """Row indices (sorted) of the films ROAD scores: all, or ``n`` of them drawn seeded and
+    round-robin over classes (as ``core.audit``'s ``--limit``: every class kept, equal numbers
+    while a class has films left)."""
+    if not n or n >= len(test):
+        return np.arange(len(test))
+    order = np.random.default_rng(seed).permutation(len(test))
+    rank = pd.Series(test["class"].to_numpy()[order]).groupby(test["class"].to_numpy()[order]).cumcount().to_numpy()
+    return np.sort(order[np.argsort(rank, kind="stable")[:n]])
+
+
 def road_step(model, test: pd.DataFrame, x, lung, maps: dict, classes, fractions=road.FRACTIONS,
               n_boot: int = 1000, seed: int = config.SEED, progress: bool = True,
-              class_index: int = config.COVID_INDEX) -> tuple[dict, dict]:
+              class_index: int = config.COVID_INDEX, n_films: int | None = None) -> tuple[dict, dict]:
     """Step 6: ROAD (:mod:`core.road`) of every method, of a random-map baseline and of the lungs.
 
     The ``lungs`` map ranks pixels by how deep inside the lung mask they lie: its ROAD says
     whether removing the lungs (with imputation) moves the score more than removing the rest.
-    Returns the summary and per-image columns ``{name: combined (n,)}``.
+    ROAD costs 2 x fractions x maps forward passes per film (60 by default): with ``n_films`` it
+    scores a class-stratified seeded sample of that many films (:func:`road_films`; -1: as many as
+    :func:`road_n_auto` budgets), and the summary says so (``n``, ``n_of``). Returns the summary and per-image columns
+    ``{name: combined (n,)}`` (NaN on films outside the sample).
     """
-    all_maps = {**maps, "random": road.random_maps(len(x), x.shape[1:], seed),
-                "lungs": np.stack([road.region_map(m) for m in lung]) if len(lung) else np.zeros(x.shape)}
-    bar = tqdm(total=len(x), desc="audit ROAD", disable=not progress, file=sys.stderr)
-    res = road.road(model, x, all_maps, class_index, fractions, seed=seed, progress=bar.update)
+    if n_films == -1:  # the audit's default: as many films as the ROAD budget pays for at this model's cost
+        n_films = road_n_auto(model, len(maps) + 2, fractions)
+    pick = road_films(test, n_films, seed)
+    sub, xs, ls = test.iloc[pick].reset_index(drop=True), x[pick], lung[pick]
+    all_maps = {**{k: v[pick] for k, v in maps.items()}, "random": road.random_maps(len(xs), x.shape[1:], seed),
+                "lungs": np.stack([road.region_map(m) for m in ls]) if len(ls) else np.zeros(xs.shape)}
+    bar = tqdm(total=len(xs), desc="audit ROAD", disable=not progress, file=sys.stderr)
+    res = road.road(model, xs, all_maps, class_index, fractions, seed=seed, progress=bar.update)
     bar.close()
     summary = {"fractions": list(fractions), "grid": road.GRID, "noise": road.NOISE, "score": f"P({classes[class_index]})",
-               "maps": {}}
+               "n": int(len(pick)), "n_of": int(len(test)),
+               "films": "all" if len(pick) == len(test) else
+               f"a class-stratified seeded sample of {len(pick)} of {len(test)} films (--road-n)", "maps": {}}
     for name, r in res.items():
-        d = {k: _group_means(r[k], test, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
+        d = {k: _group_means(r[k], sub, classes, n_boot) for k in ("combined", "morf_mean", "lerf_mean")}
         d["curve"] = {"morf": r["morf"].mean(axis=0).tolist(), "lerf": r["lerf"].mean(axis=0).tolist()}
         if name != "random":
-            d["vs_random"] = mean_ci(r["combined"] - res["random"]["combined"], test["group"].to_numpy(), n_boot)
+            d["vs_random"] = mean_ci(r["combined"] - res["random"]["combined"], sub["group"].to_numpy(), n_boot)
         summary["maps"][name] = d
-    return summary, {name: r["combined"] for name, r in res.items()}
+    cols = {}
+    for name, r in res.items():
+        cols[name] = np.full(len(test), np.nan)
+        cols[name][pick] = r["combined"]
+    return summary, cols
 
 
 def _point(heat: np.ndarray, region: np.ndarray) -> dict:

@@ -176,6 +176,7 @@ def _road_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
             if table is not None and "road_combined_lungs" in table:
                 r = _rows(table, None).sort_values("road_combined_lungs")
                 paths = r[r["road_combined_lungs"] < 0]["path"].tolist()
+            claim += _road_sample(s)
             out.append(_card("road:lungs", "road_lungs", sev, claim, paths,
                              "films on which removing the lungs moves the score less than removing the rest",
                              None, -_v(comb)))
@@ -184,12 +185,20 @@ def _road_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:
         better = "more" if _lo(diff) > 0 else ("less" if _hi(diff) < 0 else "no more")
         claim = (f"{titles.get(name, name)} maps are {better} faithful than random maps by ROAD: "
                  f"{metrics.fmt(comb)} against {metrics.fmt(rand)} (difference {metrics.fmt(diff)}; higher = more faithful).")
+        claim += _road_sample(s)
         paths = []
         if table is not None and "road_combined" in table:
-            paths = _rows(table, name).sort_values("road_combined")["path"].tolist()
+            paths = _rows(table, name).dropna(subset=["road_combined"]).sort_values("road_combined")["path"].tolist()
         out.append(_card(f"road:{name}", "road", sev, claim, paths, "the films on which its maps score lowest by ROAD",
                          name, -_v(diff)))
     return out
+
+
+def _road_sample(s: dict) -> str:
+    """' (ROAD scored n of N films: ...)' when the audit scored ROAD on a sample of the films, else ''."""
+    rd = s.get("road") or {}
+    n, n_of = rd.get("n"), rd.get("n_of")
+    return f" (ROAD scored a class-stratified sample of {n} of the {n_of} films.)" if n and n_of and n < n_of else ""
 
 
 def _pointing_cards(s: dict, table: pd.DataFrame | None) -> list[dict]:

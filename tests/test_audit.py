@@ -218,6 +218,8 @@ def test_run_audit_on_tiny_run(tiny_audit_run):
     assert set(data["road"]["maps"]) == {"gradcam", "random", "lungs"}
     assert {"value", "ci_low", "ci_high"} <= set(data["road"]["maps"]["gradcam"]["combined"]["all"])
     assert data["pointing_game"]["lungs"]["n"] == 10 and "gradcam" in data["pointing_game"]["lungs"]["methods"]
+    assert data["road"]["n"] == data["road"]["n_of"] == 10 and data["road"]["films"] == "all"  # a tiny net: all films
+    assert all(data["timing"][f"{k}_peak_mb"] > 0 for k in ("explain", "sanity", "road", "source_probe"))
     assert data["slices"]["slices"] and "rule" in data["slices"]
     cards = data["findings"]
     assert cards and all({"severity", "claim", "paths", "id"} <= set(c) for c in cards)
@@ -316,3 +318,62 @@ def test_run_audit_on_real_tiny_run(tiny_run, cxr_root):
     assert s["p_consistency_max_abs_diff"] < 1e-3
     share = s["methods"]["gradcam"]["groups"]["all"]["in_lung_share"]["value"]
     assert 0.0 <= share <= 1.0
+
+
+# ----------------------------------------------------------------------------- cost of the audit
+def test_explain_shared_equals_one_method_at_a_time(blob_model):
+    """Grad-CAM, Grad-CAM++ and LayerCAM from one shared pass, and Faster Score-CAM batched over
+    images, give the maps each method gives alone."""
+    from core import explain
+
+    x, _ = _blob_data(7, seed=21)
+    methods = ["gradcam", "gradcam_pp", "layercam", "scorecam_fast", "saliency"]
+    shared = explain.explain_shared(blob_model, x, methods, 0, batch_size=4)
+    assert list(shared) == methods
+    for m in ("gradcam", "gradcam_pp", "layercam", "saliency"):
+        assert np.abs(shared[m] - explain.explain_many(blob_model, x, m, 0)).max() < 1e-5, m
+    one = np.stack([explain.explain(blob_model, im, "scorecam_fast", class_index=0) for im in x])
+    assert shared["scorecam_fast"].shape == (7, 32, 32) and np.abs(shared["scorecam_fast"] - one).max() < 1e-4
+
+
+def test_sanity_checks_reuse_the_trained_maps(blob_model):
+    from core import explain
+
+    x, _ = _blob_data(6, seed=22)
+    rand = audit_checks.randomised_copy(blob_model)
+    maps = explain.explain_shared(blob_model, x, ["gradcam", "saliency"], 0)
+    res = audit_steps.sanity_checks(blob_model, x, ["gradcam", "saliency"], 3, rand, maps=maps, class_index=0)
+    for m, r in res.items():
+        alone = audit_checks.sanity_check(blob_model, x[r["_pick"]], m, random_model=rand)
+        assert r["n"] == 3 and r["spearman_mean"] == pytest.approx(alone["spearman_mean"], abs=1e-3)
+
+
+def test_forward_gmacs_and_the_road_budget(blob_model, monkeypatch):
+    # conv1: 32x32 outputs x 3x3x1x8; last_conv: 16x16 x 3x3x8x16; logits: 16x2
+    assert audit_steps.forward_gmacs(blob_model) == pytest.approx((32 * 32 * 72 + 16 * 16 * 1152 + 32) / 1e9)
+    gm = audit_steps.forward_gmacs(blob_model)
+    assert audit_steps.road_n_auto(blob_model, 6) == int(audit_steps.ROAD_BUDGET_GMAC / (60 * gm))
+    monkeypatch.setattr(audit_steps, "ROAD_BUDGET_GMAC", 1e-6)  # a very costly model: the floor
+    assert audit_steps.road_n_auto(blob_model, 6) == audit_steps.ROAD_MIN_FILMS
+
+
+def test_road_on_a_film_sample_says_how_many(blob_model):
+    x, y = _blob_data(10, seed=23)
+    test = pd.DataFrame({"path": [f"i{i}" for i in range(10)], "source": "A", "group": [str(i) for i in range(10)],
+                         "class": np.where(y == 0, "covid", "other")})
+    pick = audit_steps.road_films(test, 4, seed=1)
+    assert len(pick) == 4 and list(pick) == sorted(set(pick)) and set(test["class"][pick]) == {"covid", "other"}
+    assert len(audit_steps.road_films(test, None)) == len(audit_steps.road_films(test, 99)) == 10
+    maps = {"gradcam": np.random.default_rng(0).random((10, 32, 32)).astype(np.float32)}
+    lung = np.zeros((10, 32, 32), bool)
+    lung[:, 8:24, 8:24] = True
+    summary, cols = audit_steps.road_step(blob_model, test, x, lung, maps, ["covid", "other"], (0.5,), n_boot=20,
+                                          progress=False, class_index=0, n_films=4)
+    assert summary["n"] == 4 and summary["n_of"] == 10 and "sample of 4 of 10" in summary["films"]
+    assert summary["maps"]["gradcam"]["combined"]["all"]["n"] == 4
+    assert set(cols) == {"gradcam", "random", "lungs"}
+    sample = audit_steps.road_films(test, 4).tolist()  # road_step's sample (its default seed)
+    assert all(np.flatnonzero(np.isfinite(v)).tolist() == sample for v in cols.values())
+    # the ROAD finding cards say the figure comes from a sample
+    assert "sample of 4 of the 10 films" in findings._road_sample({"road": summary})
+    assert findings._road_sample({"road": {**summary, "n": 10}}) == ""

@@ -56,7 +56,7 @@ _LAZY = {
     "graph": ("BATCH", "SCORECAM_FAST_N", "SMOOTHGRAD_NOISE", "SMOOTHGRAD_SAMPLES", "EngineError",
               "applicable", "check_class", "conv_layers", "default_layer", "finish", "input_hw",
               "is_blackbox", "linear_model", "prepare", "target"),
-    "methods": ("DEFAULT_ENGINE", "ENGINES", "METHODS", "explain", "explain_many", "gradcam",
+    "methods": ("DEFAULT_ENGINE", "ENGINES", "METHODS", "explain", "explain_many", "explain_shared", "gradcam",
                 "gradcam_pp", "layercam", "occlusion", "rise", "saliency", "scorecam", "scorecam_fast",
                 "smoothgrad"),
     "cli": ("main",),

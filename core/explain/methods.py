@@ -120,28 +120,73 @@ def explain_many(model, images, method: str = "gradcam", class_index: int = 0, l
 
     ``images`` is (n, H, W) raw grey at one size. Batchable methods (Grad-CAM, Grad-CAM++,
     LayerCAM and saliency) run ``batch_size`` images per compiled call on the tape engine
-    (several times faster than one by one, for audits); other methods and engines loop over
-    :func:`explain`.
+    (several times faster than one by one, for audits), and Faster Score-CAM shares its masked
+    forward passes between images; other methods and engines loop over :func:`explain`.
     """
+    return explain_shared(model, images, [method], class_index, layer, batch_size, **kw)[method]
+
+
+def _images(images) -> np.ndarray:
     imgs = np.asarray(images, dtype=np.float32)
     if imgs.ndim == 4 and imgs.shape[-1] == 1:
         imgs = imgs[..., 0]
     if imgs.ndim != 3:
         raise ValueError(f"expected images (n, H, W); got shape {np.shape(images)}")
-    entry = registry.get(method)
+    return imgs
+
+
+def _scorecam_n(model, layer, kw) -> int | None:
+    """The channel count of a Faster Score-CAM that :func:`tape.scorecam_many` can batch, else None."""
+    if set(kw) - {"max_n"} or not kw.get("max_n", SCORECAM_FAST_N):
+        return None
+    target, _ = graph.target(model, layer)
+    return min(int(kw.get("max_n", SCORECAM_FAST_N)), int(target.output.shape[-1]))
+
+
+def explain_shared(model, images, methods, class_index: int = 0, layer=None, batch_size: int = 16,
+                   **kw) -> dict[str, np.ndarray]:
+    """{method: maps (n, H, W)} as :func:`explain_many` gives each, with the gradient CAMs among
+    ``methods`` (Grad-CAM, Grad-CAM++, LayerCAM) computed from ONE forward and backward pass per
+    batch (the audit's Grad-CAM and Grad-CAM++ share it) and Faster Score-CAM batched over images."""
+    imgs = _images(images)
     engine = kw.pop("engine", DEFAULT_ENGINE)
-    if not entry.batchable or engine != "tape" or kw:
-        return np.stack([explain(model, im, method, class_index, layer, engine=engine, **kw) for im in imgs]) \
-            if len(imgs) else np.zeros((0,) + imgs.shape[1:], np.float32)
+    entries = {m: registry.get(m) for m in methods}
     ci = graph.check_class(model, class_index)
     nets = members(model)
-    if nets and entry.routine in registry.CAMS:  # the mean of the members' maps, as in explain()
-        maps = np.mean([explain_many(net, imgs, method, ci, layer, batch_size) for net in nets], axis=0)
-        return np.stack([graph.finish(m, imgs.shape[1:]) for m in maps]) if len(maps) else maps
-    out = np.zeros(imgs.shape, np.float32)
+    out: dict[str, np.ndarray] = {}
+    for m, entry in entries.items():
+        if entry.routine == "scorecam" and engine == "tape" and not nets and len(imgs):
+            n = _scorecam_n(model, layer, {**kw, "max_n": kw.get("max_n", SCORECAM_FAST_N if m == "scorecam_fast"
+                                                                  else None)})
+            if n:
+                out[m] = _batched(model, imgs, batch_size, lambda xs, n=n: tape.scorecam_many(model, xs, ci, layer, n))[0]
+                continue
+        if not entry.batchable or engine != "tape" or kw:
+            out[m] = np.stack([explain(model, im, m, class_index, layer, engine=engine, **kw) for im in imgs]) \
+                if len(imgs) else np.zeros((0,) + imgs.shape[1:], np.float32)
+        elif nets and entry.routine in registry.CAMS:  # the mean of the members' maps, as in explain()
+            maps = np.mean([explain_many(net, imgs, m, ci, layer, batch_size) for net in nets], axis=0)
+            out[m] = np.stack([graph.finish(x, imgs.shape[1:]) for x in maps]) if len(maps) else maps
+    shared = [m for m, e in entries.items() if m not in out and e.routine in tape._FROM_GRADS]
+    if shared:
+        routines = sorted({entries[m].routine for m in shared})
+        maps = _batched(model, imgs, batch_size, lambda xs: list(tape.cams(model, xs, ci, layer, routines).values()),
+                        len(routines))
+        out.update({m: maps[routines.index(entries[m].routine)] for m in shared})
+    for m, entry in entries.items():
+        if m not in out:  # saliency
+            out[m] = _batched(model, imgs, batch_size, lambda xs, r=entry.routine: _TAPE[r](model, xs, ci, None))[0]
+    return {m: out[m] for m in methods}
+
+
+def _batched(model, imgs: np.ndarray, batch_size: int, fn, k: int = 1) -> list[np.ndarray]:
+    """``k`` stacks of finished maps (n, H, W) from ``fn(prepared batch) -> raw maps`` (a list of k
+    when k > 1), ``batch_size`` images per call."""
+    out = [np.zeros(imgs.shape, np.float32) for _ in range(k)]
     for start in range(0, len(imgs), batch_size):
         chunk = imgs[start : start + batch_size]
-        xs = np.concatenate([graph.prepare(model, im)[0] for im in chunk])
-        raw = _TAPE[entry.routine](model, xs, ci, layer if entry.kind == "cam" else None)
-        out[start : start + len(chunk)] = [graph.finish(r, imgs.shape[1:]) for r in raw]
+        raws = fn(np.concatenate([graph.prepare(model, im)[0] for im in chunk]))
+        raws = raws if isinstance(raws, list) else [raws]
+        for o, raw in zip(out, raws, strict=True):
+            o[start : start + len(chunk)] = [graph.finish(r, imgs.shape[1:]) for r in raw]
     return out

@@ -84,23 +84,6 @@ def _build_input_grad_fn(lin):
     return fn
 
 
-def _build_scorecam_fn(lin):
-    """fn(x, acts (h, w, c), mh (H, h), mw (W, w), class_index) -> (c,) probabilities of the
-    class for the image masked by each upsampled, [0, 1]-scaled channel (one batch)."""
-
-    @tf.function(reduce_retracing=True)
-    def fn(x, acts, mh, mw, class_index):
-        up = tf.einsum("Hh,hwc,Ww->cHW", mh, acts, mw)
-        lo = tf.reduce_min(up, axis=(1, 2), keepdims=True)
-        hi = tf.reduce_max(up, axis=(1, 2), keepdims=True)
-        masks = (up - lo) / (hi - lo + 1e-7)
-        masked = (x[:, :, :, 0] * masks)[..., None]
-        probs = tf.nn.softmax(lin(masked, training=False), axis=-1)
-        return tf.gather(probs, class_index, axis=-1)
-
-    return fn
-
-
 def _acts_grads(model, x, class_index, layer):
     target, nested = graph.target(model, layer)
     fn = _cam_fn(model, target, nested)
@@ -163,13 +146,21 @@ def smooth_inputs(x, n, noise, seed):
 def gradcam(model, x, class_index, layer):
     """Grad-CAM: channels weighted by their mean gradient, summed, ReLU."""
     acts, grads, _ = _acts_grads(model, x, class_index, layer)
+    return _gradcam_from(acts, grads, x.shape[1:3])
+
+
+def _gradcam_from(acts, grads, hw):
     weights = grads.mean(axis=(1, 2), keepdims=True)
-    return _upsample_batch(_relu((acts * weights).sum(-1)), x.shape[1:3])
+    return _upsample_batch(_relu((acts * weights).sum(-1)), hw)
 
 
 def gradcam_pp(model, x, class_index, layer):
     """Grad-CAM++ without tf-keras-vis's exp(score) factor (see the module docstring)."""
     acts, grads, _ = _acts_grads(model, x, class_index, layer)
+    return _gradcam_pp_from(acts, grads, x.shape[1:3])
+
+
+def _gradcam_pp_from(acts, grads, hw):
     acts, grads = acts.astype(np.float64), grads.astype(np.float64)
     first = grads  # exp(score) left out: a positive factor that normalisation cancels
     second = first * grads
@@ -181,13 +172,28 @@ def gradcam_pp(model, x, class_index, layer):
     norm = alphas.sum(axis=(1, 2), keepdims=True)
     alphas = alphas / (norm + (norm == 0.0))
     weights = (_relu(first) * alphas).sum(axis=(1, 2), keepdims=True)
-    return _upsample_batch(_relu((acts * weights).sum(-1)), x.shape[1:3])
+    return _upsample_batch(_relu((acts * weights).sum(-1)), hw)
 
 
 def layercam(model, x, class_index, layer):
     """LayerCAM: activations times positive gradients, per position, summed, ReLU."""
     acts, grads, _ = _acts_grads(model, x, class_index, layer)
-    return _upsample_batch(_relu((acts * _relu(grads)).sum(-1)), x.shape[1:3])
+    return _layercam_from(acts, grads, x.shape[1:3])
+
+
+def _layercam_from(acts, grads, hw):
+    return _upsample_batch(_relu((acts * _relu(grads)).sum(-1)), hw)
+
+
+# the gradient CAMs as formulas over one (activations, gradients) pass: the audit shares that pass
+_FROM_GRADS = {"gradcam": _gradcam_from, "gradcam_pp": _gradcam_pp_from, "layercam": _layercam_from}
+
+
+def cams(model, x, class_index, layer, routines) -> dict:
+    """Several gradient CAMs (``routines`` among gradcam, gradcam_pp, layercam) of one batch from ONE
+    forward and backward pass: {routine: raw maps (n, h, w)}, each equal to its own routine's."""
+    acts, grads, _ = _acts_grads(model, x, class_index, layer)
+    return {r: _FROM_GRADS[r](acts, grads, x.shape[1:3]) for r in routines}
 
 
 def scorecam(model, x, class_index, layer, max_n=None):
@@ -201,15 +207,57 @@ def scorecam(model, x, class_index, layer, max_n=None):
         keep = np.argsort(-acts.std(axis=(0, 1)), kind="stable")[:max_n]
         acts = acts[..., keep]
     h, w = x.shape[1:3]
-    fn = graph.compiled(model, "scorecam", _build_scorecam_fn)
+    fn = graph.compiled(model, "scorecam_many", _build_scorecam_many_fn)  # one image: a batch of one
     mh = tf.constant(interp_matrix(acts.shape[0], h), tf.float32)
     mw = tf.constant(interp_matrix(acts.shape[1], w), tf.float32)
     xt, ct = tf.constant(x), tf.constant(class_index, tf.int32)
     weights = np.concatenate([
-        fn(xt, tf.constant(acts[..., s : s + BATCH]), mh, mw, ct).numpy()
+        fn(xt, tf.constant(acts[None, ..., s : s + BATCH]), mh, mw, ct).numpy()[0]
         for s in range(0, acts.shape[-1], BATCH)
     ]).astype(np.float64)
     return upsample(_relu((acts * weights).sum(-1)), (h, w))[None]
+
+
+def _build_scorecam_many_fn(lin):
+    """fn(x (n, H, W, 1), acts (n, h, w, c), mh (H, h), mw (W, w), class_index) -> (n, c): the class
+    probability of each image masked by each of its upsampled, [0, 1]-scaled channels, all n x c
+    masked copies in one forward pass."""
+
+    @tf.function(reduce_retracing=True)
+    def fn(x, acts, mh, mw, class_index):
+        up = tf.einsum("Hh,nhwc,Ww->ncHW", mh, acts, mw)
+        lo = tf.reduce_min(up, axis=(2, 3), keepdims=True)
+        hi = tf.reduce_max(up, axis=(2, 3), keepdims=True)
+        masks = (up - lo) / (hi - lo + 1e-7)
+        masked = x[:, None, :, :, 0] * masks
+        flat = tf.reshape(masked, tf.stack([-1, tf.shape(x)[1], tf.shape(x)[2], 1]))
+        probs = tf.nn.softmax(lin(flat, training=False), axis=-1)
+        return tf.reshape(tf.gather(probs, class_index, axis=-1), tf.shape(up)[:2])
+
+    return fn
+
+
+def scorecam_many(model, x, class_index, layer, max_n: int):
+    """Faster Score-CAM of a batch ``x`` (n, h, w, 1): per image its ``max_n`` channels of highest
+    spatial std, as :func:`scorecam`; the masked copies of several images share forward passes of
+    about :data:`BATCH` images (Score-CAM is most of an audit's explain time on a large network)."""
+    target, nested = graph.target(model, layer)
+    acts = _cam_fn(model, target, nested, grads=False)(tf.constant(x)).numpy()
+    if not 0 < max_n <= acts.shape[-1]:
+        raise ValueError(f"max_n must be 1..{acts.shape[-1]}; got {max_n}")
+    keep = np.argsort(-acts.std(axis=(1, 2)), axis=-1, kind="stable")[:, :max_n]
+    acts = np.take_along_axis(acts, keep[:, None, None, :], axis=-1)
+    h, w = x.shape[1:3]
+    fn = graph.compiled(model, "scorecam_many", _build_scorecam_many_fn)
+    mh = tf.constant(interp_matrix(acts.shape[1], h), tf.float32)
+    mw = tf.constant(interp_matrix(acts.shape[2], w), tf.float32)
+    ct = tf.constant(class_index, tf.int32)
+    step = max(1, BATCH // max_n)
+    weights = np.concatenate([
+        fn(tf.constant(x[s : s + step]), tf.constant(acts[s : s + step]), mh, mw, ct).numpy()
+        for s in range(0, len(x), step)
+    ]).astype(np.float64)
+    return _upsample_batch(_relu((acts * weights[:, None, None, :]).sum(-1)), (h, w))
 
 
 def saliency(model, x, class_index, layer=None, n=0, noise=SMOOTHGRAD_NOISE, seed=0):

@@ -371,6 +371,10 @@ def _each_model(args, stage: str, finished: str, command) -> dict:
     done = _done(args.out / f"{stage}.json")
     out = {}
     for m in models(args.out):
+        if args.only and m["name"] not in args.only:  # --only: just these models (their records are rewritten)
+            if m["name"] in done:
+                out[m["name"]] = done[m["name"]]
+            continue
         run = args.out / "adopted" / m["name"]
         if (run / finished).is_file() and not args.redo and m["name"] in done:
             out[m["name"]] = done[m["name"]]
@@ -479,7 +483,10 @@ STAGES = {"data": stage_data, "train": stage_train, "adopt": stage_adopt, "audit
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    ap.add_argument("--stage", default="all",
+                    help=f"one of {', '.join(STAGES)}, several joined by commas (adopt,audit), or all")
+    ap.add_argument("--only", default="", help="adopt and audit stages: only these models (comma-separated names, "
+                                              "e.g. densenet121,densenet121_h5)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_shortcut")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "cxr")
     ap.add_argument("--seeds", default="1,2,3")
@@ -490,9 +497,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print each stage's result as JSON")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.only = {s.strip() for s in args.only.split(",") if s.strip()}
+    stages = list(STAGES) if args.stage == "all" else [s.strip() for s in args.stage.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)} or all")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in (STAGES if args.stage == "all" else [args.stage]):
+    for name in stages:
         res = STAGES[name](args)
         if args.json:
             print(json.dumps({"stage": name, "result": res}, default=str))
