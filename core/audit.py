@@ -201,16 +201,24 @@ def run_audit(run=None, data=None, methods=DEFAULT_METHODS, limit: int | None = 
 
     table = _per_image_columns(table, test, p_by, road_cols, point_cols, p_true)
     summary = _summary(ctx, test, loaded, table, sanity, pr, lung, counts, n_boot, steps, di_methods)
-    summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res})
+    summary.update({"road": road_res, "pointing_game": point_res, "source_probe": source_res, "slices": slices_res,
+                    "markers": markers_res})
+    return _finish(ctx, summary, table, (sums, counts), timing, t_start, n_boot, progress, write)
+
+
+def _finish(ctx: dict, summary: dict, table: pd.DataFrame, mean_sums: tuple, timing: dict, t_start: float,
+            n_boot: int, progress: bool, write: bool) -> dict:
+    """The steps that read the assembled per-film table (trust by outcome, the feature map and the
+    neighbour index), then the verdict and the findings; writes the run (``write``)."""
     summary["by_outcome"] = outcome_step(ctx, table, n_boot)  # trust measures per TP/FP/TN/FN (core.audit_outcome)
-    summary["markers"] = markers_res
-    summary["feature_map"] = feature_map_step(ctx, progress, write)  # and the neighbour index (core.neighbours)
+    with _timed(timing, "feature_map_s"):
+        summary["feature_map"] = feature_map_step(ctx, progress, write)  # and the neighbour index (core.neighbours)
     summary["verdict"] = verdict(summary)
     summary["findings"] = findings.findings(summary, table)
     timing["total_s"] = time.time() - t_start
     summary["timing"] = {k: round(v, 2) for k, v in timing.items()}
     if write:
-        _write(ctx["run"], summary, table, sums, counts)
+        _write(ctx["run"], summary, table, *mean_sums)
     return summary
 
 
