@@ -46,7 +46,7 @@ def settings(cfg: dict | None) -> dict | None:
             raise ValueError("clahe: true needs the lung crop (the CLAHE is applied to the crop the network sees)")
         return None
     # ``clahe`` rides in the crop settings, so every caller of prepare (and the image cache's key) honours it
-    return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {}), **({"clahe": True} if cfg.get("clahe") else {})}
+    return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {}), **({"clahe": 1} if cfg.get("clahe") else {})}
 
 
 def lung_box(prob: np.ndarray, crop: dict | None = None) -> tuple[float, float, float, float] | None:

@@ -15,6 +15,7 @@ import functools
 import html
 import io
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from fpdf import FPDF
 from PIL import Image
 
 from core import checks, config
+
+if TYPE_CHECKING:
+    from core.uncertainty import Spread
 
 DISCLAIMER = "Research use only, not for diagnosis."
 
@@ -154,7 +158,8 @@ table { border-collapse: collapse; } td { border: 1px solid #ccc; padding: .2em 
 def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
                      *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                      case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-                     severity: Mapping | None = None, severity_note: str = "") -> str:
+                     severity: Mapping | None = None, severity_note: str = "",
+                     uncertainty: Spread | None = None) -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -163,11 +168,13 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
     ``run_id`` names the model, ``in_lung_share`` the share of heat inside the lung mask,
     ``warnings`` come from :func:`core.checks.image_warnings`, ``trust`` are the rows of
     :func:`core.trust.panel` and ``severity`` the estimate of :func:`core.severity.estimate`
-    (with ``severity_note`` saying what it was trained on, or why there is none). ``case_id`` is
+    (with ``severity_note`` saying what it was trained on, or why there is none), ``uncertainty``
+    the film's range of P(covid) (:mod:`core.uncertainty`, via ``core.case``). ``case_id`` is
     a label chosen by the caller; never pass a file name or anything read from a DICOM header.
     """
     e = html.escape
     facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    facts += uncertainty_facts(uncertainty, threshold, warnings)
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"))
     head = "\n".join(f"<tr><td>{e(k)}</td><td>{f'<b>{e(v)}</b>' if k.startswith('decision') else e(v)}</td></tr>"
@@ -217,7 +224,8 @@ def _latin1(text: str) -> str:
 def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mapping[str, float], threshold: float | None,
                     *, run_id: str, method: str = "gradcam", in_lung_share: float | None = None, warnings: Sequence[str] = (),
                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
-                    severity: Mapping | None = None, severity_note: str = "") -> bytes:
+                    severity: Mapping | None = None, severity_note: str = "",
+                    uncertainty: Spread | None = None) -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
@@ -229,6 +237,7 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
     para(DISCLAIMER, 10, "B", (176, 0, 0))
     pdf.ln(1)
     facts = _facts(probs, threshold, warnings, when, run_id, case_id, method)
+    facts += uncertainty_facts(uncertainty, threshold, warnings)
     facts.append(("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items())))
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} %"))
@@ -277,3 +286,13 @@ def _pdf_figures(pdf: FPDF, image: np.ndarray, overlay: np.ndarray, method: str)
     pdf.set_font("Helvetica", "", 7)
     pdf.multi_cell(small + 20, 3.5, "input (as the model saw it)")
     pdf.set_y(top + ih + 6)
+
+
+def uncertainty_facts(spread: Spread | None, threshold: float | None,
+                      warnings: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The report's lines on the film's range of P(covid) (:func:`core.uncertainty.facts`); none when withheld."""
+    if spread is None or checks.verdict(warnings).withheld:
+        return []
+    from core import uncertainty  # lazy: core.report stays free of TensorFlow (seconds to import)
+
+    return uncertainty.facts(spread, threshold)

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import case as ccase
-from core import checks, explain, images, inputs, report, severity, trust, work
+from core import checks, explain, images, inputs, report, severity, trust, uncertainty, work
 from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
 from dashboard import state
@@ -237,6 +237,8 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
         if entry.fell_back:
             st.warning(inputs.FALLBACK_WARNING)
         withheld = checks.verdict(entry.warnings).withheld
+        if not withheld:
+            show_uncertainty(entry.spread, state.threshold(run))
         est, note = severity_for(run, entry, call) if not withheld else (None, "")
         if not withheld:
             show_severity(est, note)
@@ -244,7 +246,7 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
             "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
             "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
-            "run_label": state.run_label(str(run))}
+            "run_label": state.run_label(str(run)), "spread": entry.spread}
     _views(case, key)
     downloads(case, key)
     with st.expander("What the network sees"):
@@ -290,7 +292,7 @@ def downloads(case: dict, key: str) -> None:
     def report_args(m):
         return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
                     trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
-                    warnings=case["warnings"], case_id=case["case_id"])
+                    warnings=case["warnings"], case_id=case["case_id"], uncertainty=case.get("spread"))
 
     def png():
         return report.png_bytes(first_overlay()[1])
@@ -311,3 +313,15 @@ def downloads(case: dict, key: str) -> None:
                        key=f"{key}_dl_html", on_click="ignore")
     d3.download_button("Download case report (PDF)", pdf, file_name="case-report.pdf", mime="application/pdf",
                        key=f"{key}_dl_pdf", on_click="ignore")
+
+
+def show_uncertainty(spread, threshold: float | None) -> None:
+    """The film's range of P(covid) (core.uncertainty via core.case) and its sentence; a warning when it
+    crosses the threshold."""
+    if spread is None:
+        return
+    text = uncertainty.sentence(spread, threshold)
+    if uncertainty.crosses(spread, threshold):
+        st.warning(text, icon=":material/help:")
+    else:
+        st.caption(text)
