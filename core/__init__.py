@@ -29,7 +29,8 @@ By family:
 - explanation and trust: ``explain`` (a package: method registry, engines, drawing, CLI),
   ``heat`` (where a map's heat lies), ``pointing``, ``road``, ``trust``, ``checks``,
   ``severity``, ``source_probe``, ``findings``, ``audit`` over ``audit_steps``,
-  ``audit_checks`` and ``audit_maps``
+  ``audit_checks`` and ``audit_maps``; ``uncertainty`` (a film's range of P(covid) over test-time
+  copies and the ensemble's members)
 - output: ``report`` (one-page case report)
 """
 

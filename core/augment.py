@@ -142,10 +142,36 @@ def augment_fn(params: dict, size: int, hflip: bool, seed: int):
     return fn
 
 
-def make_dataset(x, y, w, batch_size: int, seed: int, augment: str | dict = "default", hflip: bool = False):
+def mixup_fn(alpha: float, seed: int):
+    """A batch map ``(step, x, y, w) -> (x', y', w')`` mixing each film with a partner (mixup, Zhang et al. 2018).
+
+    The partner is the batch read backwards (batches are shuffled over every collection, so most
+    pairs are of two collections); ``lam ~ Beta(alpha, alpha)``, folded to >= 0.5 so the film
+    itself dominates. Films, one-hot targets (every head) and weights are mixed alike. Stateless.
+    """
+
+    def fn(step, x, y, w):
+        s = tf.stack([tf.constant(seed, tf.int64) + 7, tf.cast(step, tf.int64)])
+        g1 = tf.random.stateless_gamma([tf.shape(x)[0]], seed=s, alpha=alpha)
+        g2 = tf.random.stateless_gamma([tf.shape(x)[0]], seed=s + tf.constant([0, 1 << 40], tf.int64), alpha=alpha)
+        lam = g1 / tf.maximum(g1 + g2, 1e-12)
+        lam = tf.maximum(lam, 1.0 - lam)
+
+        def mix(v):
+            a = tf.reshape(lam, [-1] + [1] * (len(v.shape) - 1))
+            return a * v + (1.0 - a) * tf.reverse(v, axis=[0])
+
+        return mix(x), tf.nest.map_structure(mix, y), tf.nest.map_structure(mix, w)
+
+    return fn
+
+
+def make_dataset(x, y, w, batch_size: int, seed: int, augment: str | dict = "default", hflip: bool = False,
+                 mixup: float = 0.0):
     """An endless, shuffled, augmented, prefetched tf.data pipeline over in-memory images.
 
     ``y`` and ``w`` may be arrays or dicts of arrays keyed by output name (class and source heads).
+    ``mixup`` > 0: each augmented batch is then mixed in pairs (:func:`mixup_fn`, Beta(mixup, mixup)).
     """
     params = AUGMENT[augment] if isinstance(augment, str) else dict(augment)
     size = x.shape[1]
@@ -157,4 +183,7 @@ def make_dataset(x, y, w, batch_size: int, seed: int, augment: str | dict = "def
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
     fn = augment_fn(params, size, hflip, seed)
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).map(lambda i, b: fn(i, *b), num_parallel_calls=1)
+    if mixup:
+        mix = mixup_fn(float(mixup), seed)
+        ds = tf.data.Dataset.zip(tf.data.Dataset.counter(), ds).map(lambda i, b: mix(i, *b), num_parallel_calls=1)
     return ds.prefetch(2)

@@ -20,6 +20,7 @@ import numpy as np
 from core import checks, explain, images, inputs, lungs, markers, operating, runs, trust
 from core import model as cmodel
 from core import neighbours as cneighbours
+from core import uncertainty as cunc
 from core.severity import LUNG_SIDE
 
 SHOWN_MAX = 1024  # longer side (px) of the film kept for display (and sent to the browser)
@@ -44,6 +45,7 @@ class Case:
     features: np.ndarray | None  # penultimate features (1, d); None when unreachable (a black box)
     positive_index: int  # the column of P(positive) in ``probs``
     maps: dict = field(default_factory=dict)  # MapKey -> {"hmap", "heat", "faith"}
+    spread: cunc.Spread | None = None  # range of P(positive) over test-time copies x members (core.uncertainty)
 
     @property
     def p_positive(self) -> float:
@@ -81,7 +83,8 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
                 fell_back=bool(fell_back[0]),
                 shown=(np.clip(explain.display_film(decoded, SHOWN_MAX), 0, 255) + 0.5).astype(np.uint8),
                 small=small, lungs=mask, warnings=warnings, probs=cmodel.probabilities(m, x)[0],
-                features=_features(run, m, x), positive_index=run.positive_index)
+                features=_features(run, m, x), positive_index=run.positive_index,
+                spread=cunc.film_spread(m, x[0], run.positive_index))
 
 
 def _features(run: runs.Run, m, x: np.ndarray) -> np.ndarray | None:

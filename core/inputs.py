@@ -46,8 +46,11 @@ def settings(cfg: dict | None) -> dict | None:
     """The lung-crop settings of a run config (``None``: the network sees the whole film)."""
     crop = (cfg or {}).get("lung_crop")
     if crop is None or crop is False:  # ``{}`` (or ``true``) means: crop with the default settings
+        if (cfg or {}).get("clahe"):
+            raise ValueError("clahe: true needs the lung crop (the CLAHE is applied to the crop the network sees)")
         return None
-    return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {})}
+    # ``clahe`` rides in the crop settings, so every caller of prepare (and the image cache's key) honours it
+    return {**LUNG_CROP, **(crop if isinstance(crop, dict) else {}), **({"clahe": 1} if cfg.get("clahe") else {})}
 
 
 def needed_side(size: int, lung_crop: dict | None = None) -> int:
@@ -140,7 +143,15 @@ def prepare(
     x = np.zeros((n, size, size), np.float32)
     for i, f in enumerate(films):
         x[i] = images.resize(crop(f, boxes[i]) if lung_crop is not None else f, size)
+        if lung_crop is not None and lung_crop.get("clahe"):
+            x[i] = clahe(x[i])
     return x, boxes, fell_back
+
+
+def clahe(x: np.ndarray) -> np.ndarray:
+    """CLAHE (clip 2.0, 8x8 tiles) of one prepared input (size, size) in [0, 255]: the run option ``clahe``."""
+    u8 = np.clip(np.asarray(x, np.float32) + 0.5, 0, 255).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(u8).astype(np.float32)
 
 
 def load(src, size: int, lung_crop: dict | None = None, name: str | None = None, lung_model=None):

@@ -15,6 +15,7 @@ import functools
 import html
 import io
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from fpdf import FPDF
 from PIL import Image
 
 from core import checks, config, operating
+
+if TYPE_CHECKING:
+    from core.uncertainty import Spread
 
 DISCLAIMER = "Research use only, not for diagnosis."
 
@@ -161,7 +165,8 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
                      case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
                      severity: Mapping | None = None, severity_note: str = "",
                      operating_point: operating.Point | None = None,
-                     neighbours: pd.DataFrame | None = None) -> str:
+                     neighbours: pd.DataFrame | None = None,
+                     uncertainty: Spread | None = None) -> str:
     """A one-page HTML case report.
 
     ``image`` is the grey input as the model saw it, ``overlay`` the RGB heatmap overlay on the
@@ -171,11 +176,14 @@ def case_report_html(image: np.ndarray, overlay: np.ndarray | None, probs: Mappi
     ``warnings`` come from :func:`core.checks.image_warnings`, ``trust`` are the rows of
     :func:`core.trust.panel` and ``severity`` the estimate of :func:`core.severity.estimate`
     (with ``severity_note`` saying what it was trained on, or why there is none);
-    ``operating_point`` (:mod:`core.operating`) decides instead of ``threshold`` when given, and is named. ``case_id`` is
+    ``operating_point`` (:mod:`core.operating`) decides instead of ``threshold`` when given, and is named;
+    ``uncertainty`` the film's range of P(covid) (:mod:`core.uncertainty`, via ``core.case``), read at
+    the point that decides. ``case_id`` is
     a label chosen by the caller; never pass a file name or anything read from a DICOM header.
     """
     e = html.escape
     facts = _facts(probs, threshold, warnings, when, run_id, case_id, method, operating_point)
+    facts += uncertainty_facts(uncertainty, threshold, warnings, operating_point)
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} % of the heat inside the lungs"))
     head = "\n".join(f"<tr><td>{e(k)}</td><td>{f'<b>{e(v)}</b>' if k.startswith('decision') else e(v)}</td></tr>"
@@ -228,7 +236,8 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
                     case_id: str = "uploaded image", when: _dt.datetime | None = None, trust: Sequence[Mapping] = (),
                     severity: Mapping | None = None, severity_note: str = "",
                     operating_point: operating.Point | None = None,
-                    neighbours: pd.DataFrame | None = None) -> bytes:
+                    neighbours: pd.DataFrame | None = None,
+                    uncertainty: Spread | None = None) -> bytes:
     """The same report as :func:`case_report_html`, as a PDF (A4, fpdf2); same arguments."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(True, margin=12)
@@ -240,6 +249,7 @@ def case_report_pdf(image: np.ndarray, overlay: np.ndarray | None, probs: Mappin
     para(DISCLAIMER, 10, "B", (176, 0, 0))
     pdf.ln(1)
     facts = _facts(probs, threshold, warnings, when, run_id, case_id, method, operating_point)
+    facts += uncertainty_facts(uncertainty, threshold, warnings, operating_point)
     facts.append(("class probabilities", ", ".join(f"{k} {float(v):.3f}" for k, v in probs.items())))
     if in_lung_share is not None:
         facts.append(("heat inside the lungs", f"{100 * float(in_lung_share):.0f} %"))
@@ -319,3 +329,16 @@ def _pdf_neighbours(pdf: FPDF, neighbours: pd.DataFrame | None) -> None:
         _para(pdf, "The development films it most resembles, to the model", 11, "B")
         for line in lines:
             _para(pdf, line, 8)
+
+
+def uncertainty_facts(spread: Spread | None, threshold: float | None, warnings: Sequence[str] = (),
+                      point: operating.Point | None = None) -> list[tuple[str, str]]:
+    """The report's lines on the film's range of P(covid) (:func:`core.uncertainty.facts`), read at the
+    operating point that decides (``point``: its threshold, and its recalibration of P); none when withheld."""
+    if spread is None or checks.verdict(warnings).withheld:
+        return []
+    from core import uncertainty  # lazy: core.report stays free of TensorFlow (seconds to import)
+
+    if point is not None:
+        return uncertainty.facts(uncertainty.at_point(spread, point), point.threshold)
+    return uncertainty.facts(spread, threshold)

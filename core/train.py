@@ -82,7 +82,7 @@ DEFAULTS = dict(
     split_seed=config.SEED, split_file=None, folds=3, members=3,
     # against shortcuts: lung crop, source head, augmentation, weights, held-out sources
     lung_crop=True, adversarial=0.0, augment="default", hflip=False, balance="source", holdout_source=None,
-    exclude_sources=None, limit=None,
+    exclude_sources=None, limit=None, clahe=False, mixup=0.0,
     # devices
     strategy=None, logical_cpus=None,
     # the default preset's knobs (None: the preset's own)
@@ -259,7 +259,7 @@ def fit_member(member: int, data: dict, cfg: dict, run: Path, ckpt: Path, state:
     y = targets(tr, len(classes), sources, adversarial)
     w = sample_weights(tr, classes, cfg["balance"])
     ds = distribute.shard(make_dataset(x_dev[~own], y, {"probs": w, "source": w} if adversarial else w, batch,
-                                       seed, cfg["augment"], bool(cfg["hflip"])))
+                                       seed, cfg["augment"], bool(cfg["hflip"]), float(cfg.get("mixup") or 0.0)))
     if state["epoch"]:
         ds = ds.skip(state["epoch"] * steps)
     cb = _epoch_callback(run, ckpt, member, fold, x_dev[own], net, sources, state, cfg)
@@ -320,7 +320,7 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
     both = pd.concat([data["dev"], data["rest"]], ignore_index=True)
     keys = ("task", "preset", "backbone", "weights", "size", "seed", "split_seed", "epochs", "batch_size", "lr",
             "folds", "members", "adversarial", "augment", "hflip", "balance", "holdout_source", "exclude_sources",
-            "limit", "strategy",
+            "limit", "strategy", "clahe", "mixup",
             "calibrate")
     out = {k: cfg.get(k) for k in keys}
     out.update(
@@ -474,6 +474,13 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
 
 
 # ----------------------------------------------------------------------------- CLI
+def _lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The two cheap levers screened for issue 19 (off by default; see the model card's ablation)."""
+    p.add_argument("--clahe", action="store_true", default=None,
+                   help="CLAHE on every prepared film (train, predict, dashboard alike; needs the lung crop)")
+    p.add_argument("--mixup", type=float, help="mixup of pairs of training films, Beta(a, a) (0 = off, default)")
+
+
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The options that make a recipe (shared by ``core.train`` and ``core.crossval``)."""
     p.add_argument("--data", help="data root (default: $CXR_DATA_DIR, else data/)")
@@ -505,6 +512,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the gradient-reversed, class-conditional source head (0 = off)")
     p.add_argument("--augment", choices=sorted(AUGMENT), default=DEFAULTS["augment"])
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (off: the heart is on the left)")
+    _lever_arguments(p)
     p.add_argument("--balance", choices=["class", "source", "none"], default=DEFAULTS["balance"],
                    help="sample weights: equal per class, or per class and source within a class")
     p.add_argument("--holdout-source", help="leave this source out of training; report it as 'external'")

@@ -15,7 +15,20 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import calibrate, checks, explain, images, inputs, operating, report, runs, severity, trust, work
+from core import (
+    calibrate,
+    checks,
+    explain,
+    images,
+    inputs,
+    operating,
+    report,
+    runs,
+    severity,
+    trust,
+    uncertainty,
+    work,
+)
 from core import case as ccase
 from core.explain import registry
 from core.explain.registry import SLOW  # the methods that take seconds
@@ -264,19 +277,13 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
                                       audit_summary=state.audit_summary(run), reference=state.ood_reference(run))}
             for method in opts["methods"]]
     with head:
-        call = show_probabilities(run, entry.probs, entry.warnings)
-        if entry.fell_back:
-            st.warning(inputs.FALLBACK_WARNING)
-        withheld = checks.verdict(entry.warnings).withheld
-        est, note = severity_for(run, entry, call) if not withheld else (None, "")
-        if not withheld:
-            show_severity(est, note)
+        call, est, note = _answer(run, entry)
     probs_d = {c: float(p) for c, p in zip(classes, entry.probs, strict=False)}
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
             "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
             "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
             "operating_point": points.operating_point(run)[0],
-            "run_label": state.run_label(str(run))}
+            "run_label": state.run_label(str(run)), "spread": entry.spread}
     _views(case, key)
     case["neighbours"] = show_neighbours(run, entry, call, name)
     downloads(case, key)
@@ -284,6 +291,20 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
         st.image(entry.x.astype(np.uint8), caption="input (as the model sees it)", clamp=True, width=256)
     st.caption("Heatmaps show which pixels moved the model's score, not where disease is. "
                "Research use only, not for diagnosis.")
+
+
+def _answer(run: Path, entry: ccase.Case) -> tuple:
+    """The answer block: P(covid) and the decision, the fallback warning, and unless withheld the film's
+    range of P(covid) and the severity estimate; returns (call, severity estimate, its note)."""
+    call = show_probabilities(run, entry.probs, entry.warnings)
+    if entry.fell_back:
+        st.warning(inputs.FALLBACK_WARNING)
+    if checks.verdict(entry.warnings).withheld:
+        return call, None, ""
+    show_uncertainty(entry.spread, points.operating_point(run)[0], state.threshold(run))
+    est, note = severity_for(run, entry, call)
+    show_severity(est, note)
+    return call, est, note
 
 
 @st.fragment
@@ -324,7 +345,7 @@ def downloads(case: dict, key: str) -> None:
         return dict(probs=case["probs"], threshold=case["threshold"], run_id=case["run_label"], method=m["method"],
                     trust=m["rows"], severity=case["severity"], severity_note=case["severity_note"],
                     warnings=case["warnings"], case_id=case["case_id"], operating_point=case.get("operating_point"),
-                    neighbours=case.get("neighbours"))
+                    neighbours=case.get("neighbours"), uncertainty=case.get("spread"))
 
     def png():
         return report.png_bytes(first_overlay()[1])
@@ -437,3 +458,17 @@ def show_feature_map(run: Path, info: dict | None) -> None:
                      "(1 = each film's nearest films in the map are its nearest to the model). p is P(COVID-19). "
                      "Islands of one collection mean the features encode where a film came from. Click a point "
                      "(or box-select: the first film selected) to open it on the Explain page."))
+
+
+def show_uncertainty(spread, point: operating.Point | None, threshold: float | None) -> None:
+    """The film's range of P(covid) (core.uncertainty via core.case) and its sentence, read at the operating
+    point that decides (else at ``threshold``); a warning when it crosses that point's threshold."""
+    if spread is None:
+        return
+    if point is not None:
+        spread, threshold = uncertainty.at_point(spread, point), point.threshold
+    text = uncertainty.sentence(spread, threshold)
+    if uncertainty.crosses(spread, threshold):
+        st.warning(text, icon=":material/help:")
+    else:
+        st.caption(text)

@@ -184,6 +184,7 @@ def test_upload_gives_heatmap_and_downloads(env):
     assert any("Grad-CAM for covid on the film" in c for c in map_captions(at)), map_captions(at)
     t = texts(at)
     assert "Decision at the run's operating point" in t
+    assert "P(COVID-19) ranges from" in t, "the film's range (core.uncertainty)"
     assert "How far to trust this map" in t and "Randomisation check" in t and "Faithfulness" in t
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels == ["Download overlay (PNG)", "Download case report (HTML)", "Download case report (PDF)"]

@@ -46,6 +46,8 @@ CONFIGS = {
     "adversarial": {"adversarial": 0.3, "members": 1},
     "no_hannover": {"exclude_sources": ["hannover"], "members": 1},
     "size192": {"size": 192, "members": 1},
+    "clahe": {"clahe": True, "members": 1},  # issue 19: the same CLAHE on every film
+    "mixup": {"mixup": 0.2, "members": 1},  # issue 19: pairs of training films mixed
 }
 
 
