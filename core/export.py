@@ -128,6 +128,9 @@ def export(run, out) -> dict:
         raise runs.RunError(f"{run.label} is an adopted SavedModel, which is already a SavedModel but takes the "
                             "model's own preprocessed input, so there is no model.keras to wrap with the film "
                             "preparation: serve its model_savedmodel folder and prepare films as core.adopt does")
+    if (run.lung_crop or {}).get("clahe"):  # CLAHE runs in OpenCV (core.inputs), which a SavedModel cannot hold
+        raise runs.RunError(f"{run.label} applies CLAHE to each film before the network (core.inputs), which the "
+                            "exported SavedModel's TensorFlow graph cannot do: serve it with core.predict instead")
     model = run.model()
     crop_cfg = run.lung_crop
     lung_model = net = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core import augment, inputs, runs, train
+from core import augment, export, inputs, runs, train
 from core import model as cmodel
 from core.image_cache import prepare_images
 
@@ -76,3 +76,6 @@ def test_a_tiny_run_with_clahe_and_mixup_predicts_as_it_trained(cxr_root, tmp_pa
     x, _, _, _ = inputs.load(cxr_root / row["path"], r.config["size"], r.lung_crop)
     p = cmodel.probabilities(r.model(), x)[0, 0]
     assert p == pytest.approx(row["p_covid"], abs=1e-4)
+    # a SavedModel export cannot hold CLAHE (OpenCV): refused in one sentence, not exported without it
+    with pytest.raises(runs.RunError, match="CLAHE"):
+        export.export(run, tmp_path / "export")
