@@ -141,3 +141,23 @@ def test_the_trust_panel_has_the_markers_row(shipped_run):
     c = case.analyse(run, png.tobytes(), name="tagged.png")
     row = trust.row(case.trust_rows(run, c, "gradcam"), "markers")
     assert row is not None and row["mark"] in trust.MARKS and row["value"]["marker_area"] > 0
+
+
+def test_shortcut_page_shows_heat_on_markers_per_collection(shipped_run, monkeypatch, tmp_path):
+    """The shipped audit's `markers` block is laid out per method and collection on the Shortcut audit page."""
+    from streamlit.testing.v1 import AppTest
+
+    from core import config
+
+    monkeypatch.setenv("CXR_RUNS_DIR", str(shipped_run.parent))
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))  # the table needs no images
+    at = AppTest.from_file(str(config.REPO_ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.session_state["run"] = str(shipped_run)
+    at.run()
+    at.switch_page("views/shortcuts.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Heat on burned-in text and markers" in [str(h.value) for h in at.subheader]
+    table = next(d.value for d in at.dataframe if "times a uniform map" in d.value.columns)
+    stored = runs.open_run(shipped_run).audit()["markers"]
+    assert len(table) == sum(len(per) for per in stored["methods"].values())
+    assert set(table["films"]) == {"all"} | set(stored["by_source"])

@@ -161,6 +161,19 @@ if bo.get("methods"):
     st.caption(components.plain(bo.get("sentence", "")) + f" Outcomes at the run's threshold {bo.get('threshold', 0.5):.2f} "
                f"on {bo.get('score', 'P(COVID-19)')}: TP/FP/TN/FN, right = TP + TN, wrong = FP + FN.")
 
+# ------------------------------------------------------------------ burned-in text and markers (core.audit_markers)
+mk = summary.get("markers") or {}
+if mk.get("methods"):
+    st.subheader("Heat on burned-in text and markers")
+    st.dataframe(pd.DataFrame([{
+        "map": titles.get(m, m), "films": part.removeprefix("source:"), "marked films": r.get("n_marked"),
+        "heat on markers": f"{r['heat_share']:.1%}" if r.get("heat_share") is not None else "",
+        "their area": f"{r['area_share']:.1%}" if r.get("area_share") is not None else "",
+        "times a uniform map": f"{r['ratio']:.1f}" if r.get("ratio") is not None else ""}
+        for m, per in mk["methods"].items() for part, r in per.items()]), hide_index=True, key="sc_markers")
+    st.caption(f"{mk.get('n_marked')} of {mk.get('n_films')} test films carry text or markers where the network looks "
+               "(core.markers). Far above 1 times a uniform map in one collection: the model reads its labels.")
+
 # ------------------------------------------------------------------ slices
 sl = summary.get("slices") or {}
 if sl.get("slices"):
