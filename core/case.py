@@ -70,8 +70,14 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
     run = runs.open_run(run)
     m = run.model() if model is None else model
     data, name = _film_bytes(film, name)
-    decoded = images.load(data, name=name)
-    x, boxes, fell_back = inputs.prepare([decoded], cmodel.input_size(m), run.lung_crop)
+    decoded = images.load(data, name=name)  # native size: shown, checked, and the lung mask's source
+    size = cmodel.input_size(m)
+    # the network's copy is read at the needed size exactly as core.predict reads it (core.inputs.load),
+    # so the page and the CLIs give one P(covid) per film (a film too small to reduce is the same array)
+    need = inputs.needed_side(size, run.lung_crop)
+    reduced = images.reduction(decoded.shape[1], decoded.shape[0], need) > 1
+    net_film = images.load(data, name=name, need=need) if reduced else decoded
+    x, boxes, fell_back = inputs.prepare([net_film], size, run.lung_crop)
     small = explain.display_film(decoded, LUNG_SIDE)
     try:
         mask = lungs.mask(small)

@@ -39,7 +39,7 @@ try:  # lazy-free: the tests skip cleanly when the library is absent
     import quantus
     from quantus.functions.perturb_func import noisy_linear_imputation
     from quantus.functions.similarity_func import correlation_spearman
-except ImportError:  # pragma: no cover - requirements.txt installs it
+except ImportError:  # pragma: no cover - the test command installs it (requirements-nodeps.txt)
     quantus = None
 
 STEPS = 16  # deletion steps, as the audit's --di-methods

@@ -350,7 +350,8 @@ def test_shortcut_page_with_a_real_audit(env, tmp_path, monkeypatch, request):
     assert "ROC AUC, lungs blanked" in t and "Lung-blanked probes" in t
     # run-file text is shown as plain text: its Markdown characters are escaped (dashboard.components.plain)
     assert "Findings" in t and components.plain(summary["findings"][0]["claim"]) in t
-    assert plotly_charts(at) == 1
+    assert plotly_charts(at) == 2  # the per-method chart, and the map of the model's features (core.feature_map)
+    assert summary["feature_map"]["n"] == 24
     assert at.dataframe, "probe and method tables"
     for title in ("Does the model know where a film came from?", "ROAD: does removing", "Pointing game",
                   "Where does the model fail? Slices"):

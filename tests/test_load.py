@@ -129,7 +129,8 @@ def distinct_cases(run: Path, files: list[Path], k: int, gap: float = 0.01) -> l
         native = images.load(f)
         if checks.image_warnings(native, f.read_bytes()):
             continue  # the page withholds the answer for such images
-        p = float(cmodel.probabilities(model, inputs.prepare([native], size, crop)[0])[0, config.COVID_INDEX])
+        # the network's input as every path reads it (core.inputs.load: decoded at the needed size)
+        p = float(cmodel.probabilities(model, inputs.load(f, size, crop)[0][None])[0, config.COVID_INDEX])
         if all(abs(p - q) >= gap for _, q in chosen):
             chosen.append((f, p))
         if len(chosen) == k:
