@@ -400,7 +400,7 @@ def expected_values(run: Path, files: list[Path]) -> dict[str, float]:
         mask = lungs.mask(explain.display_film(native, LUNG_SIDE))  # the page's checks read the lung mask
         if checks.image_warnings(native, f.read_bytes(), lungs=mask):
             continue  # the page withholds the answer for such images
-        x, _, _ = inputs.prepare([native], size, crop)
+        x = inputs.load(f, size, crop)[0][None]  # the network's copy as every path reads it (needed size)
         out[f.name] = float(cmodel.probabilities(model, x)[0, config.COVID_INDEX])
     return out
 
