@@ -46,6 +46,7 @@ class Case:
     positive_index: int  # the column of P(positive) in ``probs``
     maps: dict = field(default_factory=dict)  # MapKey -> {"hmap", "heat", "faith"}
     spread: cunc.Spread | None = None  # range of P(positive) over test-time copies x members (core.uncertainty)
+    marker_grid: np.ndarray | None = None  # burned-in text/markers on the network's grid, found once (marker_mask_on_grid)
 
     @property
     def p_positive(self) -> float:
@@ -72,11 +73,12 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
     data, name = _film_bytes(film, name)
     decoded = images.load(data, name=name)  # native size: shown, checked, and the lung mask's source
     size = cmodel.input_size(m)
-    # the network's copy is read at the needed size exactly as core.predict reads it (core.inputs.load),
-    # so the page and the CLIs give one P(covid) per film (a film too small to reduce is the same array)
+    # the network's copy is read at the needed size exactly as core.predict reads it (core.inputs.load), so
+    # the page and the CLIs give one P(covid) per film: a JPEG is reduced inside its decoder (so decoded again,
+    # at the reduced scale); any other film is the native decode reduced as core.images does, not decoded twice
     need = inputs.needed_side(size, run.lung_crop)
     reduced = images.reduction(decoded.shape[1], decoded.shape[0], need) > 1
-    net_film = images.load(data, name=name, need=need) if reduced else decoded
+    net_film = images.load(data, name=name, need=need) if reduced and images.is_jpeg(data) else images.shrink(decoded, need)
     x, boxes, fell_back = inputs.prepare([net_film], size, run.lung_crop)
     small = explain.display_film(decoded, LUNG_SIDE)
     try:
@@ -151,8 +153,11 @@ def decide(run, case: Case, point=None):
 
 
 def marker_mask_on_grid(case: Case) -> np.ndarray:
-    """Burned-in text and markers (core.markers.detect on the shown film) where the network looks, bool."""
-    return markers.on_grid(markers.detect(case.shown)[0], case.box, case.x.shape[0])
+    """Burned-in text and markers (core.markers.detect on the shown film) where the network looks, bool;
+    found once per case (every map's trust panel reads the same mask)."""
+    if case.marker_grid is None:
+        case.marker_grid = markers.on_grid(markers.detect(case.shown)[0], case.box, case.x.shape[0])
+    return case.marker_grid
 
 
 def neighbours(run, case: Case, k: int = cneighbours.K, *, call: str | None = None, exclude=()):

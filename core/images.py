@@ -375,10 +375,21 @@ def decode_sized(src: Source, name: str | None = None, need: int | None = None) 
     if not np.isfinite(arr).all():
         raise ImageError(name, "image contains invalid (non-finite) values")
     native = native or (int(arr.shape[0]), int(arr.shape[1]))
+    return shrink(arr, need), native
+
+
+def shrink(arr: np.ndarray, need: int | None) -> np.ndarray:
+    """A decoded film reduced as :func:`decode_sized` reduces what was not reduced while decoding (PNG,
+    DICOM...): by the :func:`reduction` factor, once, by an exact k x k box average; float32."""
     k = reduction(arr.shape[1], arr.shape[0], need)
-    if k > 1:  # not reduced while decoding (PNG, DICOM...): once here, by an exact k x k box average
+    if k > 1:
         arr = cv2.resize(arr, (arr.shape[1] // k, arr.shape[0] // k), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(arr, dtype=np.float32), native
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def is_jpeg(data: bytes) -> bool:
+    """JPEG's start-of-image marker: the one format :func:`decode_sized` may reduce inside the decoder."""
+    return data[:3] == b"\xff\xd8\xff"
 
 
 def decode(src: Source, name: str | None = None, need: int | None = None) -> np.ndarray:

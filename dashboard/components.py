@@ -113,15 +113,16 @@ def view_controls(key: str) -> dict:
     return {"view": view, "alpha": alpha, "colormap": cmap, "outline": outline, "position": position}
 
 
-def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str]) -> str:
-    """P(covid), every class of a multiclass run, and the decision at the operating point.
+def show_probabilities(run: Path, probs: np.ndarray, warnings: list[str], chosen: tuple | None = None) -> str:
+    """P(covid), every class of a multiclass run, and the decision at the operating point
+    (``chosen``: :func:`dashboard.points.operating_point`'s answer, when the caller already has it).
 
     When the warnings withhold the answer (:func:`core.checks.verdict`, the rule core.predict and
     core.explain follow too), no decision is shown (only the raw output, folded away). Returns the
     text of the decision for the report.
     """
     classes = state.run_classes(run)
-    point, why = points.operating_point(run)  # the sidebar's choice (core.operating)
+    point, why = chosen or points.operating_point(run)  # the sidebar's choice (core.operating)
     thr = point.threshold if point is not None else None
     p_covid = float(probs[state.run_handle(run).positive_index])
     for w in warnings:
@@ -277,12 +278,13 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
                                       audit_summary=state.audit_summary(run), reference=state.ood_reference(run))}
             for method in opts["methods"]]
     with head:
-        call, est, note = _answer(run, entry)
+        chosen = points.operating_point(run)  # resolved once: a site profile is a file to read and check
+        call, est, note = _answer(run, entry, chosen)
     probs_d = {c: float(p) for c, p in zip(classes, entry.probs, strict=False)}
     case = {"run": run, "x": entry.x, "film": entry.shown, "box": entry.box, "mask": entry.lungs, "maps": maps,
             "probs": probs_d, "warnings": entry.warnings, "severity": est, "severity_note": note,
             "case_id": case_id, "class_name": classes[ci], "threshold": state.threshold(run),
-            "operating_point": points.operating_point(run)[0],
+            "operating_point": chosen[0],
             "run_label": state.run_label(str(run)), "spread": entry.spread}
     _views(case, key)
     case["neighbours"] = show_neighbours(run, entry, call, name)
@@ -293,15 +295,15 @@ def show_case(run: Path, data: bytes, name: str, *, colour_check: bool = True, c
                "Research use only, not for diagnosis.")
 
 
-def _answer(run: Path, entry: ccase.Case) -> tuple:
+def _answer(run: Path, entry: ccase.Case, chosen: tuple) -> tuple:
     """The answer block: P(covid) and the decision, the fallback warning, and unless withheld the film's
     range of P(covid) and the severity estimate; returns (call, severity estimate, its note)."""
-    call = show_probabilities(run, entry.probs, entry.warnings)
+    call = show_probabilities(run, entry.probs, entry.warnings, chosen)
     if entry.fell_back:
         st.warning(inputs.FALLBACK_WARNING)
     if checks.verdict(entry.warnings).withheld:
         return call, None, ""
-    show_uncertainty(entry.spread, points.operating_point(run)[0], state.threshold(run))
+    show_uncertainty(entry.spread, chosen[0], state.threshold(run))
     est, note = severity_for(run, entry, call)
     show_severity(est, note)
     return call, est, note
