@@ -210,7 +210,8 @@ def _finish(ctx: dict, summary: dict, table: pd.DataFrame, mean_sums: tuple, tim
             n_boot: int, progress: bool, write: bool) -> dict:
     """The steps that read the assembled per-film table (trust by outcome, the feature map and the
     neighbour index), then the verdict and the findings; writes the run (``write``)."""
-    summary["by_outcome"] = outcome_step(ctx, table, n_boot)  # trust measures per TP/FP/TN/FN (core.audit_outcome)
+    with _timed(timing, "by_outcome_s"):  # trust measures per TP/FP/TN/FN (core.audit_outcome)
+        summary["by_outcome"] = outcome_step(ctx, table, n_boot)
     with _timed(timing, "feature_map_s"):
         summary["feature_map"] = feature_map_step(ctx, progress, write)  # and the neighbour index (core.neighbours)
     summary["verdict"] = verdict(summary)

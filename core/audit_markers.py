@@ -64,17 +64,18 @@ def markers_step(test: pd.DataFrame, root: Path, boxes: np.ndarray, maps: dict, 
     marked = mask.reshape(len(mask), -1).any(axis=1)
     src = test["source"].astype(str).to_numpy()
     paths = test["path"].astype(str).to_numpy()
+    sources = sorted(set(src))
     out = {"detector": "core.markers", "params": dict(markers.PARAMS), "n_films": int(len(test)),
            "n_marked": int(marked.sum()),
            "by_source": {s: {"n": int((src == s).sum()), "n_marked": int(marked[src == s].sum())}
-                         for s in sorted(set(src))},
+                         for s in sources},
            "methods": {}}
     for method, heat in maps.items():
         t = [heat_share(heat[i], mask[i]) if marked[i] else None for i in range(len(test))]
         share = np.array([r["in_lung_share"] if r else 0.0 for r in t])
         area = np.array([r["lung_area_share"] if r else 0.0 for r in t])
         groups = {"all": _group(paths, share, area, marked)}
-        for s in sorted(set(src)):
+        for s in sources:
             groups[f"source:{s}"] = _group(paths[src == s], share[src == s], area[src == s], marked[src == s])
         out["methods"][method] = groups
     return out

@@ -326,11 +326,11 @@ def evaluate_run(
     ``operating_point``, the test (or external) rows scored at it.
     """
     run = runs.open_run(run)
-    point = operating.choose(run, site) if site else None
     if run.adopted:
         from core import adopt_eval  # lazy: it builds on this module (evaluate_predictions)
 
         return adopt_eval.evaluate_adopted(run, data, n_boot, write, seed)
+    point = operating.choose(run, site) if site else None  # an adopted run's evaluation has no --site
     pred = with_groups(run.predictions(), seen_images(run))
     task = run.config.get("task", "binary")
     internal = evaluate_predictions(pred, task, list(run.classes), n_boot, "sensitivity", target_sensitivity, seed)

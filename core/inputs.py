@@ -174,9 +174,10 @@ def load_many(srcs, size: int, lung_crop: dict | None = None, lung_model=None):
     input that did not.
     """
     films, kept, errors = [], [], []
+    need = needed_side(size, lung_crop)  # reads the lung net's training record: once, not per film
     for i, src in enumerate(srcs):
         try:
-            films.append(images.decode(src, need=needed_side(size, lung_crop)))
+            films.append(images.decode(src, need=need))
             kept.append(i)
         except images.ImageError as err:
             errors.append(err)

@@ -85,9 +85,10 @@ def _prepare_chunk(futures, size: int, lung_crop, lung_model, check: bool, pool)
     ok = [k for k, r in enumerate(done) if not isinstance(r, images.ImageError)]
     errors = [r for r in done if isinstance(r, images.ImageError)]
     films = [done[k][0] for k in ok]
-    x, boxes, fell_back = inputs.prepare(films, size, lung_crop, lung_model)
-    if not ok:
-        x = np.zeros((0, size, size), np.float32)
+    if ok:
+        x, boxes, fell_back = inputs.prepare(films, size, lung_crop, lung_model)
+    else:  # nothing decoded: no lung net or preparation to run
+        x, boxes, fell_back = np.zeros((0, size, size), np.float32), np.zeros((0, 4)), np.zeros(0, bool)
     verdicts = [None] * len(ok)
     if check:
         # the layout checks read the lungs' box when there is one, else the whole film

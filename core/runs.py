@@ -214,13 +214,14 @@ def load_model(run=None, check_hash: bool = True):
 
     run = resolve_run(run)
     try:  # a run made by core.adopt (a SavedModel, or code the user trusted) loads through core.adopt_load
-        adopted = (read_config(run) if is_run(run) else {}).get("adopted")
+        cfg = read_config(run) if is_run(run) else {}
+        adopted = cfg.get("adopted")
     except (RunError, AttributeError):
         adopted = None  # a corrupt config.json is reported below, after the model file, as for every run
     if isinstance(adopted, dict):
         from core import adopt_load  # lazy: as keras above
 
-        return adopt_load.load_run_model(run, read_config(run), check_hash)
+        return adopt_load.load_run_model(run, cfg, check_hash)
     path = _need(run, "model.keras")
     if check_hash and is_run(run):
         cfg = read_config(run)

@@ -53,16 +53,13 @@ class Spread:
         return self.high - self.low
 
 
-def copies(x: np.ndarray, n: int = COPIES, seed: int = SEED, params: dict | None = None) -> np.ndarray:
+def copies(x: np.ndarray, n: int = COPIES, seed: int = SEED) -> np.ndarray:
     """``n`` versions (n, size, size) of a prepared film (size, size): itself first, then changed copies."""
     x = np.asarray(x, np.float32)
     if n <= 1:
         return x[None]
     batch = tf.constant(np.repeat(x[None, ..., None], n - 1, axis=0))
-    if params is None:
-        out = _copier(x.shape[0], n, seed)(batch)
-    else:
-        out, _, _ = augment_fn(params, x.shape[0], False, seed)(0, batch, tf.zeros([n - 1]), tf.zeros([n - 1]))
+    out = _copier(x.shape[0], n, seed)(batch)
     return np.concatenate([x[None], np.asarray(out)[..., 0]])
 
 
