@@ -134,7 +134,7 @@ def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
     from core import train
 
-    full = {**train.DEFAULTS, **cfg}
+    full = train.resolve({**train.DEFAULTS, **cfg})
     root = config.data_dir(full.get("data"))
     full["data"] = str(root)
     table = splits.prepare(root, seed=full["split_seed"], split_file=full.get("split_file"))
@@ -153,7 +153,7 @@ def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
     result = summarise(folds)
     recipe = {k: full.get(k) for k in ("task", "preset", "backbone", "size", "epochs", "folds", "members",
                                           "lung_crop", "adversarial", "augment", "balance", "seed", "split_seed",
-                                          "exclude_sources", "limit", "field")}
+                                          "exclude_sources", "limit", "field", "clahe", "mixup")}
     result.update(recipe=recipe, data_root=str(root), eligible_sources=can)
     runs.write_json(out / "crossval.json", result)
     return result

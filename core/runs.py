@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -506,3 +507,25 @@ def open_for_cli(arg=None, *, with_model: bool = False) -> Run | None:
         print(f"error: {exc}", file=sys.stderr)
         return None
     return run
+
+
+class DiskFull(ValueError):
+    """The disk filled up while training: one sentence (the folder, free vs needed space, how to go on)."""
+
+
+def disk_full_sentence(folder: Path) -> str:
+    """Why training stopped on a full disk, with the space it needs and how to continue.
+
+    The space needed is about two checkpoints (the new one is written next to the old one before
+    it replaces it), estimated from the checkpoint in ``folder`` or else the shipped model.
+    """
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else 0
+    ckpt = folder / "checkpoint" / "last.keras"
+    sample = ckpt if ckpt.is_file() else config.DEFAULT_RUN / "model.keras"
+    need = 2 * (sample.stat().st_size if sample.is_file() else 0)
+    then = (f"then continue with `python -m core.train --resume {folder}` (it keeps every finished epoch)"
+            if (folder / "checkpoint" / "state.json").is_file() else "then run the same command again")
+    return (f"The disk holding {folder} is full ({free / 2**20:.0f} MB free, about {need / 2**20:.0f} MB "
+            f"needed for the next checkpoint): free some space, {then}.")

@@ -31,7 +31,7 @@ finished members' weights, and for the member under way its weights, the optimiz
 schedule, the layers' random states (dropout; :func:`rng_states`) and its place in the seeded data
 order (the batches already seen are skipped) at its last epoch checkpoint, so the resumed run has the
 numbers of an uninterrupted one (``tests/test_hostile_runs.py``); epochs after that checkpoint are
-trained again. A full disk stops training with one sentence (:class:`DiskFull`), and ``--resume``
+trained again. A full disk stops training with one sentence (:class:`core.runs.DiskFull`), and ``--resume``
 goes on from the last checkpoint.
 
 The steps live in modules of their own: :mod:`core.train_data` (split, folds, weights),
@@ -82,7 +82,9 @@ DEFAULTS = dict(
     split_seed=config.SEED, split_file=None, folds=3, members=3,
     # against shortcuts: lung crop, source head, augmentation, weights, held-out sources
     lung_crop=True, adversarial=0.0, augment="default", hflip=False, balance="source", holdout_source=None,
-    exclude_sources=None, limit=None, clahe=False, mixup=0.0,
+    exclude_sources=None, limit=None, mixup=0.0,
+    # CLAHE on every prepared film; None: on with the lung crop (the shipped recipe), off without it
+    clahe=None,
     # devices
     strategy=None, logical_cpus=None,
     # the default preset's knobs (None: the preset's own)
@@ -307,6 +309,14 @@ def _start(cfg: dict, kw: dict) -> tuple[dict, dict, Path | None]:
     return {**saved, "resume": str(run)}, state, run
 
 
+def resolve(cfg: dict) -> dict:
+    """``cfg`` with the settings that follow others made explicit: ``clahe`` None follows the lung
+    crop (CLAHE is applied to the crop; the whole film gets none), so config.json records what ran."""
+    if cfg.get("clahe") is None:
+        cfg = {**cfg, "clahe": bool(cfg.get("lung_crop"))}
+    return cfg
+
+
 def _check(cfg: dict) -> None:
     if isinstance(cfg["augment"], str) and cfg["augment"] not in AUGMENT:
         raise ValueError(f"unknown augment {cfg['augment']!r}; choose one of {sorted(AUGMENT)}")
@@ -352,40 +362,18 @@ def _final_config(cfg: dict, state: dict, data: dict, calibration: dict, model, 
     return out
 
 
-class DiskFull(ValueError):
-    """The disk filled up while training: one sentence (the folder, free vs needed space, how to go on)."""
-
-
-def disk_full_sentence(folder: Path) -> str:
-    """Why training stopped on a full disk, with the space it needs and how to continue.
-
-    The space needed is about two checkpoints (the new one is written next to the old one before
-    it replaces it), estimated from the checkpoint in ``folder`` or else the shipped model.
-    """
-    folder = Path(folder)
-    probe = folder if folder.exists() else folder.parent
-    free = shutil.disk_usage(probe).free if probe.exists() else 0
-    ckpt = folder / "checkpoint" / "last.keras"
-    sample = ckpt if ckpt.is_file() else config.DEFAULT_RUN / "model.keras"
-    need = 2 * (sample.stat().st_size if sample.is_file() else 0)
-    then = (f"then continue with `python -m core.train --resume {folder}` (it keeps every finished epoch)"
-            if (folder / "checkpoint" / "state.json").is_file() else "then run the same command again")
-    return (f"The disk holding {folder} is full ({free / 2**20:.0f} MB free, about {need / 2**20:.0f} MB "
-            f"needed for the next checkpoint): free some space, {then}.")
-
-
 def train(cfg: dict | None = None, **kw) -> Path | None:
     """Train per ``cfg`` (keys of :data:`DEFAULTS`, overridden by ``kw``); return the run folder
     (``None`` on the non-chief workers of a multi-worker run, which write none). A full disk
-    raises :class:`DiskFull` (one sentence; files are written atomically, so ``--resume`` goes on)."""
-    cfg, state, run = _start({**DEFAULTS, **(cfg or {}), **kw}, kw)
+    raises :class:`core.runs.DiskFull` (one sentence; files are written atomically, so ``--resume`` goes on)."""
+    cfg, state, run = _start(resolve({**DEFAULTS, **(cfg or {}), **kw}), kw)
     where = {"folder": run or config.runs_dir(cfg["runs"])}
     try:
         return _train(cfg, state, run, where)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise DiskFull(disk_full_sentence(where["folder"])) from None
+        raise runs.DiskFull(runs.disk_full_sentence(where["folder"])) from None
 
 
 def _train(cfg: dict, state: dict, run: Path | None, where: dict) -> Path | None:
@@ -475,9 +463,11 @@ def recalibrate_run(run, method: str = "platt", data=None, runs_root=None, evalu
 
 # ----------------------------------------------------------------------------- CLI
 def _lever_arguments(p: argparse.ArgumentParser) -> None:
-    """The two cheap levers screened for issue 19 (off by default; see the model card's ablation)."""
-    p.add_argument("--clahe", action="store_true", default=None,
-                   help="CLAHE on every prepared film (train, predict, dashboard alike; needs the lung crop)")
+    """The two cheap levers screened for issue 19 (the model card's ablation): CLAHE won and is on
+    with the lung crop (the shipped recipe); mixup lost and is off."""
+    p.add_argument("--clahe", action=argparse.BooleanOptionalAction, default=None,
+                   help="CLAHE (clip 2, 8x8 tiles) on every prepared lung crop, in training, prediction and the "
+                   "dashboard alike (default: on with the lung crop, off with --no-lung-crop)")
     p.add_argument("--mixup", type=float, help="mixup of pairs of training films, Beta(a, a) (0 = off, default)")
 
 

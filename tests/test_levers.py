@@ -57,6 +57,17 @@ def test_clahe_is_a_run_setting_and_needs_the_crop():
     assert runs._lung_crop("run", {"lung_crop": CROP_CLAHE}) == CROP_CLAHE  # a saved run opens with it
 
 
+def test_the_recipe_has_clahe_on_the_crop_and_none_on_the_whole_film():
+    assert train.resolve(dict(train.DEFAULTS))["clahe"] is True  # the shipped recipe (the lever screen's winner)
+    assert train.resolve({**train.DEFAULTS, "lung_crop": False})["clahe"] is False
+    assert train.resolve({**train.DEFAULTS, "clahe": False})["clahe"] is False
+    parse = train._parser().parse_args
+    assert "clahe" not in train.recipe_from_args(parse([]))  # not given: the default decides
+    assert train.recipe_from_args(parse(["--no-clahe"]))["clahe"] is False
+    with pytest.raises(ValueError, match="clahe"):  # asked for explicitly without the crop it has nothing to act on
+        inputs.settings(train.resolve({**train.DEFAULTS, "lung_crop": False, "clahe": True}))
+
+
 def test_clahe_is_identical_in_training_and_prediction(cxr_root):
     rel = sorted(p.relative_to(cxr_root) for p in (cxr_root / "nih" / "Pneumonia").glob("*.png"))[0]
     trained, _, _, kept, _ = prepare_images(cxr_root, [str(rel)], 64, CROP_CLAHE, None, progress=False)
