@@ -17,7 +17,10 @@ The preparation is :mod:`core.inputs` rewritten in TensorFlow ops: the resize of
 has ``lung_crop``, the shipped lung U-Net (:mod:`core.lungs`) on the film at the net's size, the
 box rule of :func:`core.inputs.lung_box` (threshold, trimmed mass per axis, margin, the
 min_area / min_side fallback to the whole film), the pixel bounds of :func:`core.inputs.crop`,
-the crop and the resize. ``tests/test_export.py`` compares both paths on real films.
+the crop and the resize; for a run with ``clahe``, :func:`core.inputs.clahe` (OpenCV's 8-bit
+CLAHE, clip 2.0, 8x8 tiles) on each prepared input, in TF ops that give the same grey levels
+(:func:`clahe`; the network's side must be a multiple of 8). ``tests/test_export.py`` compares
+both paths on real films.
 ``DIR/export.json`` records the run, its model's sha256, the lung-crop settings and the
 signature.
 """
@@ -30,6 +33,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from core import config, inputs, lungs, runs
@@ -89,6 +93,66 @@ def crop(film, box):
     return film[y0:y1, x0:x1]
 
 
+CLAHE_TILES = 8  # core.inputs.clahe: cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+CLAHE_CLIP = 2.0
+
+
+def clahe_luts(u8, size: int):
+    """The per-tile look-up tables of :func:`core.inputs.clahe` in TF ops, as OpenCV's 8-bit CLAHE
+    builds them: (n, size, size) int32 grey levels -> (n, 64 * 256) float32, tile-major.
+
+    Per tile, a 256-bin histogram clipped at ``max(int(2.0 * pixels / 256), 1)``; the excess
+    spread ``excess // 256`` to every bin and the residual one per bin at 0, step, 2 step, ..
+    (step ``max(256 // residual, 1)``); then ``round(cumsum * float32(255 / pixels))``.
+    """
+    t, k = size // CLAHE_TILES, CLAHE_TILES
+    tiles = tf.reshape(tf.transpose(tf.reshape(u8, [-1, k, t, k, t]), [0, 1, 3, 2, 4]), [-1, t * t])
+    hist = tf.math.bincount(tiles, minlength=256, maxlength=256, axis=-1)  # (n * 64, 256) int32
+    limit = max(int(CLAHE_CLIP * t * t / 256), 1)
+    excess = tf.reduce_sum(tf.maximum(hist - limit, 0), axis=1, keepdims=True)
+    batch, residual = excess // 256, excess % 256
+    step = tf.maximum(256 // tf.maximum(residual, 1), 1)
+    bins = tf.range(256)[None, :]
+    extra = tf.cast((residual > 0) & (bins % step == 0) & (bins // step < residual), tf.int32)
+    hist = tf.minimum(hist, limit) + batch + extra
+    scale = np.float32(255) / np.float32(t * t)  # OpenCV's lutScale, a float32
+    lut = tf.clip_by_value(tf.round(tf.cast(tf.cumsum(hist, axis=1), tf.float32) * scale), 0.0, 255.0)
+    return tf.reshape(lut, [-1, k * k * 256])
+
+
+def clahe_weights(size: int):
+    """OpenCV CLAHE's bilinear blend of tiles along one axis, computed in float32 as it does:
+    ``(lo, hi, w)``, the two tile indices and the weight of ``hi`` for each pixel 0..size-1."""
+    f = np.arange(size, dtype=np.float32) * (np.float32(1) / np.float32(size // CLAHE_TILES)) - np.float32(0.5)
+    lo = np.floor(f).astype(np.int64)
+    w = (f - lo.astype(np.float32)).astype(np.float32)
+    return np.maximum(lo, 0), np.minimum(lo + 1, CLAHE_TILES - 1), w
+
+
+def clahe(x):
+    """:func:`core.inputs.clahe` in TF ops: CLAHE (clip 2.0, 8x8 tiles) of prepared inputs
+    (n, size, size, 1) in [0, 255], as OpenCV's 8-bit CLAHE does it; ``size`` must be a multiple
+    of 8 (OpenCV pads other sizes, which this does not replicate).
+
+    Tile indices and weights depend only on the size, so they are numpy constants; each pixel
+    blends its grey level's value in the four nearest tiles' tables (float32, OpenCV's order).
+    """
+    size = int(x.shape[1])
+    u8 = tf.cast(tf.clip_by_value(x[..., 0] + 0.5, 0.0, 255.0), tf.int32)  # truncates, as astype(uint8)
+    lut = clahe_luts(u8, size)
+    (y1, y2, ya), (x1, x2, xa) = clahe_weights(size), clahe_weights(size)
+    v = tf.reshape(u8, [-1, size * size])
+
+    def at(ty, tx):  # lut[tile (ty[y], tx[x])][v[y, x]] for every pixel
+        tile = (ty[:, None] * CLAHE_TILES + tx[None, :]).reshape(-1) * 256
+        return tf.gather(lut, v + tf.constant(tile, tf.int32), batch_dims=1)
+
+    xa, ya = tf.constant(np.tile(xa, size)), tf.constant(np.repeat(ya, size))
+    xa1, ya1 = 1.0 - xa, 1.0 - ya
+    res = (at(y1, x1) * xa1 + at(y1, x2) * xa) * ya1 + (at(y2, x1) * xa1 + at(y2, x2) * xa) * ya
+    return tf.reshape(tf.clip_by_value(tf.round(res), 0.0, 255.0), [-1, size, size, 1])
+
+
 def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | None = None,
                positive_index: int = config.COVID_INDEX):
     """The signature's function: films (n, h, w, 1) -> dict of p_covid, probs, box, fell_back;
@@ -107,7 +171,8 @@ def serving_fn(model, lung_crop: dict | None, lung_model=None, net_size: int | N
             return resize(crop(film, box), size), box, tf.logical_not(found)
 
         sig = (tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([4], tf.float64), tf.TensorSpec([], tf.bool))
-        return tf.map_fn(one, (films, probs), fn_output_signature=sig)
+        x, box, fell_back = tf.map_fn(one, (films, probs), fn_output_signature=sig)
+        return (clahe(x) if lung_crop.get("clahe") else x), box, fell_back
 
     def serve(image):
         x, box, fell_back = prepare(tf.cast(image, tf.float32))
@@ -128,10 +193,11 @@ def export(run, out) -> dict:
         raise runs.RunError(f"{run.label} is an adopted SavedModel, which is already a SavedModel but takes the "
                             "model's own preprocessed input, so there is no model.keras to wrap with the film "
                             "preparation: serve its model_savedmodel folder and prepare films as core.adopt does")
-    if (run.lung_crop or {}).get("clahe"):  # CLAHE runs in OpenCV (core.inputs), which a SavedModel cannot hold
-        raise runs.RunError(f"{run.label} applies CLAHE to each film before the network (core.inputs), which the "
-                            "exported SavedModel's TensorFlow graph cannot do: serve it with core.predict instead")
     model = run.model()
+    if (run.lung_crop or {}).get("clahe") and model_lib.input_size(model) % CLAHE_TILES:
+        raise runs.RunError(f"{run.label} applies CLAHE to inputs of {model_lib.input_size(model)} px, not a multiple "
+                            f"of {CLAHE_TILES}: OpenCV pads such inputs into its 8x8 tiles, which the export's "
+                            "TensorFlow CLAHE does not replicate; serve it with core.predict instead")
     crop_cfg = run.lung_crop
     lung_model = net = None
     archive = keras.export.ExportArchive()
@@ -168,7 +234,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m core.export",
         description="Export a run as a TensorFlow SavedModel for TF Serving: grey films in, P(covid) out, "
-        "preparation (resize, the run's lung crop) inside. Use a version folder, e.g. --out serving/cxr/1.",
+        "preparation (resize, the run's lung crop and CLAHE) inside. Use a version folder, e.g. --out serving/cxr/1.",
     )
     runs.add_run_argument(p, positional=True)
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the SavedModel")
