@@ -59,10 +59,11 @@ def needed_side(size: int, lung_crop: dict | None = None) -> int:
 
     A lung box spans at least ``min_side`` of the film (smaller ones are not boxes), so with
     ``size / min_side`` pixels the network's input is never upsampled from the reduced film. On
-    all 1163 films of ../shared/cxr the shipped run's P(COVID-19) then moves by at most 0.032 (mean
-    0.001; 2 decisions flip at its threshold), well inside what a one-pixel shift of the film does
-    (0.14, 7 flips); half that side moved it as much as the shift (0.23, 8 flips): too much.
-    (tests/benchmarks/bench_decode.py). The whole film (no crop) keeps twice the network's side,
+    all 1163 films of ../shared/cxr the shipped (CLAHE) run's P(COVID-19) then moves by at most
+    0.133 (p99 0.045, mean 0.004; 6 decisions flip at its threshold), inside what a one-pixel shift
+    of the film does to it (0.207, 23 flips); CLAHE makes the model more sensitive to both (before
+    it: 0.032 and 2 flips against 0.14 and 7). Half that side moved the model before CLAHE as much
+    as the shift (0.23, 8 flips): too much (tests/benchmarks/bench_decode.py). The whole film (no crop) keeps twice the network's side,
     the same margin over what it is resized to.
     """
     if lung_crop is None:

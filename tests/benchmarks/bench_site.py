@@ -121,6 +121,15 @@ def fold_runs(folder: Path) -> dict[str, Path]:
     return {p.name.split("-holdout-", 1)[1]: p for p in done}
 
 
+def models_sentence(folder: Path) -> str:
+    """Which fold models the table measures, from the crossval folder's recipe."""
+    recipe = json.loads((folder / "crossval.json").read_text()).get("recipe") or {}
+    members = int(recipe.get("members") or 1)
+    what = f"{members}-member ensembles" if members > 1 else "single-member networks"
+    lever = ", CLAHE" if recipe.get("clahe") else ""
+    return f"the leave-one-source-out fold models: {what} (seed {recipe.get('seed')}{lever})"
+
+
 def bench(folder: Path, ks: list[int], n_draws: int, n_boot: int, seed: int) -> dict:
     """The whole table over every fold of a crossval folder."""
     rows, rng, ceiling = [], np.random.default_rng(seed), {}
@@ -132,7 +141,7 @@ def bench(folder: Path, ks: list[int], n_draws: int, n_boot: int, seed: int) -> 
             got = [one_draw(setup, k, rng, run.threshold, n_boot) for _ in range(n_draws)]
             rows.append(summarise(source, k, setup, [g for g in got if g is not None], n_draws))
     return {"what": "site calibration on held-out collections (tests/benchmarks/bench_site.py)",
-            "models": f"single-member fold models (core.crossval --members 1) of the shipped recipe, {folder.name}",
+            "models": models_sentence(folder),
             "draws": n_draws, "ks": ks, "goal": GOAL, "rows": rows,
             "ci_below_0.10_from_k": ci_from_k(rows), "goal_met": goal_met(rows),
             "best_specificity_at_sensitivity_0.85": ceiling}
