@@ -31,8 +31,8 @@ By family:
   ``severity``, ``source_probe``, ``findings``, ``audit`` over ``audit_steps``,
   ``audit_checks``, ``audit_maps``, ``audit_markers`` and ``audit_outcome`` (trust by TP/FP/TN/FN);
   ``markers`` (burned-in text and marker detector), ``neighbours`` (a film's nearest development films
-  in the model's features), ``feature_map`` (the 2-D map of the model's features); ``uncertainty`` (a film's range of P(covid) over test-time
-  copies and the ensemble's members)
+  in the model's features), ``feature_map`` (the 2-D map of the model's features); ``uncertainty``
+  (a film's range of P(covid) over test-time copies and the ensemble's members)
 - output: ``report`` (one-page case report)
 """
 

@@ -71,12 +71,12 @@ def load_images(table: pd.DataFrame, root: Path, size: int, crop, boxes: dict | 
     boxes = boxes or {}
     out = {"x": [], "boxes": [], "fell_back": [], "lung": [], "expert": [], "kept": [], "errors": []}
     paths = table["path"].astype(str).tolist()
+    need = inputs.needed_side(size, crop)  # as core.predict reads films; once (it reads the lung net's record)
     for start in tqdm(range(0, len(paths), 16), desc=desc, disable=not progress, file=sys.stderr):
         films, idx = [], []
         for i in range(start, min(start + 16, len(paths))):
             try:
-                films.append(images.decode(safepath.read_film(root, paths[i]), paths[i],
-                                           need=inputs.needed_side(size, crop)))  # as core.predict reads it
+                films.append(images.decode(safepath.read_film(root, paths[i]), paths[i], need=need))
                 idx.append(i)
             except images.ImageError as exc:
                 out["errors"].append({"path": paths[i], "reason": exc.reason})

@@ -182,6 +182,28 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _pm(row: dict, col: str) -> str:
+    m, sd = row.get(f"{col}_mean"), row.get(f"{col}_sd")
+    return "-" if m is None else f"{m:.2f} ± {sd:.2f}"
+
+
+def site_table(doc: dict) -> pd.DataFrame:
+    """The measured table of ``tests/benchmarks/bench_site.py`` (``site_calibration.json``) in
+    plain-words columns: per held-out source and number of site films k, sensitivity and
+    specificity on the rest of the source at the site's point and at the run's own threshold
+    (mean ± sd over the draws), the CI half-width on the site's films, and refused draws."""
+    rows = []
+    for r in doc.get("rows", []):
+        rows.append({"held-out source": r["source"], "site films k": r["k"], "site target": r["target"],
+                     "sensitivity, site point": _pm(r, "site_sensitivity"),
+                     "specificity, site point": _pm(r, "site_specificity"),
+                     "sensitivity, run's threshold": _pm(r, "run_sensitivity"),
+                     "specificity, run's threshold": _pm(r, "run_specificity"),
+                     "CI half-width on site films": _pm(r, "half_width"),
+                     "refused draws": f"{r['refused']} of {r['draws']}"})
+    return pd.DataFrame(rows)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m core.calibrate",
@@ -227,25 +249,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _pm(row: dict, col: str) -> str:
-    m, sd = row.get(f"{col}_mean"), row.get(f"{col}_sd")
-    return "-" if m is None else f"{m:.2f} ± {sd:.2f}"
-
-
-def site_table(doc: dict) -> pd.DataFrame:
-    """The measured table of ``tests/benchmarks/bench_site.py`` (``site_calibration.json``) in
-    plain-words columns: per held-out source and number of site films k, sensitivity and
-    specificity on the rest of the source at the site's point and at the run's own threshold
-    (mean ± sd over the draws), the CI half-width on the site's films, and refused draws."""
-    rows = []
-    for r in doc.get("rows", []):
-        rows.append({"held-out source": r["source"], "site films k": r["k"], "site target": r["target"],
-                     "sensitivity, site point": _pm(r, "site_sensitivity"),
-                     "specificity, site point": _pm(r, "site_specificity"),
-                     "sensitivity, run's threshold": _pm(r, "run_sensitivity"),
-                     "specificity, run's threshold": _pm(r, "run_specificity"),
-                     "CI half-width on site films": _pm(r, "half_width"),
-                     "refused draws": f"{r['refused']} of {r['draws']}"})
-    return pd.DataFrame(rows)

@@ -74,11 +74,8 @@ def analyse(run, film, *, name: str | None = None, colour_check: bool = True, mo
     decoded = images.load(data, name=name)  # native size: shown, checked, and the lung mask's source
     size = cmodel.input_size(m)
     # the network's copy is read at the needed size exactly as core.predict reads it (core.inputs.load), so
-    # the page and the CLIs give one P(covid) per film: a JPEG is reduced inside its decoder (so decoded again,
-    # at the reduced scale); any other film is the native decode reduced as core.images does, not decoded twice
-    need = inputs.needed_side(size, run.lung_crop)
-    reduced = images.reduction(decoded.shape[1], decoded.shape[0], need) > 1
-    net_film = images.load(data, name=name, need=need) if reduced and images.is_jpeg(data) else images.shrink(decoded, need)
+    # the page and the CLIs give one P(covid) per film
+    net_film = images.at_need(data, decoded, inputs.needed_side(size, run.lung_crop), name)
     x, boxes, fell_back = inputs.prepare([net_film], size, run.lung_crop)
     small = explain.display_film(decoded, LUNG_SIDE)
     try:

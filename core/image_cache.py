@@ -31,7 +31,7 @@ def _cache_file(cache_dir: Path, root: Path, size: int, lung_crop: dict | None) 
     # either is a different preparation, so a different cache
     key = str(Path(root).resolve()) + f"|need{inputs.needed_side(size, lung_crop)}"
     if lung_crop is not None:
-        key += json.dumps(lung_crop, sort_keys=True) + lungs.model_sha256() + f"|lung{lungs.infer_size()}"
+        key += json.dumps(lung_crop, sort_keys=True) + lungs.model_sha256() + f"|lung{lungs.net_size()}"
     tag = "lungs" if lung_crop is not None else "pixels"
     return cache_dir / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}-{size}.npz"
 

@@ -392,6 +392,15 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def at_need(data: bytes, native: np.ndarray, need: int | None, name: str | None = None) -> np.ndarray:
+    """The film exactly as ``decode(data, name, need)`` reads it, for a caller that already holds its
+    native decode ``native``: a JPEG reduced inside its decoder is decoded again at the reduced scale;
+    any other film is ``native`` reduced by :func:`shrink`, not decoded twice."""
+    if reduction(native.shape[1], native.shape[0], need) > 1 and is_jpeg(data):
+        return decode(data, name, need)
+    return shrink(native, need)
+
+
 def decode(src: Source, name: str | None = None, need: int | None = None) -> np.ndarray:
     """Decode a file path or bytes to a float32 grey array in [0, 255] at native size (with ``need``:
     possibly reduced by 2, 4 or 8 to a shorter side >= ``need``; see :func:`decode_sized`)."""
@@ -408,8 +417,8 @@ def resize(arr: np.ndarray, size: int) -> np.ndarray:
 def load(src: Source, size: int | None = None, name: str | None = None, need: int | None = None) -> np.ndarray:
     """Decode ``src`` (path or bytes; PNG, JPEG or DICOM) to float32 grey in [0, 255].
 
-    With ``size`` the image is resized to ``size x size``; ``need``: see :func:`decode_sized`. Raises :class:`ImageError` for any
-    input that is not a usable image.
+    With ``size`` the image is resized to ``size x size``; ``need``: see :func:`decode_sized`. Raises
+    :class:`ImageError` for any input that is not a usable image.
     """
     arr = decode(src, name, need)
     return resize(arr, size) if size else arr

@@ -63,8 +63,8 @@ def needed_side(size: int, lung_crop: dict | None = None) -> int:
     0.133 (p99 0.045, mean 0.004; 6 decisions flip at its threshold), inside what a one-pixel shift
     of the film does to it (0.207, 23 flips); CLAHE makes the model more sensitive to both (before
     it: 0.032 and 2 flips against 0.14 and 7). Half that side moved the model before CLAHE as much
-    as the shift (0.23, 8 flips): too much (tests/benchmarks/bench_decode.py). The whole film (no crop) keeps twice the network's side,
-    the same margin over what it is resized to.
+    as the shift (0.23, 8 flips): too much (tests/benchmarks/bench_decode.py). The whole film (no
+    crop) keeps twice the network's side, the same margin over what it is resized to.
     """
     if lung_crop is None:
         return max(MIN_NEED, 2 * int(size))
@@ -121,7 +121,7 @@ def prepare(
     """Prepare decoded grey films (each (H, W), any size, [0, 255]) for a network of side ``size``.
 
     The lung U-Net runs on the whole batch at once, at ``lung_side`` (default
-    :func:`core.lungs.infer_size`, the smallest side that keeps its Dice).
+    :func:`core.lungs.net_size`, its training side: smaller sides move the boxes, see core.lungs).
 
     Returns ``(x, boxes, fell_back)``: ``x`` (n, size, size) float32 raw pixels, ``boxes`` (n, 4)
     the region of each film the network sees (fractions; the whole film without a crop), and
@@ -132,7 +132,7 @@ def prepare(
     boxes = np.tile(np.asarray(FULL_BOX, np.float64), (n, 1))
     fell_back = np.zeros(n, bool)
     if lung_crop is not None and n:
-        net = lung_side or lungs.infer_size()
+        net = lung_side or lungs.net_size()
         small = np.stack([images.resize(f, net) for f in films])
         probs = lungs.probabilities(small, model=lung_model, size=net)
         for i, p in enumerate(probs):

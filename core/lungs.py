@@ -45,12 +45,11 @@ IMAGE_DIR = Path("ieee8023") / "images"
 DEFAULT_NET_SIZE = 128
 DEPTH = 4  # number of 2x poolings: input sides must be divisible by 2**DEPTH
 HOLDOUT = 0.2
-# Share of the training side the net runs at when it only has to find the lung box (core.inputs).
-# Held-out Dice of the shipped 128-px net: 0.953 at 128 and at 112, 0.949 at 96, 0.922 at 80, 0.46
-# at 64. 112 keeps the Dice but moves crop boxes by up to 8 % of the film (mean 1 %) on its 177
-# films, and the classifier, trained on boxes found at 128, moves with them (films decoded at 256 px:
-# 23 of 1163 decisions flipped with the net at 112, 8 at 128; max |dP| 0.35 against 0.23): so 1.
-INFER_SHARE = 1.0
+# The net finds the lung box (core.inputs) at its training side. Held-out Dice of the shipped 128-px
+# net: 0.953 at 128 and at 112, 0.949 at 96, 0.922 at 80, 0.46 at 64. 112 keeps the Dice but moves
+# crop boxes by up to 8 % of the film (mean 1 %) on its 177 films, and the classifier, trained on
+# boxes found at 128, moves with them (films decoded at 256 px: 23 of 1163 decisions flipped with the
+# net at 112, 8 at 128; max |dP| 0.35 against 0.23), so it is not run smaller.
 _MASK_RE = re.compile(r"_mask(\.png)+$", re.IGNORECASE)
 
 
@@ -126,13 +125,6 @@ def net_size(path: str | os.PathLike | None = None) -> int:
     rec_path = Path(path).with_name("training.json") if path else RECORD_PATH
     size = int(_record(rec_path).get("size", DEFAULT_NET_SIZE))
     return size - size % 2**DEPTH or DEFAULT_NET_SIZE
-
-
-def infer_size(path: str | os.PathLike | None = None) -> int:
-    """The side the net runs at to find the lung box (:data:`INFER_SHARE` of :func:`net_size`, a
-    multiple of 2**DEPTH): 112 for the shipped net."""
-    step = 2**DEPTH
-    return max(step, int(round(net_size(path) * INFER_SHARE / step)) * step)
 
 
 # --------------------------------------------------------------------------- masks

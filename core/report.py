@@ -339,6 +339,4 @@ def uncertainty_facts(spread: Spread | None, threshold: float | None, warnings: 
         return []
     from core import uncertainty  # lazy: core.report stays free of TensorFlow (seconds to import)
 
-    if point is not None:
-        return uncertainty.facts(uncertainty.at_point(spread, point), point.threshold)
-    return uncertainty.facts(spread, threshold)
+    return uncertainty.facts(*uncertainty.at_decision(spread, point, threshold))

@@ -143,6 +143,14 @@ def at_point(spread: Spread | None, point) -> Spread | None:
     return summarise(operating.recalibrate(spread.samples, point.recalibration))
 
 
+def at_decision(spread: Spread | None, point, threshold: float | None) -> tuple[Spread | None, float | None]:
+    """The range and the threshold that decide: at ``point`` (:class:`core.operating.Point`: its
+    threshold, and its recalibration of P) when one is given, else ``spread`` at ``threshold``."""
+    if point is None:
+        return spread, threshold
+    return at_point(spread, point), point.threshold
+
+
 def crosses(spread: Spread | None, threshold: float | None) -> bool:
     """True when the threshold lies inside the film's range: some copy or member would call it otherwise."""
     return spread is not None and threshold is not None and spread.low < float(threshold) <= spread.high

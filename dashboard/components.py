@@ -467,8 +467,7 @@ def show_uncertainty(spread, point: operating.Point | None, threshold: float | N
     point that decides (else at ``threshold``); a warning when it crosses that point's threshold."""
     if spread is None:
         return
-    if point is not None:
-        spread, threshold = uncertainty.at_point(spread, point), point.threshold
+    spread, threshold = uncertainty.at_decision(spread, point, threshold)
     text = uncertainty.sentence(spread, threshold)
     if uncertainty.crosses(spread, threshold):
         st.warning(text, icon=":material/help:")

@@ -15,7 +15,7 @@ from core import checks, images, inputs, lungs, predict, runs
 from core import model as cmodel
 
 # |dP(COVID-19)| between the full-size path (full decode, lung net at 128) and the needed-size path
-# (reduced decode, lung net at lungs.infer_size()). tests/benchmarks/bench_decode.py measures it on
+# (reduced decode, lung net at lungs.net_size()). tests/benchmarks/bench_decode.py measures it on
 # all of ../shared/cxr for the shipped run (see the model card); this pins it on a few films.
 TOLERANCE = 0.06  # these films: 0.041; all 1163: max 0.133 (PNG), p99 0.045 (a one-pixel shift: max 0.207)
 

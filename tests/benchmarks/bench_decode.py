@@ -6,7 +6,7 @@ Each film is decoded twice through :func:`core.images.decode_sized`: in full (``
 the lung U-Net at its training side: the old path) and at the size the run's network needs (:func:`core.inputs.needed_side`: JPEGs read
 at 1/2, 1/4 or 1/8 scale by libjpeg, other formats reduced once by area averaging), prepared by
 :func:`core.inputs.prepare` (the run's lung crop; the new path's lung U-Net at
-:func:`core.lungs.infer_size`) and scored by the run's model. Reports the
+:func:`core.lungs.net_size`) and scored by the run's model. Reports the
 largest and the 99th percentile of |dP(positive class)|, the decisions that flip at the run's
 threshold, how often the lung crop's fallback changes, the same for the full-size path on the films
 shifted by one native pixel (``floor_one_pixel_shift``: how much the model moves on a change nobody
@@ -106,7 +106,7 @@ def compare(run, files: list[Path], need: int | None = None) -> dict:
     flips = (m["p_full"] >= thr) != (m["p_small"] >= thr)
     both = ~m["fb_full"] & ~m["fb_small"]
     dp = np.abs(m["p_full"] - m["p_small"])
-    out = {"run": str(run.path), "need": need, "lung_side": lungs.infer_size(), "n": len(m["kept"]),
+    out = {"run": str(run.path), "need": need, "lung_side": lungs.net_size(), "n": len(m["kept"]),
            "threshold": thr, **_dp(m["p_full"], m["p_small"], thr),
            "flipped_files": [str(m["kept"][i]) for i in np.flatnonzero(flips)],
            "fallback_changed": int((m["fb_full"] != m["fb_small"]).sum()),
