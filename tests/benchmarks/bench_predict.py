@@ -8,7 +8,9 @@ Reads ``--n`` real X-rays of every source (PNG and JPEG, as stored, mostly ~1000
 prepare films through ``core.inputs`` while the network scores the previous batch), after one
 warm-up batch. Also times the two halves alone: decoding (at the needed size,
 ``core.inputs.needed_side``) + preparing every film in one thread (the lung U-Net a batch at a
-time, as core.predict does), decoding alone, and the network on the prepared batch. Prints one
+time, as core.predict does), decoding alone, the network on the prepared batch and, for a
+lung-crop run, the lung U-Net alone on the same films (``networks_only_cpu_bound_films_per_s``:
+what the two networks allow on every core if decoding and checks cost nothing). Prints one
 JSON object: films/s (wall), the CPU time per film of the whole process (all threads) and what it allows when every core works for this job
 (``cpu_bound_films_per_s`` = cores / CPU seconds per film: an upper bound, robust to other jobs
 on a shared machine), and the load average before and after.
@@ -29,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from core import config, images, inputs, predict, runs  # noqa: E402
+from core import config, images, inputs, lungs, predict, runs  # noqa: E402
 from core import model as model_lib  # noqa: E402
 
 
@@ -65,11 +67,23 @@ def main(argv=None) -> int:
                         for i in range(0, len(films), a.batch_size)])
     decode_s = time.perf_counter() - t
     out["decode_only_one_thread_films_per_s"] = round(len(files) / decode_only_s, 1)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model_lib.probabilities(model, x, batch_size=a.batch_size)
-    model_s = time.perf_counter() - t
+    model_s, model_cpu = time.perf_counter() - t, time.process_time() - c
     out["decode_prepare_one_thread_films_per_s"] = round(len(files) / decode_s, 1)
     out["network_only_films_per_s"] = round(len(files) / model_s, 1)
+    if crop is not None:
+        # the lung U-Net alone, a batch at a time on the films it reads: with the network, what a
+        # film costs however cheap its decoding gets
+        net = lungs.net_size()
+        small = np.stack([images.resize(f, net) for f in films])
+        lung_model = lungs.lung_model()
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(small), a.batch_size):
+            lungs.probabilities(small[i:i + a.batch_size], model=lung_model, size=net)
+        lung_s, lung_cpu = time.perf_counter() - t, time.process_time() - c
+        out["lung_unet_only_films_per_s"] = round(len(files) / lung_s, 1)
+        out["networks_only_cpu_bound_films_per_s"] = round(os.cpu_count() * len(files) / (model_cpu + lung_cpu), 1)
 
     for w in [int(v) for v in a.workers.split(",")]:
         t, c = time.perf_counter(), time.process_time()
