@@ -16,7 +16,8 @@ predictions. One table comes out:
 
 Fold runs live in ``<out>/folds/<timestamp>-holdout-<source>/``. A fold whose run has its
 metrics.json is kept; a fold killed mid-way resumes from its checkpoint, so the command can be
-rerun after a kill. ``crossval.json`` in ``<out>`` holds
+rerun after a kill. Either only when that run was trained with the recipe asked for: a fold run of
+another recipe in the same ``--out`` stops the command with the settings that differ. ``crossval.json`` in ``<out>`` holds
 ``{"folds": {source: {"n", "roc_auc", "specificity"|"sensitivity", ...}}, "mean_roc_auc",
 "worst_roc_auc", ...}``; the shipped model keeps its recipe's table as
 ``assets/model/crossval.json``.
@@ -35,6 +36,10 @@ import pandas as pd
 
 from core import config, runs, splits
 from core.evaluate import evaluate_run
+
+# The settings that make a recipe: recorded in crossval.json, and compared before a fold run is kept or resumed.
+RECIPE_KEYS = ("task", "preset", "backbone", "size", "epochs", "folds", "members", "lung_crop", "adversarial",
+               "augment", "balance", "seed", "split_seed", "exclude_sources", "limit", "field", "clahe", "mixup")
 
 
 def log(msg: str) -> None:
@@ -59,12 +64,44 @@ def _complete(run: Path | None) -> bool:
     return run is not None and (run / "metrics.json").is_file() and (run / "model.keras").is_file()
 
 
+def _fold_recipe(run: Path) -> dict:
+    """The settings a fold run was trained with: its config.json when finished, else its checkpoint's
+    train_config.json; {} when it has neither (such a folder is not kept or resumed)."""
+    for f in (run / "config.json", run / "checkpoint" / "train_config.json"):
+        if f.is_file():
+            return json.loads(f.read_text())
+    return {}
+
+
+def _norm(key: str, value):
+    """A recipe value as both records write it: the lung crop is on or off (config.json holds its
+    settings), lists and tuples alike, no excluded sources = None."""
+    if key == "lung_crop":
+        return bool(value)
+    value = json.loads(json.dumps(value, default=str))
+    return None if value == [] else value
+
+
+def recipe_mismatch(cfg: dict, run: Path) -> list[str]:
+    """``"key: fold's value (asked: value)"`` for every recipe setting (:data:`RECIPE_KEYS`) that the fold
+    ``run`` records differently from ``cfg``; settings an older run does not record are not compared."""
+    had = _fold_recipe(run)
+    return [f"{k}: {had[k]!r} (asked: {cfg.get(k)!r})" for k in RECIPE_KEYS
+            if k in had and _norm(k, had[k]) != _norm(k, cfg.get(k))]
+
+
 def train_fold(cfg: dict, source: str, folds_dir: Path) -> Path:
-    """The finished run of one fold: kept if complete, resumed if killed, else trained."""
+    """The finished run of one fold: kept if complete, resumed if killed, else trained. A kept or
+    resumed run must have been trained with ``cfg``'s recipe: ValueError, naming the settings, if not
+    (its numbers would be another recipe's under this one's name)."""
     # lazy: core.train imports TensorFlow (~4 s); the dashboard imports this module for table_rows
     from core import train
 
     run = _fold_run(folds_dir, source)
+    diff = recipe_mismatch(cfg, run) if run is not None else []
+    if diff:
+        raise ValueError(f"fold {source}: {run} was trained with another recipe ({'; '.join(diff)}); "
+                         f"write these folds to another --out, or remove that folder to train the fold again")
     if _complete(run):
         log(f"fold {source}: kept {run.name}")
         return run
@@ -151,9 +188,7 @@ def crossval(cfg: dict, out: Path, sources: list[str] | None = None) -> dict:
         log(f"== fold {i}/{len(todo)}: {source} held out")
         folds[source] = fold_row(train_fold(full, source, out / "folds"))
     result = summarise(folds)
-    recipe = {k: full.get(k) for k in ("task", "preset", "backbone", "size", "epochs", "folds", "members",
-                                          "lung_crop", "adversarial", "augment", "balance", "seed", "split_seed",
-                                          "exclude_sources", "limit", "field", "clahe", "mixup")}
+    recipe = {k: full.get(k) for k in RECIPE_KEYS}
     result.update(recipe=recipe, data_root=str(root), eligible_sources=can)
     runs.write_json(out / "crossval.json", result)
     return result

@@ -72,6 +72,12 @@ def test_crossval_cli_trains_each_fold_once_and_keeps_finished_folds(cxr_root, t
     assert res["worst_roc_auc"] == min(f["roc_auc"]["value"] for f in res["folds"].values())
     assert json.loads((out / "crossval.json").read_text())["folds"].keys() == res["folds"].keys()
 
+    # another recipe in the same folder: refused, naming the setting, before anything is trained
+    other = subprocess.run([*cmd, "--sources", "nih", "--seed", "7"], env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 2 and "another recipe" in other.stderr and "seed" in other.stderr, other.stderr[-2000:]
+    assert list((out / "folds").glob("*-holdout-nih")) == [nih_run]
+
     # killed while it was being evaluated (model written, metrics not): evaluated, not trained again
     before = (nih_run / "metrics.json").read_text()
     (nih_run / "metrics.json").unlink()
@@ -85,3 +91,33 @@ def test_crossval_refuses_a_source_that_cannot_be_held_out(cxr_root, tmp_path):
     out = subprocess.run([sys.executable, "-m", "core.crossval", "--data", str(cxr_root), "--out", str(tmp_path),
                           "--sources", "mars", *QUICK], env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "cannot be held out" in out.stderr
+
+
+def _fake_fold(folds, source, record, where="config.json"):
+    run = folds / f"20260101-000000-holdout-{source}"
+    (run / "checkpoint").mkdir(parents=True)
+    for name in ("metrics.json", "model.keras") if where == "config.json" else ("checkpoint/state.json",):
+        (run / name).write_text("{}")
+    (run / where).write_text(json.dumps(record))
+    return run
+
+
+@pytest.mark.parametrize("where", ["config.json", "checkpoint/train_config.json"])
+def test_a_fold_of_another_recipe_is_neither_kept_nor_resumed(tmp_path, where):
+    from core import train
+
+    asked = train.resolve({**train.DEFAULTS, "seed": 2})
+    record = {k: asked.get(k) for k in crossval.RECIPE_KEYS}
+    record.update(lung_crop={"margin": 0.08}, exclude_sources=[])  # as config.json writes them
+    same = _fake_fold(tmp_path / "a", "nih", record, where)
+    assert crossval.recipe_mismatch(asked, same) == []
+    if where == "config.json":
+        assert crossval.train_fold(asked, "nih", tmp_path / "a") == same  # finished, same recipe: kept
+
+    other = _fake_fold(tmp_path / "b", "nih", {**record, "seed": 1, "clahe": not asked["clahe"]}, where)
+    with pytest.raises(ValueError, match="another recipe") as err:
+        crossval.train_fold(asked, "nih", tmp_path / "b")
+    assert str(other) in str(err.value) and "seed: 1 (asked: 2)" in str(err.value) and "clahe" in str(err.value)
+
+    older = _fake_fold(tmp_path / "c", "nih", {k: v for k, v in record.items() if k not in ("clahe", "mixup")}, where)
+    assert crossval.recipe_mismatch(asked, older) == []  # settings an older run does not record are not compared
