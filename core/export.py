@@ -140,16 +140,16 @@ def clahe(x):
     size = int(x.shape[1])
     u8 = tf.cast(tf.clip_by_value(x[..., 0] + 0.5, 0.0, 255.0), tf.int32)  # truncates, as astype(uint8)
     lut = clahe_luts(u8, size)
-    (y1, y2, ya), (x1, x2, xa) = clahe_weights(size), clahe_weights(size)
+    lo, hi, w = clahe_weights(size)  # the image is square: the same tiles and weights on both axes
     v = tf.reshape(u8, [-1, size * size])
 
     def at(ty, tx):  # lut[tile (ty[y], tx[x])][v[y, x]] for every pixel
         tile = (ty[:, None] * CLAHE_TILES + tx[None, :]).reshape(-1) * 256
         return tf.gather(lut, v + tf.constant(tile, tf.int32), batch_dims=1)
 
-    xa, ya = tf.constant(np.tile(xa, size)), tf.constant(np.repeat(ya, size))
+    xa, ya = tf.constant(np.tile(w, size)), tf.constant(np.repeat(w, size))
     xa1, ya1 = 1.0 - xa, 1.0 - ya
-    res = (at(y1, x1) * xa1 + at(y1, x2) * xa) * ya1 + (at(y2, x1) * xa1 + at(y2, x2) * xa) * ya
+    res = (at(lo, lo) * xa1 + at(lo, hi) * xa) * ya1 + (at(hi, lo) * xa1 + at(hi, hi) * xa) * ya
     return tf.reshape(tf.clip_by_value(tf.round(res), 0.0, 255.0), [-1, size, size, 1])
 
 
